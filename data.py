@@ -1,7 +1,1107 @@
-"""Training data (arXiv 2412.19048, sec. 3.2). Owner: helper "data"; replace this stub, keep `text_hash` as is."""
+"""Training data for Jasper & Stella distillation (arXiv 2412.19048, sec. 3.2). Owner: helper "data".
+
+Four parts, top to bottom:
+  1. readers    - stream texts out of jsonl / jsonl.gz / parquet / txt files, folders, globs and hub datasets,
+                  never holding a corpus in memory; bad input is skipped and counted, or raises naming file:line.
+  2. recipe     - the paper's text mix (sec. 3.2): 80% fineweb-edu passages / 20% embedding-training-data short
+                  texts, 30% of passage documents split into short texts of 1-10 sentences (rule-based splitter
+                  below), 0.08% of texts word-shuffled. Seeded, deterministic, every ratio a parameter.
+                  `python data.py build --out DIR` materialises it once as DIR/texts.jsonl; the teacher cache is
+                  built over the same file (cache row i == texts.jsonl row i, checked by (row, hash)).
+  3. TrainLoader - batches over texts.jsonl through a byte-offset index: a seeded permutation per epoch, every global
+                  batch a uniform random draw, rank r takes positions [r*b:(r+1)*b], rows are re-ordered by length
+                  only inside that share and cut into micro-batch chunks each padded to its own longest. A batch is a
+                  pure function of (seed, epoch, step, rank): resume is exact, whatever the worker count.
+  4. ImageCaptionDataset - stage 4 image-caption pairs, decoded with model.py's image code in DataLoader workers.
+
+The authors released no code for this part; everything here follows the paper's text, choices are documented in
+.coord/README.data.md (merged into README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import glob as globlib
+import gzip
 import hashlib
+import io
+import itertools
+import json
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
 
 
 def text_hash(text: str) -> str:
     """Stable identity of a text: aligns teacher-cache rows with training rows (row id + this hash)."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+# ==================================================================================================================
+# 1. readers
+# ==================================================================================================================
+
+class DataError(ValueError):
+    """Bad input under on_error="raise", or an unusable source; the message names the file and line (or row)."""
+
+
+ON_ERROR = ("skip", "raise")
+DEFAULT_MAX_CHARS = 100_000  # a "huge document" cap: fineweb-edu documents above it are rare, and only the first
+                             # 512 tokens (~2-3k chars) of any text are used; it also bounds the memory of one line.
+TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".txt", ".txt.gz")
+
+# Hub datasets of the paper (sec. 3.2) -> (default file glob inside the repo, field). field "*" = every string in a
+# row is a text (embedding-training-data rows are lists like [query, positive] or dicts of lists).
+HUB_PRESETS = {
+    "HuggingFaceFW/fineweb-edu": ("sample/10BT/*.parquet", "text"),
+    "sentence-transformers/embedding-training-data": ("*.jsonl.gz", "*"),
+}
+
+
+@dataclass
+class Record:
+    """One text out of a reader, with where it came from (file and 1-based line / row) for error messages."""
+    text: str
+    source: str
+    file: str
+    line: int
+
+
+def _check_policy(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+
+
+def _bad(kind: str, where: str, detail: str, on_error: str, skips: Counter | None) -> None:
+    """Apply the bad-input policy: raise DataError naming file:line, or count the skip under `kind`."""
+    if on_error == "raise":
+        raise DataError(f"{where}: {kind.replace('_', ' ')}: {detail}")
+    if skips is not None:
+        skips[kind] += 1
+
+
+def _is_hub_spec(spec: str) -> bool:
+    return spec.startswith("hf://") or (spec in HUB_PRESETS and not os.path.exists(spec))
+
+
+def _hub_files(spec: str) -> tuple[list[str], str | None]:
+    """hf://[datasets/]ORG/NAME[/GLOB] or a preset id -> (HfFileSystem paths, preset field or None)."""
+    rest = spec[len("hf://"):] if spec.startswith("hf://") else spec
+    rest = rest[len("datasets/"):] if rest.startswith("datasets/") else rest
+    parts = rest.split("/")
+    if len(parts) < 2:
+        raise DataError(f"hub dataset spec {spec!r}: expected hf://ORG/NAME[/GLOB]")
+    repo, pattern = "/".join(parts[:2]), "/".join(parts[2:])
+    preset_glob, preset_field = HUB_PRESETS.get(repo, ("**/*.parquet", None))
+    pattern = pattern or preset_glob
+    hint = ("download the files (e.g. `huggingface-cli download --repo-type dataset "
+            f"{repo} --include '{pattern}'`) and pass the local folder or glob instead")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise DataError(f"hub dataset {repo} ({pattern}): HF_HUB_OFFLINE is set, the hub cannot be reached; {hint}")
+    try:
+        from huggingface_hub import HfFileSystem
+        files = sorted(HfFileSystem().glob(f"datasets/{repo}/{pattern}"))
+    except Exception as exc:  # network errors come in many types (requests, httpx, OSError, hub errors)
+        raise DataError(f"hub dataset {repo} ({pattern}): cannot list files ({type(exc).__name__}: {exc}); "
+                        f"this machine may be offline: {hint}") from exc
+    if not files:
+        raise DataError(f"hub dataset {repo}: no file matches {pattern!r}")
+    return files, preset_field
+
+
+def expand_paths(spec: str | Path) -> list[str]:
+    """A file, a folder (recursively, files with a known text suffix, sorted) or a glob -> sorted list of files."""
+    spec = str(spec)
+    if os.path.isdir(spec):
+        out = sorted(str(p) for p in Path(spec).rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+        if not out:
+            raise DataError(f"{spec}: folder holds no {'/'.join(TEXT_SUFFIXES)} file")
+        return out
+    if os.path.isfile(spec):
+        return [spec]
+    if any(ch in spec for ch in "*?["):
+        out = sorted(p for p in globlib.glob(spec, recursive=True) if os.path.isfile(p))
+        if not out:
+            raise DataError(f"{spec}: glob matches no file")
+        return out
+    raise DataError(f"{spec}: no such file, folder or glob (hub datasets: hf://ORG/NAME[/GLOB])")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value (lists and dict values flattened), for field="*"."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+
+
+def _check_text(text: Any, where: str, max_chars: int, on_error: str, skips: Counter | None,
+                field: str) -> str | None:
+    """Shared text checks: present and a string, not blank, not above max_chars. Returns the text or None."""
+    if text is None:
+        _bad("missing_field", where, f"no {field!r} field", on_error, skips)
+        return None
+    if not isinstance(text, str):
+        _bad("missing_field", where, f"field {field!r} is {type(text).__name__}, not a string", on_error, skips)
+        return None
+    if not text.strip():
+        _bad("empty_text", where, f"field {field!r} is empty or whitespace", on_error, skips)
+        return None
+    if len(text) > max_chars:
+        _bad("too_long", where, f"{len(text):,} chars > max_chars={max_chars:,}", on_error, skips)
+        return None
+    return text
+
+
+def _bounded_lines(fobj, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, raw bytes) per line; a line over max_bytes yields None and is drained in pieces, so a
+    single huge line never sits in memory."""
+    lineno = 0
+    while True:
+        raw = fobj.readline(max_bytes + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > max_bytes and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):  # drain the rest of the oversized line
+                raw = fobj.readline(1 << 20)
+            yield lineno, None
+        else:
+            yield lineno, raw
+
+
+def _iter_jsonl(fobj, name: str, field: str, max_chars: int, on_error: str, skips: Counter | None,
+                default_source: str) -> Iterator[Record]:
+    for lineno, raw in _bounded_lines(fobj, 4 * max_chars + 4096):
+        where = f"{name}:{lineno}"
+        if raw is None:
+            _bad("too_long", where, f"line longer than {4 * max_chars + 4096:,} bytes (max_chars={max_chars:,})",
+                 on_error, skips)
+            continue
+        if not raw.strip():
+            _bad("empty_text", where, "blank line", on_error, skips)
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            _bad("invalid_utf8", where, str(exc), on_error, skips)
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            _bad("malformed_json", where, f"{exc.msg} at column {exc.colno}", on_error, skips)
+            continue
+        source = row.get("source", default_source) if isinstance(row, dict) else default_source
+        source = source if isinstance(source, str) else default_source
+        if field == "*":
+            texts = list(_strings(row))
+            if not texts:
+                _bad("missing_field", where, "row holds no string", on_error, skips)
+            for t in texts:
+                t = _check_text(t, where, max_chars, on_error, skips, field)
+                if t is not None:
+                    yield Record(t, source, name, lineno)
+            continue
+        if not isinstance(row, dict):
+            _bad("missing_field", where, f"row is a JSON {type(row).__name__}, not an object with {field!r}",
+                 on_error, skips)
+            continue
+        t = _check_text(row.get(field), where, max_chars, on_error, skips, field)
+        if t is not None:
+            yield Record(t, source, name, lineno)
+
+
+def _iter_txt(fobj, name: str, max_chars: int, on_error: str, skips: Counter | None,
+              default_source: str) -> Iterator[Record]:
+    """Plain text: one text per non-blank line (blank lines separate, they are not counted as bad input)."""
+    for lineno, raw in _bounded_lines(fobj, 4 * max_chars + 4096):
+        where = f"{name}:{lineno}"
+        if raw is None:
+            _bad("too_long", where, f"line over max_chars={max_chars:,}", on_error, skips)
+            continue
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            _bad("invalid_utf8", where, str(exc), on_error, skips)
+            continue
+        if not line.strip():
+            continue
+        t = _check_text(line, where, max_chars, on_error, skips, "line")
+        if t is not None:
+            yield Record(t, default_source, name, lineno)
+
+
+def _iter_parquet(src, name: str, field: str, max_chars: int, on_error: str, skips: Counter | None,
+                  default_source: str) -> Iterator[Record]:
+    """Parquet, streamed batch by batch (pyarrow iter_batches): never the whole file in memory."""
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(src)
+    except Exception as exc:
+        raise DataError(f"{name}: not a readable parquet file ({type(exc).__name__}: {exc})") from exc
+    names = pf.schema_arrow.names
+    if field == "*":
+        field = "text" if "text" in names else None
+    if field not in names:
+        raise DataError(f"{name}: parquet file has no column {field!r} (columns: {names})")
+    cols = [field] + (["source"] if "source" in names and field != "source" else [])
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=cols):
+        texts = batch.column(0).to_pylist()
+        sources = batch.column(1).to_pylist() if len(cols) > 1 else [None] * len(texts)
+        for t, s in zip(texts, sources):
+            row += 1
+            t = _check_text(t, f"{name}:row {row}", max_chars, on_error, skips, field)
+            if t is not None:
+                yield Record(t, s if isinstance(s, str) else default_source, name, row)
+
+
+def _open_binary(path: str, opener=open):
+    f = opener(path, "rb")
+    return gzip.GzipFile(fileobj=f) if path.endswith(".gz") else f
+
+
+def _iter_file(path: str, field: str, max_chars: int, on_error: str, skips: Counter | None,
+               opener=open) -> Iterator[Record]:
+    default_source = Path(path).name.split(".")[0]
+    if path.endswith(".parquet"):
+        with opener(path, "rb") as f:
+            yield from _iter_parquet(f, path, field, max_chars, on_error, skips, default_source)
+        return
+    with _open_binary(path, opener) as f:
+        if path.endswith((".txt", ".txt.gz")):
+            yield from _iter_txt(f, path, max_chars, on_error, skips, default_source)
+        else:  # .jsonl, .jsonl.gz, .json.gz (JSON lines)
+            yield from _iter_jsonl(f, path, field, max_chars, on_error, skips, default_source)
+
+
+def iter_records(spec: str | Path, field: str = "text", *, on_error: str = "skip", max_chars: int = DEFAULT_MAX_CHARS,
+                 skips: Counter | None = None) -> Iterator[Record]:
+    """Stream Records (text, source, file, line) out of a file, folder, glob, or hub dataset (hf://ORG/NAME[/GLOB]
+    or a HUB_PRESETS id). Bad lines: on_error="skip" counts them in `skips` (a Counter) by kind, "raise" raises
+    DataError naming file:line. Kinds: malformed_json, missing_field, empty_text, invalid_utf8, too_long."""
+    _check_policy(on_error)
+    spec = str(spec)
+    if _is_hub_spec(spec):
+        files, preset_field = _hub_files(spec)
+        from huggingface_hub import HfFileSystem
+        fs = HfFileSystem()
+        use_field = preset_field if (preset_field and field == "text") else field
+        for path in files:
+            yield from _iter_file(path, use_field, max_chars, on_error, skips, opener=fs.open)
+        return
+    for path in expand_paths(spec):
+        yield from _iter_file(path, field, max_chars, on_error, skips)
+
+
+def read_texts(path: str | Path, field: str = "text", *, on_error: str = "skip", max_chars: int = DEFAULT_MAX_CHARS,
+               skips: Counter | None = None) -> Iterator[str]:
+    """Stream texts (see iter_records). For a texts.jsonl made by `build`, text i is row i."""
+    for rec in iter_records(path, field, on_error=on_error, max_chars=max_chars, skips=skips):
+        yield rec.text
+
+
+# ==================================================================================================================
+# 2. the recipe (sec. 3.2): sentence splitter, word shuffling, source mixing, `build`
+# ==================================================================================================================
+
+# Abbreviations after which a period does not end a sentence. TITLES never end one before a capitalised word
+# ("Mr. Howard"); OTHER ends one only if the next word is a common sentence opener ("... Ltd. The firm" splits,
+# "Smith et al. Nature" does not). Single capital letters are initials ("J. R. R. Tolkien"); dotted forms
+# ("U.S.", "e.g.", "Ph.D.") join OTHER. Decimals ("3.14") never meet the rule: no whitespace follows their dot.
+_TITLES = frozenset("""mr mrs ms messrs mme mlle dr prof rev hon gen col lt sgt capt cmdr adm maj brig cpl pvt sen
+    rep gov pres supt insp fr sr jr st mt ft""".split())
+_OTHER_ABBR = frozenset("""etc vs v al cf inc ltd co corp bros assn dept univ est approx ca no nos vol vols fig figs
+    ch chap sec p pp ed eds op ibid jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thur thurs
+    fri sat sun ave blvd rd e.g i.e a.m p.m u.s u.k u.n u.s.a ph.d b.a m.a b.sc m.sc d.c n.y l.a""".split())
+_OPENERS = frozenset("""the a an he she it they we i you his her its their our my this that these those there here
+    but and so yet or in on at for from with by as after before when while if although though however meanwhile
+    then thus also many most some one two no not what who why how where which""".split())
+_BOUNDARY = re.compile(r"""([.!?\u2026]+)(["'\u201d\u2019)\]]*)(\s+)""")
+_PARAGRAPH = re.compile(r"\n\s*\n")
+_OPEN = "\"'\u201c\u2018([¿¡"
+
+
+def _next_word(text: str, pos: int) -> str:
+    m = re.match(r"""["'\u201c\u2018(\[]*([\w'-]+)""", text[pos:pos + 64])
+    return m.group(1) if m else ""
+
+
+def _ends_sentence(text: str, m: re.Match, limit: int) -> bool:
+    """Decide one candidate boundary: punctuation run, optional closing quotes/brackets, whitespace."""
+    nxt = m.end()
+    if nxt >= limit:
+        return True
+    c = text[nxt]
+    if c.islower():
+        return False  # '"Why?" he asked', 'e.g. something', 'approx. three'
+    if not (c.isupper() or c.isdigit() or c in _OPEN):
+        return False  # ', ; - etc. after the punctuation: mid-sentence
+    punct = m.group(1)
+    if punct != ".":
+        return True  # ! ? ... and runs of them
+    # a single period: look at the word before it
+    start = m.start()
+    j = start
+    while j > 0 and not text[j - 1].isspace() and text[j - 1] not in _OPEN:
+        j -= 1
+    word = text[j:start]
+    if not word:
+        return True  # tokenised text: "actor . He"
+    lw = word.lower()
+    if lw in _TITLES:
+        return False
+    if len(word) == 1 and word.isalpha():
+        return not word.isupper()  # an initial: "J. Smith"; a lowercase letter ends a list item / sentence
+    dotted = re.fullmatch(r"(?:[A-Za-z]{1,2}\.)+[A-Za-z]{1,2}", word) is not None
+    if lw in _OTHER_ABBR or dotted:
+        if c.isdigit():
+            return False  # "No. 5", "pp. 12", "Jan. 3"
+        return _next_word(text, nxt).lower() in _OPENERS
+    return True
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Rule-based sentence boundaries: (start, end) character spans into `text`, whitespace excluded. Paragraph
+    breaks (blank lines) always end a sentence; see _ends_sentence for the rule at . ! ? and ellipses."""
+    spans = []
+    for pm in _iter_paragraphs(text):
+        p0, p1 = pm
+        start = p0
+        for m in _BOUNDARY.finditer(text, p0, p1):
+            if _ends_sentence(text, m, p1):
+                _add_span(spans, text, start, m.end(2))
+                start = m.end()
+        _add_span(spans, text, start, p1)
+    return spans
+
+
+def _add_span(spans: list, text: str, a: int, b: int) -> None:
+    """Append a stripped span; a piece with no letter or digit (a stray closing quote in tokenised text: '... read .
+    "') joins the previous sentence instead of standing alone."""
+    if not text[a:b].strip():
+        return
+    a, b = _strip_span(text, a, b)
+    if spans and not any(ch.isalnum() for ch in text[a:b]):
+        spans[-1] = (spans[-1][0], b)
+    else:
+        spans.append((a, b))
+
+
+def _iter_paragraphs(text: str) -> Iterator[tuple[int, int]]:
+    start = 0
+    for m in _PARAGRAPH.finditer(text):
+        yield start, m.start()
+        start = m.end()
+    yield start, len(text)
+
+
+def _strip_span(text: str, a: int, b: int) -> tuple[int, int]:
+    while a < b and text[a].isspace():
+        a += 1
+    while b > a and text[b - 1].isspace():
+        b -= 1
+    return a, b
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of `text` (see sentence_spans)."""
+    return [text[a:b] for a, b in sentence_spans(text)]
+
+
+def split_into_pieces(text: str, rng: random.Random, min_sentences: int = 1, max_sentences: int = 10) -> list[str]:
+    """Cut a document into consecutive short texts of k ~ U{min..max} sentences each (sec. 3.2: "split into short
+    texts of 1 to 10 sentences"). Pieces keep the original characters between their sentences."""
+    spans = sentence_spans(text)
+    pieces, i = [], 0
+    while i < len(spans):
+        k = rng.randint(min_sentences, max_sentences)
+        a, b = spans[i][0], spans[min(i + k, len(spans)) - 1][1]
+        pieces.append(text[a:b])
+        i += k
+    return pieces or [text]
+
+
+def shuffle_words(text: str, rng: random.Random) -> str:
+    """Word-level shuffle (sec. 3.2, 0.08% of texts): whitespace-separated words in random order, single spaces."""
+    words = text.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+@dataclass
+class SourceSpec:
+    """One input of the mix: `weight` is its share of the output texts; `split` lets its documents be split."""
+    name: str
+    spec: str
+    weight: float
+    kind: str            # the row's "kind" for unsplit texts ("passage" / "short")
+    split: bool
+    field: str = "text"
+
+
+@dataclass
+class Example:
+    text: str
+    source: str          # the record's own "source" label if it has one, else the file stem
+    kind: str            # passage | split | short, with "+shuffled" appended for word-shuffled texts
+    doc: int             # index of the document (within its input) the text came from
+
+
+@dataclass
+class RecipeStats:
+    docs: Counter = dc_field(default_factory=Counter)        # documents read, per input name
+    docs_split: Counter = dc_field(default_factory=Counter)  # documents chosen for splitting, per input name
+    texts: Counter = dc_field(default_factory=Counter)       # texts out, per kind
+    slots: Counter = dc_field(default_factory=Counter)       # texts out, per input name
+    shuffled: int = 0
+    skips: Counter = dc_field(default_factory=Counter)       # bad input, per kind
+    exhausted: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"docs": dict(self.docs), "docs_split": dict(self.docs_split), "texts": dict(self.texts),
+                "texts_per_input": dict(self.slots), "shuffled": self.shuffled, "skips": dict(self.skips),
+                "exhausted": self.exhausted}
+
+
+def recipe_stream(sources: list[SourceSpec], *, seed: int = 0, split_ratio: float = 0.3, min_sentences: int = 1,
+                  max_sentences: int = 10, shuffle_ratio: float = 0.0008, n_texts: int | None = None,
+                  on_error: str = "skip", max_chars: int = DEFAULT_MAX_CHARS,
+                  stats: RecipeStats | None = None) -> Iterator[Example]:
+    """The paper's text mix as a stream (sec. 3.2). Each output text draws its input with probability proportional
+    to `weight` (default 0.8 passages / 0.2 short), so the text-level mix matches the weights. A drawn input hands out
+    its next text; when it has none queued it reads its next document, and with probability `split_ratio` (inputs
+    with split=True) cuts it into pieces of min..max sentences that are handed out in order by its next draws.
+    Every text is word-shuffled with probability `shuffle_ratio`. Three independent seeded streams (mix, split,
+    shuffle) make it deterministic; it stops at n_texts or when an input runs out (no input is repeated, so the mix
+    stays unbiased; stats.exhausted names it)."""
+    _check_policy(on_error)
+    if not sources:
+        raise ValueError("recipe needs at least one input")
+    for a, b, what in ((split_ratio, 1, "split_ratio"), (shuffle_ratio, 1, "shuffle_ratio")):
+        if not 0 <= a <= b:
+            raise ValueError(f"{what} must be in [0, 1], got {a}")
+    if not 1 <= min_sentences <= max_sentences:
+        raise ValueError(f"need 1 <= min_sentences <= max_sentences, got {min_sentences}, {max_sentences}")
+    stats = stats if stats is not None else RecipeStats()
+    mix_rng, split_rng, shuf_rng = (random.Random(f"jasper-data/{seed}/{s}") for s in ("mix", "split", "shuffle"))
+    weights = np.array([s.weight for s in sources], dtype=np.float64)
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"source weights must be >= 0 with a positive sum, got {weights.tolist()}")
+    cum = np.cumsum(weights / weights.sum()).tolist()
+    readers = [iter_records(s.spec, s.field, on_error=on_error, max_chars=max_chars, skips=stats.skips)
+               for s in sources]
+    queues: list[deque] = [deque() for _ in sources]
+    n = 0
+    while n_texts is None or n < n_texts:
+        i = min(bisect.bisect_right(cum, mix_rng.random()), len(sources) - 1)
+        src = sources[i]
+        if not queues[i]:
+            rec = next(readers[i], None)
+            if rec is None:
+                stats.exhausted = src.name
+                return
+            doc = stats.docs[src.name]
+            stats.docs[src.name] += 1
+            if src.split and split_rng.random() < split_ratio:
+                stats.docs_split[src.name] += 1
+                for piece in split_into_pieces(rec.text, split_rng, min_sentences, max_sentences):
+                    queues[i].append(Example(piece, rec.source, "split", doc))
+            else:
+                queues[i].append(Example(rec.text, rec.source, src.kind, doc))
+        ex = queues[i].popleft()
+        if shuf_rng.random() < shuffle_ratio:
+            ex.text, ex.kind = shuffle_words(ex.text, shuf_rng), ex.kind + "+shuffled"
+            stats.shuffled += 1
+        stats.texts[ex.kind] += 1
+        stats.slots[src.name] += 1
+        n += 1
+        yield ex
+
+
+class Progress:
+    """Progress line on stderr with rate and ETA, at most every `every` seconds."""
+
+    def __init__(self, what: str, total: int | None = None, every: float = 2.0, unit: str = "texts"):
+        self.what, self.total, self.every, self.unit = what, total, every, unit
+        self.t0 = self.last = time.time()
+        self.n = 0
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        now = time.time()
+        if now - self.last >= self.every:
+            self.last = now
+            self.print()
+
+    def print(self, final: bool = False) -> None:
+        dt = max(time.time() - self.t0, 1e-9)
+        rate = self.n / dt
+        msg = f"{self.what}: {self.n:,}"
+        if self.total:
+            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+            msg += f"/{self.total:,} ({100 * self.n / self.total:.1f}%)"
+            if not final:
+                msg += f" ETA {eta:,.0f}s"
+        msg += f" {self.unit}, {rate:,.0f}/s, {dt:,.1f}s"
+        print(msg, file=sys.stderr, flush=True)
+
+
+def default_data_dir() -> Path:
+    """$JASPER_DATA_DIR, else ../shared/data next to the repository."""
+    env = os.environ.get("JASPER_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+def build(out_dir: str | Path, passages: str | None = None, short: str | None = None, *, n_texts: int | None = None,
+          seed: int = 0, passage_ratio: float = 0.8, split_ratio: float = 0.3, min_sentences: int = 1,
+          max_sentences: int = 10, shuffle_ratio: float = 0.0008, field: str = "text", on_error: str = "skip",
+          max_chars: int = DEFAULT_MAX_CHARS, data_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Materialise the recipe as OUT/texts.jsonl (rows {"id","text","hash","source","kind"}, id 0..N-1 in order)
+    plus OUT/build.json (parameters and counts). Streaming write to a temp file, renamed into place at the end."""
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    passages = passages or _default_input(data_dir / "text" / "passages.jsonl", "--passages")
+    short = short or _default_input(data_dir / "text" / "short.jsonl", "--short")
+    sources = [SourceSpec("passages", str(passages), passage_ratio, "passage", True, field),
+               SourceSpec("short", str(short), 1.0 - passage_ratio, "short", False, field)]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final, tmp = out_dir / "texts.jsonl", out_dir / f".texts.jsonl.tmp{os.getpid()}"
+    stats = RecipeStats()
+    prog = Progress("build", n_texts) if progress else None
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row, ex in enumerate(recipe_stream(sources, seed=seed, split_ratio=split_ratio,
+                                                   min_sentences=min_sentences, max_sentences=max_sentences,
+                                                   shuffle_ratio=shuffle_ratio, n_texts=n_texts, on_error=on_error,
+                                                   max_chars=max_chars, stats=stats)):
+                f.write(json.dumps({"id": row, "text": ex.text, "hash": text_hash(ex.text), "source": ex.source,
+                                    "kind": ex.kind}, ensure_ascii=False) + "\n")
+                if prog:
+                    prog.update()
+        n = sum(stats.texts.values())
+        if n == 0:
+            raise DataError(f"build produced no text from {passages} and {short} (skips: {dict(stats.skips)})")
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if prog:
+        prog.print(final=True)
+    if n_texts is not None and n < n_texts:
+        print(f"build: input {stats.exhausted!r} ran out after {n:,} of {n_texts:,} texts", file=sys.stderr)
+    meta = {"texts": str(final), "n_texts": n, "seed": seed, "inputs": {"passages": str(passages),
+            "short": str(short)}, "field": field,
+            "params": {"passage_ratio": passage_ratio, "split_ratio": split_ratio, "min_sentences": min_sentences,
+                       "max_sentences": max_sentences, "shuffle_ratio": shuffle_ratio, "max_chars": max_chars,
+                       "on_error": on_error, "n_texts": n_texts},
+            "stats": stats.as_dict()}
+    _atomic_write_text(out_dir / "build.json", json.dumps(meta, indent=2))
+    if stats.skips:
+        print(f"build: skipped bad input: {dict(stats.skips)}", file=sys.stderr)
+    return meta
+
+
+def _default_input(path: Path, flag: str) -> str:
+    if not path.exists():
+        raise DataError(f"default input {path} not found: pass {flag} (file, folder, glob or hf://ORG/NAME) "
+                        f"or --data-dir / JASPER_DATA_DIR")
+    return str(path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ==================================================================================================================
+# 3. TrainLoader over texts.jsonl
+# ==================================================================================================================
+
+_INDEX_VERSION = 1
+
+
+def _scan_index(path: Path, field: str, max_chars: int, on_error: str) -> dict:
+    """One pass over a jsonl file: byte offset of every line, and which lines are usable training rows. A row is
+    usable if it is valid UTF-8 JSON, an object with a non-blank string `field` of at most max_chars chars, and its
+    "hash" (when present) equals text_hash(text). Bad rows raise (on_error="raise") or are left out and counted."""
+    skips: Counter = Counter()
+    bad: list[tuple[int, str]] = []
+    starts: list[int] = []
+    valid: list[bool] = []
+    name = str(path)
+    with open(path, "rb") as f:
+        pos = 0
+        for lineno, raw in _bounded_lines(f, 4 * max_chars + 4096):
+            starts.append(pos)
+            if raw is None:
+                kind, detail = "too_long", f"line over max_chars={max_chars:,}"
+            else:
+                kind, detail = _check_row(raw, field, max_chars)
+            pos = f.tell()
+            ok = kind is None
+            if not ok:
+                if on_error == "raise":
+                    raise DataError(f"{name}:{lineno}: {kind.replace('_', ' ')}: {detail}")
+                skips[kind] += 1
+                if len(bad) < 100:
+                    bad.append((lineno, f"{kind}: {detail}"))
+            valid.append(ok)
+        starts.append(pos)
+    st = path.stat()
+    return {"version": _INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "field": field,
+            "max_chars": max_chars, "offsets": np.asarray(starts, dtype=np.int64),
+            "valid": np.asarray(valid, dtype=bool), "skips": dict(skips), "bad": bad}
+
+
+def _check_row(raw: bytes, field: str, max_chars: int) -> tuple[str | None, str]:
+    if not raw.strip():
+        return "empty_text", "blank line"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return "invalid_utf8", str(exc)
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return "malformed_json", f"{exc.msg} at column {exc.colno}"
+    if not isinstance(row, dict) or field not in row:
+        return "missing_field", f"no {field!r} field"
+    t = row[field]
+    if not isinstance(t, str):
+        return "missing_field", f"field {field!r} is {type(t).__name__}, not a string"
+    if not t.strip():
+        return "empty_text", f"field {field!r} is empty or whitespace"
+    if len(t) > max_chars:
+        return "too_long", f"{len(t):,} chars > max_chars={max_chars:,}"
+    h = row.get("hash")
+    if h is not None and h != text_hash(t):
+        return "hash_mismatch", f"hash {h!r} != text_hash(text) {text_hash(t)!r}"
+    return None, ""
+
+
+def load_index(path: str | Path, field: str = "text", max_chars: int = DEFAULT_MAX_CHARS, on_error: str = "skip",
+               cache: bool = True) -> dict:
+    """The byte-offset index of a jsonl file, cached next to it as <file>.index.npz (rebuilt when the file's size or
+    mtime or the field / max_chars change; kept in memory only when the folder is read-only)."""
+    path = Path(path)
+    side = path.with_name(path.name + ".index.npz")
+    st = path.stat()
+    if cache and side.exists():
+        try:
+            z = np.load(side, allow_pickle=False)
+            meta = json.loads(str(z["meta"]))
+            if (meta["version"], meta["size"], meta["mtime_ns"], meta["field"], meta["max_chars"]) == (
+                    _INDEX_VERSION, st.st_size, st.st_mtime_ns, field, max_chars):
+                idx = dict(meta, offsets=z["offsets"], valid=z["valid"])
+                if on_error == "raise" and idx["bad"]:
+                    line, why = idx["bad"][0]
+                    raise DataError(f"{path}:{line}: {why.replace('_', ' ', 1)}")
+                return idx
+        except DataError:
+            raise
+        except Exception:
+            pass  # stale or corrupt sidecar: rebuild
+    idx = _scan_index(path, field, max_chars, on_error)
+    if cache:
+        meta = {k: v for k, v in idx.items() if k not in ("offsets", "valid")}
+        tmp = side.with_name(f".{side.name}.tmp{os.getpid()}.npz")
+        try:
+            np.savez(tmp, offsets=idx["offsets"], valid=idx["valid"], meta=np.array(json.dumps(meta)))
+            os.replace(tmp, side)
+        except OSError:
+            pass  # read-only folder: keep the index in memory
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return idx
+
+
+@dataclass
+class Batch:
+    """This rank's share of one global batch. rows/hashes/lengths are in the order of the concatenated chunks."""
+    input_ids: torch.Tensor               # (b, T) the whole share padded to its longest
+    attention_mask: torch.Tensor          # (b, T)
+    rows: torch.Tensor                    # (b,) row ids in texts.jsonl ("id" field, else 0-based line) = cache rows
+    hashes: list[str]                     # text_hash of each text, to verify teacher-cache rows
+    n_tokens: int                         # real (unpadded) tokens in the share
+    chunks: list[tuple[torch.Tensor, torch.Tensor]]  # micro-batches (<= micro_batch rows) padded to their longest
+    epoch: int
+    step: int                             # step within the epoch (global batch index)
+
+    @property
+    def n_processed(self) -> int:
+        """Tokens the model processes over the chunks, padding included (padding efficiency = n_tokens / this)."""
+        return sum(ids.numel() for ids, _ in self.chunks)
+
+
+def _identity(x):
+    return x
+
+
+class _StepDataset(torch.utils.data.Dataset):
+    """Map-style view for DataLoader workers: item g = the batch at global step g."""
+
+    def __init__(self, loader: "TrainLoader"):
+        self.loader = loader
+
+    def __len__(self):
+        return 1 << 62
+
+    def __getitem__(self, g: int) -> Batch:
+        spe = self.loader.steps_per_epoch
+        return self.loader.batch_at(g // spe, g % spe)
+
+
+class _CountFrom(torch.utils.data.Sampler):
+    def __init__(self, start: int, stop: int | None):
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop)) if self.stop is not None else itertools.count(self.start)
+
+
+class TrainLoader:
+    """Batches over texts.jsonl (sec. 3.1: global batch m = 128, max length 512).
+
+    Global batch (epoch e, step k) = valid rows perm_e[k*m:(k+1)*m], perm_e = a seeded permutation: a uniform random
+    draw without replacement within the epoch (the last incomplete batch of an epoch is dropped). Rank r takes
+    positions [r*b:(r+1)*b] (b = m // world_size): disjoint equal shares whose union is the global batch. Inside the
+    share, rows are tokenised in one call, sorted by length (longest first) and cut into `chunks` of at most
+    micro_batch rows, each padded to its own longest. Which texts meet in a batch is therefore exactly as random as
+    plain shuffled batching; only the order inside a rank's share changes, which the permutation-invariant losses
+    (eq. 1-3) do not see.
+
+    Iterating yields Batch objects forever (or `epochs` epochs); state_dict() is the position of the next batch to be
+    yielded, so a restored loader continues with exactly the batches the uninterrupted one would have yielded,
+    with any num_workers (a batch is a pure function of seed, epoch, step and rank) and even a different world size.
+    `.skips` counts bad rows left out of the index (kinds as in iter_records, plus hash_mismatch).
+    """
+
+    def __init__(self, texts_path: str | Path, tokenizer, global_batch: int, max_length: int, seed: int,
+                 rank: int = 0, world_size: int = 1, *, micro_batch: int | None = None, num_workers: int = 0,
+                 epochs: int | None = None, field: str = "text", on_error: str = "skip",
+                 max_chars: int = DEFAULT_MAX_CHARS, prefetch_factor: int = 2, index_cache: bool = True):
+        _check_policy(on_error)
+        if global_batch <= 0 or world_size <= 0 or global_batch % world_size:
+            raise ValueError(f"global_batch ({global_batch}) must be a positive multiple of world_size "
+                             f"({world_size})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.path = Path(texts_path)
+        self.tokenizer = tokenizer
+        self.global_batch, self.max_length, self.seed = global_batch, max_length, seed
+        self.rank, self.world_size = rank, world_size
+        self.share = global_batch // world_size
+        self.micro_batch = micro_batch or self.share
+        self.num_workers, self.epochs, self.prefetch_factor = num_workers, epochs, prefetch_factor
+        self.field, self.max_chars = field, max_chars
+        idx = load_index(self.path, field, max_chars, on_error, cache=index_cache)
+        self._offsets = idx["offsets"]                       # (n_lines + 1,) int64 byte offsets
+        self._rows = np.flatnonzero(idx["valid"]).astype(np.int64)  # (n_valid,) usable line numbers (0-based)
+        self.skips: dict[str, int] = dict(idx["skips"])
+        self.bad_lines: list = idx["bad"]                     # first 100 (1-based line, reason)
+        self.n_valid = len(self._rows)
+        if self.n_valid < global_batch:
+            raise DataError(f"{self.path}: {self.n_valid} usable rows < global_batch {global_batch} "
+                            f"(skipped: {self.skips})")
+        self.steps_per_epoch = self.n_valid // global_batch
+        self._epoch, self._step = 0, 0
+        self._perm_cache: tuple[int, np.ndarray] | None = None
+        self._fh = None
+        self._fh_pid = None
+
+    # ---- state ---------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "step": self._step, "seed": self.seed, "global_batch": self.global_batch,
+                "n_valid": self.n_valid, "steps_per_epoch": self.steps_per_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "global_batch", "n_valid"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"cannot resume: state {key}={state[key]} but this loader has "
+                                 f"{getattr(self, key)} ({self.path})")
+        if not (0 <= state["step"] < self.steps_per_epoch and state["epoch"] >= 0):
+            raise ValueError(f"cannot resume: bad position epoch={state['epoch']} step={state['step']}")
+        self._epoch, self._step = int(state["epoch"]), int(state["step"])
+
+    # ---- the pure batch function ---------------------------------------------------------------------------------
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Seeded permutation of the usable rows for one epoch (numpy PCG64 seeded by (seed, epoch))."""
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_valid)
+            self._perm_cache = (epoch, self._rows[perm])
+        return self._perm_cache[1]
+
+    def global_lines(self, epoch: int, step: int) -> np.ndarray:
+        """0-based line numbers of the whole global batch (all ranks), in draw order."""
+        return self.permutation(epoch)[step * self.global_batch:(step + 1) * self.global_batch]
+
+    def _read_line(self, line: int) -> dict:
+        if self._fh is None or self._fh_pid != os.getpid():  # one handle per process (DataLoader workers fork)
+            self._fh, self._fh_pid = open(self.path, "rb"), os.getpid()
+        a, b = self._offsets[line], self._offsets[line + 1]
+        self._fh.seek(a)
+        return json.loads(self._fh.read(b - a).decode("utf-8"))
+
+    def batch_at(self, epoch: int, step: int) -> Batch:
+        lines = self.global_lines(epoch, step)[self.rank * self.share:(self.rank + 1) * self.share]  # (b,)
+        recs = [self._read_line(int(i)) for i in lines]
+        texts = [r[self.field] for r in recs]
+        rows = [int(r["id"]) if isinstance(r.get("id"), int) else int(i) for r, i in zip(recs, lines)]
+        hashes = [r["hash"] if isinstance(r.get("hash"), str) else text_hash(t) for r, t in zip(recs, texts)]
+        ids = self.tokenizer.encode_ids(texts, max_length=self.max_length)  # one batched call, truncated
+        order = sorted(range(len(ids)), key=lambda j: (-len(ids[j]), j))  # by length, inside this share only
+        ids = [ids[j] for j in order]
+        chunks = [self.tokenizer.pad(ids[a:a + self.micro_batch]) for a in range(0, len(ids), self.micro_batch)]
+        input_ids, attention_mask = self.tokenizer.pad(ids)
+        return Batch(input_ids=input_ids, attention_mask=attention_mask,
+                     rows=torch.tensor([rows[j] for j in order], dtype=torch.long),
+                     hashes=[hashes[j] for j in order], n_tokens=sum(len(x) for x in ids), chunks=chunks,
+                     epoch=epoch, step=step)
+
+    # ---- iteration -----------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        start = self._epoch * self.steps_per_epoch + self._step
+        stop = None if self.epochs is None else self.epochs * self.steps_per_epoch
+        if stop is not None and start >= stop:
+            return
+        if self.num_workers == 0:
+            source = (self.batch_at(g // self.steps_per_epoch, g % self.steps_per_epoch)
+                      for g in (range(start, stop) if stop is not None else itertools.count(start)))
+        else:
+            source = iter(torch.utils.data.DataLoader(
+                _StepDataset(self), batch_size=None, sampler=_CountFrom(start, stop), num_workers=self.num_workers,
+                collate_fn=_identity, prefetch_factor=self.prefetch_factor))
+        for batch in source:
+            g = batch.epoch * self.steps_per_epoch + batch.step + 1  # position of the next batch
+            self._epoch, self._step = divmod(g, self.steps_per_epoch)
+            yield batch
+
+    def __getstate__(self):  # DataLoader workers under spawn: no open file handle
+        d = dict(self.__dict__)
+        d["_fh"], d["_fh_pid"] = None, None
+        return d
+
+
+# ==================================================================================================================
+# 4. image-caption pairs (stage 4)
+# ==================================================================================================================
+
+def _infinity_mm_caption(row: dict) -> str | None:
+    """Infinity-MM / LLaVA layout: {"image": path, "conversations": [{"from": "human", ...}, {"from": "gpt",
+    "value": caption}]} -> the first answer."""
+    for turn in row.get("conversations") or []:
+        if isinstance(turn, dict) and turn.get("from") in ("gpt", "assistant") and isinstance(turn.get("value"), str):
+            return turn["value"]
+    return None
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Stage-4 image-caption pairs from a jsonl or parquet file (sec. 3.2: captions of BAAI/Infinity-MM).
+
+    Rows: `image_field` holds a path (relative to image_root, default the file's folder), raw bytes (parquet binary)
+    or an HF Image struct {"bytes", "path"}; `caption_field` holds the caption, or, when absent, the first gpt turn of
+    an Infinity-MM/LLaVA "conversations" list. __getitem__ returns the undecoded row; `collate` decodes and
+    preprocesses images with model.load_image / model.preprocess_images, so the work happens in DataLoader workers.
+    Broken images are skipped and counted: each batch carries n_skipped, and `loader()` sums them into `.skips`.
+    jsonl is read by byte offset (random access); parquet keeps one row group cached per worker (shuffled access
+    then reads a row group per row: prefer jsonl + image files for large sets).
+    """
+
+    def __init__(self, path: str | Path, image_field: str = "image", caption_field: str = "caption",
+                 image_root: str | Path | None = None, image_size: int = 384, on_error: str = "skip",
+                 max_chars: int = DEFAULT_MAX_CHARS, index_cache: bool = True):
+        _check_policy(on_error)
+        self.path = Path(path)
+        self.image_field, self.caption_field = image_field, caption_field
+        self.image_root = Path(image_root) if image_root else self.path.parent
+        self.image_size, self.on_error, self.max_chars = image_size, on_error, max_chars
+        self.skips: Counter = Counter()
+        self._fh, self._fh_pid, self._rg_cache = None, None, None
+        if self.path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            md = pq.ParquetFile(self.path).metadata
+            sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+            self._rg_starts = np.cumsum([0] + sizes)
+            self._lines = np.arange(self._rg_starts[-1], dtype=np.int64)
+        else:
+            self._rg_starts = None
+            idx = self._scan_jsonl(index_cache)
+            self._offsets, self._lines = idx["offsets"], np.flatnonzero(idx["valid"]).astype(np.int64)
+            for k, v in idx["skips"].items():
+                self.skips[k] += v
+
+    def _scan_jsonl(self, cache: bool) -> dict:
+        # Reuse the text index with a row check for the caption: build it by a dedicated pass (rows need an image
+        # field and a caption or a conversations list, which the text checks do not know).
+        skips: Counter = Counter()
+        starts, valid = [], []
+        with open(self.path, "rb") as f:
+            pos = 0
+            for lineno, raw in _bounded_lines(f, 4 * self.max_chars + 4096):
+                starts.append(pos)
+                pos = f.tell()
+                kind, detail = ("too_long", "line too long") if raw is None else self._check_row(raw)
+                if kind:
+                    if self.on_error == "raise":
+                        raise DataError(f"{self.path}:{lineno}: {kind.replace('_', ' ')}: {detail}")
+                    skips[kind] += 1
+                valid.append(kind is None)
+            starts.append(pos)
+        return {"offsets": np.asarray(starts, dtype=np.int64), "valid": np.asarray(valid, dtype=bool),
+                "skips": skips}
+
+    def _check_row(self, raw: bytes) -> tuple[str | None, str]:
+        if not raw.strip():
+            return "empty_text", "blank line"
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            return "invalid_utf8", str(exc)
+        except json.JSONDecodeError as exc:
+            return "malformed_json", f"{exc.msg} at column {exc.colno}"
+        if not isinstance(row, dict) or not row.get(self.image_field):
+            return "missing_field", f"no {self.image_field!r} field"
+        cap = self._caption(row)
+        if not isinstance(cap, str):
+            return "missing_field", f"no {self.caption_field!r} field nor a conversations answer"
+        if not cap.strip():
+            return "empty_text", "empty caption"
+        if len(cap) > self.max_chars:
+            return "too_long", f"caption of {len(cap):,} chars"
+        return None, ""
+
+    def _caption(self, row: dict):
+        cap = row.get(self.caption_field)
+        return cap if cap is not None else _infinity_mm_caption(row)
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def _row(self, i: int) -> dict:
+        if self._fh_pid != os.getpid():
+            self._fh, self._rg_cache, self._fh_pid = None, None, os.getpid()
+        if self._rg_starts is None:
+            if self._fh is None:
+                self._fh = open(self.path, "rb")
+            line = int(self._lines[i])
+            self._fh.seek(self._offsets[line])
+            return json.loads(self._fh.read(self._offsets[line + 1] - self._offsets[line]).decode("utf-8"))
+        import pyarrow.parquet as pq
+        g = int(np.searchsorted(self._rg_starts, i, side="right") - 1)
+        if self._rg_cache is None or self._rg_cache[0] != g:
+            self._rg_cache = (g, pq.ParquetFile(self.path).read_row_group(g).to_pylist())
+        return self._rg_cache[1][i - int(self._rg_starts[g])]
+
+    def __getitem__(self, i: int) -> dict:
+        row = self._row(i)
+        img = row.get(self.image_field)
+        if isinstance(img, dict):  # HF Image feature {"bytes": ..., "path": ...}
+            img = img.get("bytes") or img.get("path")
+        if isinstance(img, str) and not os.path.isabs(img):
+            img = str(self.image_root / img)
+        return {"index": i, "image": img, "caption": self._caption(row)}
+
+    def collate(self, items: list[dict]) -> dict:
+        """Decode + preprocess (in the worker). Broken images / missing captions are dropped and counted."""
+        import model
+        pils, caps, idx, n_bad = [], [], [], 0
+        for it in items:
+            cap = it["caption"]
+            if not isinstance(cap, str) or not cap.strip():
+                n_bad += 1
+                continue
+            try:
+                pils.append(model.load_image(it["image"]))
+            except Exception as exc:  # model.ImageError, or OSError on a missing file
+                if self.on_error == "raise":
+                    raise DataError(f"{self.path}: row {it['index']}: broken image ({exc})") from exc
+                n_bad += 1
+                continue
+            caps.append(cap)
+            idx.append(it["index"])
+        if pils:
+            pixel_values, kept, n_skip = model.preprocess_images(pils, size=self.image_size, on_error="skip")
+        else:
+            pixel_values, kept, n_skip = torch.zeros(0, 3, self.image_size, self.image_size), [], 0
+        return {"pixel_values": pixel_values,                 # (n, 3, S, S) float32
+                "captions": [caps[k] for k in kept], "indices": torch.tensor([idx[k] for k in kept],
+                                                                             dtype=torch.long),
+                "n_skipped": n_bad + n_skip}
+
+    def loader(self, batch_size: int, *, seed: int = 0, shuffle: bool = True, num_workers: int = 0,
+               drop_last: bool = True) -> Iterator[dict]:
+        """Batches of decoded pairs; broken images are dropped (batches may be smaller) and summed into
+        self.skips["broken_image"] in the main process."""
+        gen = torch.Generator().manual_seed(seed)
+        dl = torch.utils.data.DataLoader(self, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                                         num_workers=num_workers, collate_fn=self.collate, drop_last=drop_last)
+        for batch in dl:
+            if batch["n_skipped"]:
+                self.skips["broken_image"] += batch["n_skipped"]
+            yield batch
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_fh"], d["_fh_pid"], d["_rg_cache"] = None, None, None
+        return d
+
+
+# ==================================================================================================================
+# CLI
+# ==================================================================================================================
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="materialise the training texts (sec. 3.2 recipe) as OUT/texts.jsonl")
+    b.add_argument("--out", required=True, help="output folder (texts.jsonl, build.json)")
+    b.add_argument("--data-dir", default=None,
+                   help="shared data folder with text/passages.jsonl and text/short.jsonl "
+                        "(default: $JASPER_DATA_DIR, else ../shared/data next to the repo)")
+    b.add_argument("--passages", default=None, help="passage input (fineweb-edu role): file, folder, glob or "
+                   "hf://HuggingFaceFW/fineweb-edu[/GLOB] (default: DATA_DIR/text/passages.jsonl)")
+    b.add_argument("--short", default=None, help="short-text input (embedding-training-data role): file, folder, "
+                   "glob or hf://sentence-transformers/embedding-training-data (default: DATA_DIR/text/short.jsonl)")
+    b.add_argument("--n-texts", type=int, default=None, help="stop after N texts (default: until an input runs out)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--passage-ratio", type=float, default=0.8, help="share of passage texts (paper: 0.8)")
+    b.add_argument("--split-ratio", type=float, default=0.3, help="share of passage documents split (paper: 0.3)")
+    b.add_argument("--min-sentences", type=int, default=1)
+    b.add_argument("--max-sentences", type=int, default=10)
+    b.add_argument("--shuffle-ratio", type=float, default=0.0008, help="share of texts word-shuffled (paper: 0.0008)")
+    b.add_argument("--field", default="text", help="text field of jsonl/parquet inputs")
+    b.add_argument("--on-error", choices=ON_ERROR, default="skip", help="bad input: skip and count, or raise")
+    b.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS, help="longer documents are bad input")
+    args = ap.parse_args(argv)
+    if args.cmd == "build":
+        try:
+            meta = build(args.out, args.passages, args.short, n_texts=args.n_texts, seed=args.seed,
+                         passage_ratio=args.passage_ratio, split_ratio=args.split_ratio,
+                         min_sentences=args.min_sentences, max_sentences=args.max_sentences,
+                         shuffle_ratio=args.shuffle_ratio, field=args.field, on_error=args.on_error,
+                         max_chars=args.max_chars, data_dir=args.data_dir)
+        except DataError as exc:
+            print(f"data.py build: error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps({"texts": meta["texts"], "n_texts": meta["n_texts"], **meta["stats"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

