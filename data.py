@@ -24,7 +24,6 @@ import bisect
 import glob as globlib
 import gzip
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -35,7 +34,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -106,7 +105,7 @@ def _hub_files(spec: str) -> tuple[list[str], str | None]:
     hint = ("download the files (e.g. `huggingface-cli download --repo-type dataset "
             f"{repo} --include '{pattern}'`) and pass the local folder or glob instead")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise DataError(f"hub dataset {repo} ({pattern}): HF_HUB_OFFLINE is set, the hub cannot be reached; {hint}")
+        raise DataError(f"hub dataset {repo} ({pattern}): HF_HUB_OFFLINE is set (offline), the hub cannot be reached; {hint}")
     try:
         from huggingface_hub import HfFileSystem
         files = sorted(HfFileSystem().glob(f"datasets/{repo}/{pattern}"))
@@ -348,8 +347,8 @@ def _ends_sentence(text: str, m: re.Match, limit: int) -> bool:
     c = text[nxt]
     if c.islower():
         return False  # '"Why?" he asked', 'e.g. something', 'approx. three'
-    if not (c.isupper() or c.isdigit() or c in _OPEN):
-        return False  # ', ; - etc. after the punctuation: mid-sentence
+    if not (c.isupper() or c.isdigit() or c in _OPEN or text.startswith("--", nxt)):
+        return False  # , ; etc. after the punctuation: mid-sentence ("--" opens a list item / sentence)
     punct = m.group(1)
     if punct != ".":
         return True  # ! ? ... and runs of them
@@ -359,8 +358,12 @@ def _ends_sentence(text: str, m: re.Match, limit: int) -> bool:
     while j > 0 and not text[j - 1].isspace() and text[j - 1] not in _OPEN:
         j -= 1
     word = text[j:start]
-    if not word:
-        return True  # tokenised text: "actor . He"
+    if not word:  # tokenised text: "actor . He" ends; "( c . 56 - 117 )" does not
+        k = j - 1
+        while k > 0 and not text[k - 1].isspace():
+            k -= 1
+        prev = text[k:j - 1].lower() if j > 0 else ""
+        return not (c.isdigit() and (prev in _OTHER_ABBR or (len(prev) == 1 and prev.isalpha())))
     lw = word.lower()
     if lw in _TITLES:
         return False
@@ -552,11 +555,11 @@ class Progress:
         rate = self.n / dt
         msg = f"{self.what}: {self.n:,}"
         if self.total:
+            msg += f"/{self.total:,}"
+        msg += f" {self.unit}, {rate:,.0f} {self.unit}/s, {dt:,.1f}s elapsed"
+        if self.total and not final:
             eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-            msg += f"/{self.total:,} ({100 * self.n / self.total:.1f}%)"
-            if not final:
-                msg += f" ETA {eta:,.0f}s"
-        msg += f" {self.unit}, {rate:,.0f}/s, {dt:,.1f}s"
+            msg += f", {100 * self.n / self.total:.1f}% ETA {eta:,.0f}s"
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -696,11 +699,14 @@ def _check_row(raw: bytes, field: str, max_chars: int) -> tuple[str | None, str]
 
 def load_index(path: str | Path, field: str = "text", max_chars: int = DEFAULT_MAX_CHARS, on_error: str = "skip",
                cache: bool = True) -> dict:
-    """The byte-offset index of a jsonl file, cached next to it as <file>.index.npz (rebuilt when the file's size or
-    mtime or the field / max_chars change; kept in memory only when the folder is read-only)."""
-    path = Path(path)
-    side = path.with_name(path.name + ".index.npz")
+    """The byte-offset index of a jsonl file (see _scan_index), cached in $JASPER_CACHE_DIR/data-index (default
+    ~/.cache/jasper) keyed by the file's absolute path, and rebuilt when its size or mtime or the field / max_chars
+    change; kept in memory only when the cache folder is not writable."""
+    path = Path(path).resolve()
     st = path.stat()
+    cache_dir = Path(os.environ.get("JASPER_CACHE_DIR", Path.home() / ".cache" / "jasper")) / "data-index"
+    key = hashlib.blake2b(str(path).encode(), digest_size=8).hexdigest()
+    side = cache_dir / f"{path.name}.{key}.index.npz"  # never next to the data: shared data stays untouched
     if cache and side.exists():
         try:
             z = np.load(side, allow_pickle=False)
@@ -721,6 +727,7 @@ def load_index(path: str | Path, field: str = "text", max_chars: int = DEFAULT_M
         meta = {k: v for k, v in idx.items() if k not in ("offsets", "valid")}
         tmp = side.with_name(f".{side.name}.tmp{os.getpid()}.npz")
         try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
             np.savez(tmp, offsets=idx["offsets"], valid=idx["valid"], meta=np.array(json.dumps(meta)))
             os.replace(tmp, side)
         except OSError:
@@ -1018,31 +1025,24 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return {"index": i, "image": img, "caption": self._caption(row)}
 
     def collate(self, items: list[dict]) -> dict:
-        """Decode + preprocess (in the worker). Broken images / missing captions are dropped and counted."""
+        """Decode + preprocess in the worker (model.preprocess_images): broken images are dropped and counted
+        (on_error="skip") or raise model.ImageError naming the data file, the row and the image."""
         import model
-        pils, caps, idx, n_bad = [], [], [], 0
-        for it in items:
-            cap = it["caption"]
-            if not isinstance(cap, str) or not cap.strip():
-                n_bad += 1
-                continue
-            try:
-                pils.append(model.load_image(it["image"]))
-            except Exception as exc:  # model.ImageError, or OSError on a missing file
-                if self.on_error == "raise":
-                    raise DataError(f"{self.path}: row {it['index']}: broken image ({exc})") from exc
-                n_bad += 1
-                continue
-            caps.append(cap)
-            idx.append(it["index"])
-        if pils:
-            pixel_values, kept, n_skip = model.preprocess_images(pils, size=self.image_size, on_error="skip")
-        else:
-            pixel_values, kept, n_skip = torch.zeros(0, 3, self.image_size, self.image_size), [], 0
-        return {"pixel_values": pixel_values,                 # (n, 3, S, S) float32
-                "captions": [caps[k] for k in kept], "indices": torch.tensor([idx[k] for k in kept],
-                                                                             dtype=torch.long),
-                "n_skipped": n_bad + n_skip}
+        n_bad_caption = len(items)
+        items = [it for it in items if isinstance(it["caption"], str) and it["caption"].strip()]
+        n_bad_caption -= len(items)  # parquet rows are not pre-validated: a null / blank caption is dropped here
+        if n_bad_caption and self.on_error == "raise":
+            raise DataError(f"{self.path}: a row in this batch has no caption ({self.caption_field!r})")
+        caps = [it["caption"] for it in items]
+        names = [f"{self.path} row {it['index']} (image {it['image'] if isinstance(it['image'], str) else '<bytes>'})"
+                 for it in items]
+        images = [it["image"] if it["image"] is not None else b"" for it in items]  # None -> "not an image"
+        pixel_values, kept, n_skipped = model.preprocess_images(images, size=self.image_size, on_error=self.on_error,
+                                                                names=names)
+        return {"pixel_values": pixel_values,                                   # (n, 3, S, S) float32
+                "captions": [caps[k] for k in kept],
+                "indices": torch.tensor([items[k]["index"] for k in kept], dtype=torch.long),  # (n,)
+                "n_skipped": n_skipped + n_bad_caption}
 
     def loader(self, batch_size: int, *, seed: int = 0, shuffle: bool = True, num_workers: int = 0,
                drop_last: bool = True) -> Iterator[dict]:

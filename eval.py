@@ -153,6 +153,7 @@ def load_encoder(spec: str | os.PathLike, **kw) -> Any:
     spec = str(spec)
     if _is_jasper(spec):
         import model as model_mod
+        kw.setdefault("vision", False)  # text evaluation: skip the SigLIP tower
         enc = model_mod.JasperModel.from_pretrained(spec, **kw)
         enc.eval()
         if not hasattr(enc, "dims"):
@@ -373,8 +374,9 @@ def load_beir(task_dir: Path, split: str, task: str) -> tuple[list[dict], list[d
                 raise EvalError(f"task {task}: {p}:{i}: each row needs '_id' and a string 'text'")
             r["id"] = str(rid)
     corpus = [{"id": r["id"], "title": r.get("title") or "", "text": r["text"]} for r in corpus]
-    queries = [{"id": r["id"], "text": r["text"], **({"instruction": r["instruction"]} if r.get("instruction")
-                                                      else {})} for r in queries]
+    has_instr = any(r.get("instruction") is not None for r in queries)  # instruction-retrieval tasks
+    queries = [{"id": r["id"], "text": r["text"], **({"instruction": r.get("instruction")} if has_instr else {})}
+               for r in queries]
     return corpus, queries, read_qrels(qrels_p, task)
 
 
@@ -449,7 +451,8 @@ def builtin_retrieval(cache: EmbeddingCache, corpus: list[dict], queries: list[d
     """Dense retrieval scored like mteb: queries without any judgement dropped; cosine in float32; top-k; ties in
     the ranking broken by doc id descending (pytrec_eval's order); optional self-id removal / first-hit skip."""
     queries = [q for q in queries if len(qrels.get(q["id"], {})) > 0]
-    qtexts = [(q["text"] + " " + q["instruction"]).strip() if q.get("instruction") else q["text"] for q in queries]
+    # mteb `_combine_queries_with_instruction_text`: a per-query instruction column is appended to the text
+    qtexts = [q["text"] + " " + q["instruction"] if q.get("instruction") is not None else q["text"] for q in queries]
     q = torch.from_numpy(cache.get(qtexts, dim, instruction))
     d = torch.from_numpy(cache.get([document_text(r) for r in corpus], dim, None))
     q = torch.nn.functional.normalize(q, p=2, dim=1)
@@ -630,7 +633,7 @@ def inject_local_data(task, data_dir: Path, split: str) -> list[str]:
     except Exception as e:  # noqa: BLE001 - a task's own transform expects its hub columns
         # Local files may already be in the abstask's column layout (e.g. sentence1 where the hub has sent1):
         # then the task's renaming transform does not apply and the raw rows are used as they are.
-        if retrieval or not _missing_columns(task, raw):
+        if retrieval or not _missing_columns(task, _apply_aliases(task, raw)):
             task.dataset = raw
         else:
             raise EvalError(f"task {name}: data in {tdir} has neither the task's hub columns (its dataset_transform "

@@ -36,7 +36,6 @@ Matryoshka prefixes of one vector (their MRL code); see `distill_loss` for how h
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch

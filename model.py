@@ -933,8 +933,8 @@ def load_image(src: Any, name: str | None = None, max_pixels: int | None = DEFAU
         raise
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a recognised image file") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: {e}") from None
+    except Image.DecompressionBombError as e:  # raised by Image.open itself above 2 x Image.MAX_IMAGE_PIXELS
+        raise ImageError(f"{name}: exceeds the limit of Pillow's decompression-bomb guard ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {e}); truncated or corrupt file?") from None
 

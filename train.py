@@ -28,6 +28,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -479,7 +480,9 @@ def save_checkpoint(ckdir: Path, step: int, model, opt, sched, loader, cfg: Trai
         tmp.mkdir(parents=True)
     d.barrier()
     msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended without torchrun
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
     torch.save(dict(step=step, scheduler=sched.state_dict(), loader=loader.state_dict(), rng=rng_state(),
                     world_size=d.world_size, config=dataclasses.asdict(cfg)), tmp / f"trainer_rank{d.rank}.pt")
     d.barrier()
@@ -502,7 +505,9 @@ def load_checkpoint(ckdir: Path, model, opt, sched, loader, d: Dist) -> int:
         raise SystemExit(f"train.py: --resume but no checkpoint pointer {pointer}")
     path = ckdir / pointer.read_text().strip()
     msd, osd = get_state_dict(model, opt)
-    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path))
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     ts = torch.load(path / f"trainer_rank{d.rank}.pt", weights_only=False)
     if ts["world_size"] != d.world_size:
@@ -573,6 +578,9 @@ def _train(cfg: TrainConfig, d: Dist, L) -> dict:
         raise SystemExit(f"train.py: --batch {cfg.batch} is not divisible by the {d.world_size} ranks")
     out = Path(cfg.out)
     ckdir = out / "checkpoints"
+    if not cfg.resume and (ckdir / "latest").exists():
+        raise SystemExit(f"train.py: {out} already holds checkpoints of a run: --resume to continue it, or choose "
+                         f"another --out (refusing to overwrite it)")
     if d.main:
         ckdir.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
@@ -617,7 +625,6 @@ def _train(cfg: TrainConfig, d: Dist, L) -> dict:
     start_step = step
     data_iter = iter(loader)
     heads = dims[:1] if cfg.stage <= 2 else dims  # stages 1-2 train/score FC1 only (sec. 3.1)
-    image_ids = torch.tensor(model.image_prompt_ids())  # stage 4: <img_start> <img_token> x K <img_end>
     last_ckpt = str(ckdir / (ckdir / "latest").read_text().strip()) if (ckdir / "latest").exists() else None
     t0, tok_window, t_window = time.time(), 0.0, time.time()
     loss_val = float("nan")
@@ -625,32 +632,19 @@ def _train(cfg: TrainConfig, d: Dist, L) -> dict:
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
     while step < end:
         batch = next(data_iter)
-        # --- forward this rank's share, micro-batch by micro-batch, keeping the graphs (the loss needs them all)
+        # --- this rank's share: student vectors (with graphs) and teacher vectors (without)
         with autocast:
             if cfg.stage <= 3:
-                teacher_local = targets(batch.rows, batch.hashes).to(d.device)  # (b, Dt), no grad
-                outs = [model(ids.to(d.device), mask.to(d.device), dims=heads) for ids, mask in batch.chunks]
-                n_tokens = batch.n_tokens
-            else:  # stage 4: captions through the frozen text side are the teacher for the images (every head)
-                pv, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
-                teach, outs = {D: [] for D in heads}, []
-                for s in range(0, pv.shape[0], cfg.micro_batch):
-                    sl = slice(s, s + cfg.micro_batch)
-                    with torch.no_grad():
-                        cap = model(ids[sl].to(d.device), mask[sl].to(d.device))
-                    for D in heads:
-                        teach[D].append(cap[D].float())
-                    img_ids = image_ids[None].expand(pv[sl].shape[0], -1).to(d.device)  # (m, 2 + n_img_tokens)
-                    outs.append(model(img_ids, torch.ones_like(img_ids), pixel_values=pv[sl].to(d.device)))
-                n_tokens = batch["n_tokens"]
-        student_local = {D: torch.cat([o[D] for o in outs]).float() for D in heads}  # (b, D)
+                student_local, teacher_local, n_tokens = text_vectors(model, batch, targets, heads, d)
+            else:
+                student_local, teacher_local, n_tokens = image_vectors(model, batch, heads, cfg.micro_batch, d)
         # --- the GLOBAL batch: student with gradients, teacher without
         eq = cfg.stage <= 3  # text shares are equal; image shares may lose broken images
         student = {D: gather_global(v, d, grad=True, equal=eq) for D, v in student_local.items()}  # (B, D)
         if cfg.stage <= 3:
             teacher = gather_global(teacher_local, d, grad=False)  # (B, Dt)
         else:
-            teacher = {D: gather_global(torch.cat(teach[D]), d, grad=False, equal=False) for D in heads}
+            teacher = {D: gather_global(v, d, grad=False, equal=False) for D, v in teacher_local.items()}
         loss, parts = L.distill_loss(cfg.stage, student, teacher, weights=tuple(cfg.loss_weights), margin=cfg.margin)
         loss_val = loss.item()  # identical on every rank (same gathered inputs, same maths)
         if not math.isfinite(loss_val):
@@ -681,7 +675,7 @@ def _train(cfg: TrainConfig, d: Dist, L) -> dict:
         if step % cfg.log_every == 0 or step == cfg.steps:
             rate = tok_window / max(1e-9, now - t_window)
             eta = (now - t0) / max(1, step - start_step) * (cfg.steps - step)
-            comp = " ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
+            comp = " ".join(f"{k} {float(v):.4g}" for k, v in parts.items() if k != "total")
             log.print(f"step {step}/{cfg.steps} | loss {loss_val:.5g} | {comp} | lr {lr_now:.3g} | gnorm {gnorm:.3g} "
                       f"| {rate:,.0f} tok/s | ETA {fmt_duration(eta)}" + (f" | skips {dict(skips)}" if skips else ""))
             tok_window, t_window = 0.0, now
@@ -696,11 +690,38 @@ def _train(cfg: TrainConfig, d: Dist, L) -> dict:
         log.print(f"exported {out / 'final'}")
         if cfg.eval_data and d.main:
             import eval as E
-            import model as M
-            score = E.quick_eval(M.JasperModel.from_pretrained(out / "final"), cfg.eval_data)
+            score = E.quick_eval(E.load_encoder(out / "final"), cfg.eval_data)
             summary["stsb_dev"] = score
             log.print(f"STSBenchmark dev spearman {score:.4f}")
     return summary
+
+
+def text_vectors(model, batch, targets: TextTargets, heads: list[int], d: Dist):
+    """Stages 1-3: forward the share micro-batch by micro-batch, keeping every graph (the in-batch losses need the
+    whole global batch before any backward). -> ({D: (b, D)}, teacher (b, Dt), real tokens)."""
+    teacher = targets(batch.rows, batch.hashes).to(d.device)  # (b, Dt) fp32, rows in the order of the chunks
+    outs = [model(ids.to(d.device), mask.to(d.device), dims=heads) for ids, mask in batch.chunks]
+    return {D: torch.cat([o[D] for o in outs]).float() for D in heads}, teacher, batch.n_tokens
+
+
+def image_vectors(model, batch: dict, heads: list[int], micro_batch: int, d: Dist):
+    """Stage 4 (sec. 2.5): each caption through the frozen text side (no grad) is the teacher of its image; the
+    image enters as <img_start> <img_token> x K <img_end> with the K tokens replaced by pooled vision features.
+    -> ({D: (b, D) image vectors}, {D: (b, D) caption vectors}, real caption tokens)."""
+    pv, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    prompt = torch.tensor(model.image_prompt_ids(), device=d.device)  # (K + 2,)
+    student, teacher = {D: [] for D in heads}, {D: [] for D in heads}
+    for s in range(0, pv.shape[0], micro_batch):
+        sl = slice(s, s + micro_batch)
+        with torch.no_grad():
+            cap = model(ids[sl].to(d.device), mask[sl].to(d.device), dims=heads)
+        img_ids = prompt[None].expand(pv[sl].shape[0], -1)  # (m, K + 2)
+        img = model(img_ids, torch.ones_like(img_ids), pixel_values=pv[sl].to(d.device), dims=heads)
+        for D in heads:
+            student[D].append(img[D].float())
+            teacher[D].append(cap[D].float())
+    return ({D: torch.cat(v) for D, v in student.items()}, {D: torch.cat(v) for D, v in teacher.items()},
+            batch["n_tokens"])
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REF_BYTES_PER_ENTRY = 26  # fp32 dx, dy, label, hinge, masked hinge + bool upper/mask: measured ~26 B per (P, P) entry
+REF_BYTES_PER_ENTRY = 32  # the reference's peak per (P, P) entry: dx, dy, label, hinge, masks (measured 2,025 MiB at m=128)
 FP32_PEAK_TFLOPS = {"H100": 67.0, "H200": 67.0, "A100": 19.5, "A6000": 38.7, "L40S": 91.6, "4090": 82.6}
 
 

@@ -235,7 +235,7 @@ def test_pool_matches_direct_computation():
     assert out.shape == (2, 300, 1536) and out.dtype == torch.float32
     tok, dim = _avg_matrix(729, 300), _avg_matrix(1152, 1536)
     assert sorted({int((r > 0).sum()) for r in tok}) == [3, 4] and sorted({int((r > 0).sum()) for r in dim}) == [1, 2]
-    want = np.einsum("ti,bid,jd->btj", tok, feats.double().numpy(), dim)  # separable rectangle means
+    want = tok @ feats.double().numpy() @ dim.T           # separable: a rectangle mean = row mean of column means
     assert np.abs(out.double().numpy() - want).max() < 1e-5
     # spot checks by hand: token 0 averages patches 0..2; channel 1 averages channels 0 and 1 (1152 -> 1536)
     assert torch.allclose(out[:, 0, 0], feats[:, 0:3, 0].mean(1), atol=1e-6)
@@ -244,7 +244,7 @@ def test_pool_matches_direct_computation():
     assert torch.equal(out, torch.nn.AdaptiveAvgPool2d((300, 1536))(feats))
     # other sizes (used by tiny test models)
     small = torch.randn(3, 16, 64, generator=g)
-    want_small = np.einsum("ti,bid,jd->btj", _avg_matrix(16, 5), small.double().numpy(), _avg_matrix(64, 24))
+    want_small = _avg_matrix(16, 5) @ small.double().numpy() @ _avg_matrix(64, 24).T
     assert np.abs(pool_image_features(small, 5, 24).double().numpy() - want_small).max() < 1e-6
 
 

@@ -25,19 +25,21 @@ def qwen_tokenizer_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
 
 
-def make_tiny_jasper(out: Path, layers: int = 4, vision: bool = True, seed: int = 0) -> Path:
+def make_tiny_jasper(out: Path, layers: int = 4, vision: bool = True, seed: int = 0, hidden: int = 32,
+                     intermediate: int = 64, heads: int = 4, kv_heads: int = 2, head_dims=HEADS) -> Path:
     """A tiny random JasperModel (real Qwen tokenizer, bidirectional Qwen2 body, optional tiny SigLIP tower whose
     4 patches pool into 4 image tokens) written with save_pretrained: a valid --init for train.py."""
     import model as M
     torch.manual_seed(seed)
     tok = M.TextTokenizer.from_pretrained(qwen_tokenizer_dir(), max_length=64)
-    text = M.Qwen2Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=None, rope_theta=10000.0,
-                         rms_norm_eps=1e-6, max_position_embeddings=128, attention_bias=True, causal=False)
+    text = M.Qwen2Config(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=None, rope_theta=10000.0,
+                         rms_norm_eps=1e-6, max_position_embeddings=512, attention_bias=True, causal=False)
     vis = (M.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                 image_size=28, patch_size=14) if vision else None)
     ids = tok.image_token_ids or (151646, 151647, 151648)
-    cfg = M.JasperConfig(text=text, vision=vis, head_dims=HEADS, img_start_token_id=ids[0], img_token_id=ids[1],
+    cfg = M.JasperConfig(text=text, vision=vis, head_dims=tuple(head_dims), img_start_token_id=ids[0], img_token_id=ids[1],
                          img_end_token_id=ids[2], num_image_tokens=4, max_length=64)
     m = M.JasperModel(cfg)
     m.model.init_weights()
