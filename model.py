@@ -177,6 +177,7 @@ class Qwen2Config:
     attention_bias: bool = True           # q/k/v bias: True for Qwen2, False for Mistral
     causal: bool = False                  # False = bidirectional (Jasper / stella / NV-Embed default)
     model_type: str = "qwen2"
+    sliding_window: int | None = None     # Mistral's window: only matters for causal inputs longer than it
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -209,7 +210,9 @@ class Qwen2Config:
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise CheckpointError(f"{where}: rope type {rope.get('rope_type', rope.get('type'))!r} not supported")
-        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0 if mt == "mistral" else 1_000_000.0))
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))  # transformers' default for both types
+        if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or []):
+            raise CheckpointError(f"{where}: sliding-window attention layers are not supported")
         kw = dict(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
@@ -218,7 +221,8 @@ class Qwen2Config:
             head_dim=cfg.get("head_dim"), rope_theta=float(theta), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             max_position_embeddings=cfg.get("max_position_embeddings", 32768),
             attention_bias=cfg.get("attention_bias", mt == "qwen2"),
-            causal=cfg.get("causal", cfg.get("is_causal", False)), model_type=mt)
+            causal=cfg.get("causal", cfg.get("is_causal", False)), model_type=mt,
+            sliding_window=cfg.get("sliding_window") if mt == "mistral" else None)
         kw.update(overrides)
         return cls(**kw)
 
@@ -235,6 +239,7 @@ class Qwen2Config:
         }
         if self.model_type == "mistral":
             d["attention_bias"] = self.attention_bias  # qwen2 configs have no such field (bias always on)
+            d["sliding_window"] = self.sliding_window
         return d
 
 
@@ -366,6 +371,10 @@ class Qwen2Encoder(nn.Module):
         if attention_mask is None or bool(attention_mask.all()):
             return None, causal  # no padding: the fast paths (no mask / is_causal)
         keep = attention_mask.bool()                                          # (B, T)
+        if causal and bool((keep[:, 1:] <= keep[:, :-1]).all()):
+            # causal + RIGHT padding: a real query only sees earlier positions, all real, so the plain causal kernel
+            # is exact for real tokens (padding queries see real + padding keys: finite values nobody reads).
+            return None, True
         keep = keep | ~keep.any(dim=1, keepdim=True)
         mask = keep[:, None, None, :]                                         # (B, 1, 1, T) key padding
         if causal:
@@ -380,6 +389,9 @@ class Qwen2Encoder(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
         T = x.shape[1]
         cos, sin = self.rope(T, x.device, x.dtype)
+        if self.config.causal and self.config.sliding_window and T > self.config.sliding_window:
+            raise NotImplementedError(f"causal input of {T} tokens exceeds sliding_window "
+                                      f"{self.config.sliding_window}, which this encoder does not implement")
         mask, is_causal = self.attention_mask_for_sdpa(attention_mask, T)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -803,6 +815,27 @@ class SiglipVisionEncoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def jasper_vision_state(state: dict[str, Tensor], where: str = "", attr: str = "vision_model.") -> dict[str, Tensor]:
+    """Re-key the vision tower inside a whole-Jasper state dict to `attr` + our module names (JasperModel's
+    `vision_model`). The released checkpoint nests the tower one level deeper ('vision_model.vision_model.': the
+    authors wrap transformers 4.46's SiglipVisionModel, which has its own `vision_model` attribute, and keep its
+    unused pooling head); our export has it at 'vision_model.'. Only the prefix changes; the pooling head /
+    position_ids are dropped on purpose; every other key is left alone, so strict loading still reports strays."""
+    vkeys = [k for k in state if k.startswith(attr)]
+    if not vkeys:
+        return state  # no tower in the file: strict loading names the missing keys
+    prefix = SiglipVisionEncoder.detect_prefix(vkeys, where)
+    out: dict[str, Tensor] = {}
+    for k, v in state.items():
+        if k.startswith(prefix):
+            rest = k[len(prefix):]
+            if not rest.startswith(SiglipVisionEncoder.IGNORED_KEYS):
+                out[attr + rest] = v
+        else:
+            out[k] = v
+    return out
+
+
 def _checkpoint_keys(ckpt_dir: Path) -> list[str]:
     """Tensor names of a checkpoint directory without reading any tensor data."""
     index = ckpt_dir / "model.safetensors.index.json"
@@ -905,22 +938,8 @@ def load_image(src: Any, name: str | None = None, max_pixels: int | None = DEFAU
     image, zero-size, more than `max_pixels` pixels (checked from the header, before decoding), truncated or corrupt
     data (Pillow refuses truncated files unless ImageFile.LOAD_TRUNCATED_IMAGES was switched on globally)."""
     name = _image_name(src, name)
-    try:
-        if isinstance(src, Image.Image):
-            img = src
-        elif isinstance(src, np.ndarray):
-            if src.dtype != np.uint8 or src.ndim not in (2, 3) or (src.ndim == 3 and src.shape[2] not in (1, 3, 4)):
-                raise ImageError(f"{name}: arrays must be uint8 (H, W) or (H, W, 1|3|4), got {src.dtype} "
-                                 f"{src.shape}")
-            img = Image.fromarray(src[..., 0] if src.ndim == 3 and src.shape[2] == 1 else src)
-        else:
-            if isinstance(src, (bytes, bytearray, memoryview)):
-                src = io.BytesIO(bytes(src))
-            elif isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
-                raise ImageError(f"{name}: no such file")
-            with warnings.catch_warnings():  # we enforce our own pixel limit below
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(src)
+
+    def checked_rgb(img: Image.Image) -> Image.Image:
         w, h = img.size
         if w <= 0 or h <= 0:
             raise ImageError(f"{name}: zero-size image ({w}x{h})")
@@ -929,6 +948,23 @@ def load_image(src: Any, name: str | None = None, max_pixels: int | None = DEFAU
                              f"(max_pixels; a decompression bomb or an absurdly large image)")
         img.load()  # decode now: truncated / corrupt data fails here, not later inside a batch
         return _to_rgb(img)
+
+    try:
+        if isinstance(src, Image.Image):
+            return checked_rgb(src)
+        if isinstance(src, np.ndarray):
+            if src.dtype != np.uint8 or src.ndim not in (2, 3) or (src.ndim == 3 and src.shape[2] not in (1, 3, 4)):
+                raise ImageError(f"{name}: arrays must be uint8 (H, W) or (H, W, 1|3|4), got {src.dtype} "
+                                 f"{src.shape}")
+            return checked_rgb(Image.fromarray(src[..., 0] if src.ndim == 3 and src.shape[2] == 1 else src))
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            src = io.BytesIO(bytes(src))
+        elif isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
+            raise ImageError(f"{name}: no such file")
+        with warnings.catch_warnings():  # we enforce our own pixel limit (checked_rgb)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(src) as img:  # closes the file (multi-frame formats keep it open otherwise)
+                return checked_rgb(img)   # a new RGB image, independent of the file
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -1137,10 +1173,15 @@ class JasperModel(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------------------------
     def _embed_with_images(self, input_ids: Tensor, pixel_values: Tensor) -> Tensor:
-        """inputs_embeds (B, T, H) with the image-token positions replaced by pooled vision features (sec. 2.1).
-        Filled in by the vision side."""
-        raise NotImplementedError("image inputs need the vision side of model.py (JasperModel._embed_with_images "
-                                  "is not implemented yet)")
+        """inputs_embeds (B, T, H) with the image-token positions replaced by pooled vision features (sec. 2.1), as
+        the released code: SigLIP patch features (N, 729, 1152) -> AdaptiveAvgPool2d((300, H)) -> spliced at the
+        `<|jasper_img_token|>` positions in reading order (image i fills the i-th run of 300 tokens). Rows without
+        image tokens (text-only rows of a mixed batch) keep their plain token embeddings. [vision helper]"""
+        c = self.config
+        feats = self.vision_model(pixel_values)                                      # (N, 729, 1152)
+        pooled = pool_image_features(feats, c.num_image_tokens, c.text.hidden_size)  # (N, 300, H)
+        embeds = self.model.embed_tokens(input_ids)                                  # (B, T, H)
+        return splice_image_features(embeds, input_ids, pooled, c.img_token_id)      # (B, T, H)
 
     def pool(self, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor | None = None) -> Tensor:
         """Masked mean of the last hidden state: (B, H) in fp32 (sec. 2.1)."""
@@ -1179,8 +1220,9 @@ class JasperModel(nn.Module):
         """L2-normalised embeddings (N, dim) fp32 on the CPU; `dim` = one head (default FC1, the largest).
 
         Texts are tokenised once, sorted by length (longest first, so a memory problem shows at once) and batched, so
-        padding stays small; results come back in input order. `images` (instead of texts) encodes images through the
-        vision side. Progress with rate/ETA on stderr when show_progress (default: for more than 1000 inputs).
+        padding stays small; results come back in input order. `images` alone encodes images through the vision
+        side; `images` with `texts` encodes image+text pairs (image block first, then texts[i]; see _encode_images).
+        Progress with rate/ETA on stderr when show_progress (default: for more than 1000 inputs).
         """
         dim = max(self.config.head_dims) if dim is None else dim
         self.head(dim)  # validates
@@ -1188,10 +1230,9 @@ class JasperModel(nn.Module):
         self.eval()
         device = self.model.embed_tokens.weight.device
         try:
-            if images is not None:
-                if texts is not None:
-                    raise ValueError("pass texts or images, not both")
-                return self._encode_images(images, dim, batch_size, show_progress)
+            if images is not None:  # image-only, or image+text pairs (texts[i] goes with images[i]) [vision helper]
+                return self._encode_images(images, dim, batch_size, show_progress, texts=texts,
+                                           instruction=instruction, max_length=max_length)
             if isinstance(texts, str):
                 texts = [texts]
             if self.tokenizer is None:
@@ -1210,24 +1251,51 @@ class JasperModel(nn.Module):
         finally:
             self.train(was_training)
 
-    def _encode_images(self, images: Sequence, dim: int, batch_size: int, show_progress: bool | None) -> Tensor:
-        """Image embeddings: "<img_start> <img_token>x300 <img_end>" with the image tokens replaced by vision
-        features. Needs the vision side (preprocess_images, _embed_with_images)."""
-        prep = globals().get("preprocess_images")
-        if prep is None or self.vision_model is None:
-            raise NotImplementedError("image encoding needs the vision side of model.py and a vision_model")
+    def _encode_images(self, images: Sequence, dim: int, batch_size: int, show_progress: bool | None,
+                       texts: Sequence[str] | None = None, instruction: str | None = None,
+                       max_length: int | None = None) -> Tensor:
+        """Image (or image+text) embeddings (N, dim). Each input is "<img_start> <img_token>x300 <img_end>", followed
+        by the tokens of texts[i] when texts are given (formatted with `instruction` like a text query); the image
+        tokens are replaced by the pooled vision features. The image block counts against max_length: a paired
+        text keeps at most max_length - 302 tokens. Images are decoded and preprocessed per batch (a bad image
+        raises ImageError naming it). [vision helper]"""
+        if self.vision_model is None:
+            raise ValueError("images given but this JasperModel has no vision_model")
+        if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
+            images = [images]
+        if isinstance(texts, str):
+            texts = [texts]
+        head = self.image_prompt_ids()                                               # 302 ids
+        if texts is None:
+            text_ids: list[list[int]] = [[] for _ in images]
+        else:
+            if len(texts) != len(images):
+                raise ValueError(f"{len(texts)} texts for {len(images)} images: pass one text per image")
+            if self.tokenizer is None:
+                raise RuntimeError("no tokenizer attached: set model.tokenizer = TextTokenizer.from_pretrained(...)")
+            budget = (max_length or self.config.max_length) - len(head)
+            if budget < 1:
+                raise ValueError(f"max_length {max_length or self.config.max_length} leaves no room for text after "
+                                 f"the {len(head)} image tokens")
+            text_ids = self.tokenizer.encode_ids(list(texts), instruction, budget)
         device = self.model.embed_tokens.weight.device
-        ids = torch.tensor(self.image_prompt_ids(), dtype=torch.long)
+        order = sorted(range(len(images)), key=lambda i: -len(text_ids[i]))         # little padding per batch
         out = torch.empty(len(images), dim, dtype=torch.float32)
         prog = _Progress(len(images), "encode images", len(images) > 200 if show_progress is None else show_progress)
-        for s in range(0, len(images), batch_size):
-            chunk = images[s: s + batch_size]
-            pixel_values, kept, n_skipped = prep(chunk)
-            B = pixel_values.shape[0]
-            input_ids = ids[None].expand(B, -1).to(device)
-            vec = self(input_ids, torch.ones_like(input_ids), pixel_values=pixel_values.to(device), dims=[dim])[dim]
-            out[s: s + len(chunk)] = vec.float().cpu()
-            prog.update(s + len(chunk))
+        for s in range(0, len(order), batch_size):
+            idx = order[s: s + batch_size]
+            pixel_values, _, _ = preprocess_images([images[i] for i in idx], size=self.vision_model.config.image_size,
+                                                   names=[f"images[{i}]" if not isinstance(images[i], (
+                                                       str, os.PathLike)) else str(images[i]) for i in idx])
+            seqs = [head + text_ids[i] for i in idx]
+            if self.tokenizer is not None:
+                input_ids, mask = self.tokenizer.pad(seqs)
+            else:                                                                    # image-only: equal lengths
+                input_ids = torch.tensor(seqs, dtype=torch.long)
+                mask = torch.ones_like(input_ids)
+            vec = self(input_ids.to(device), mask.to(device), pixel_values=pixel_values.to(device), dims=[dim])[dim]
+            out[torch.tensor(idx)] = vec.float().cpu()
+            prog.update(s + len(idx))
         return out
 
     # -- loading / saving ---------------------------------------------------------------------------------------------
@@ -1249,6 +1317,11 @@ class JasperModel(nn.Module):
         else:
             config.vision = None
         state = read_safetensors(path, prefix_filter=prefixes)
+        if config.vision is not None:  # released layout nests the tower: 'vision_model.vision_model.' [vision helper]
+            state = jasper_vision_state(state, str(path))
+        if not any(k.startswith("model.") for k in state) and "text_config" not in _read_json(path / "config.json"):
+            raise CheckpointError(f"{path}: no 'model.*' keys and no text_config: this looks like a bare Qwen2 "
+                                  f"(stella-layout) checkpoint; use JasperModel.from_stella({str(src)!r})")
         heads_in_ckpt = sorted({int(k.split(".")[0].rsplit("_", 1)[1]) for k in state
                                 if k.startswith("vector_linear_")}, reverse=True)
         if "head_dims" not in _read_json(path / "config.json") and heads_in_ckpt:
@@ -1275,7 +1348,8 @@ class JasperModel(nn.Module):
     @classmethod
     def from_stella(cls, src: str | os.PathLike, head_dims: Sequence[int] = JASPER_HEAD_DIMS,
                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", vision_config: Any = None,
-                    max_length: int = 512, seed: int = 0) -> "JasperModel":
+                    max_length: int = 512, seed: int = 0,
+                    vision_src: str | os.PathLike | None = None) -> "JasperModel":
         """Student initialisation from a stella_en_1.5B_v5-layout checkpoint (any bare Qwen2 checkpoint works).
 
         Body: the stella Qwen2 weights (bidirectional). Vocabulary: grown to the tokenizer's size (the 3 image
@@ -1284,8 +1358,14 @@ class JasperModel(nn.Module):
           - else a larger `2_Dense_{D'}` exists: its first D rows (FC3 512 from 2_Dense_768);
           - else fresh nn.Linear init (FC1 12288: no stella head is that wide).
         `model.init_report` records what each head got.
+        Vision tower: `vision_src` = a SigLIP checkpoint (google/siglip-so400m-patch14-384 layout, or any layout
+        SiglipVisionEncoder.from_pretrained reads) -> its config and weights (sec. 2.1); else `vision_config` alone
+        gives a freshly initialised tower; neither = text-only student.
         """
         path = resolve_checkpoint(src)
+        if vision_src is not None:  # [vision helper]
+            vision_src = resolve_checkpoint(vision_src)
+            vision_config = vision_config or SiglipVisionConfig.from_hf(vision_src / "config.json")
         text = Qwen2Config.from_hf(path / "config.json", causal=False)
         tokenizer = None
         if (path / "tokenizer.json").is_file():
@@ -1334,7 +1414,10 @@ class JasperModel(nn.Module):
                 w, b, how = lin.weight.data, lin.bias.data, "fresh init"
             load_state_strict(model.head(D), {"weight": w, "bias": b}, what=f"head vector_linear_{D}")
             model.init_report[D] = how
-        if model.vision_model is not None and any(p.is_meta for p in model.vision_model.parameters()):
+        if model.vision_model is not None and vision_src is not None:
+            model.vision_model.load_checkpoint(vision_src)  # strict, under the detected prefix [vision helper]
+            model.init_report["vision"] = str(vision_src)
+        elif model.vision_model is not None and any(p.is_meta for p in model.vision_model.parameters()):
             model.vision_model.to_empty(device="cpu")
             if hasattr(model.vision_model, "init_weights"):
                 model.vision_model.init_weights()

@@ -149,7 +149,7 @@ def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.n
 
 def _pad(ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Right-pad token id lists: (input_ids (B, T), attention_mask (B, T)) with 1 = real token."""
-    T = max(len(x) for x in ids)
+    T = max([len(x) for x in ids] + [1])  # an empty text (no special tokens) still gets one padded slot
     input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), T), dtype=torch.long)
     for i, x in enumerate(ids):
@@ -183,7 +183,6 @@ class Teacher:
     def _embed(self, input_ids: Tensor, attention_mask: Tensor, n_instr: int) -> Tensor:
         raise NotImplementedError
 
-    @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 32, instruction: str | None = None,
                show_progress: bool | None = None, on_batch: Callable[[int], None] | None = None) -> Tensor:
         """(N, dim) float32 vectors, L2-normalised unless the teacher was configured with normalize=False.
@@ -201,15 +200,18 @@ class Teacher:
         show = (n >= 10 * batch_size and sys.stderr.isatty()) if show_progress is None else show_progress
         prog = Progress(n, f"{self.name} encode", enabled=show)
         dev = self.device
-        for idx in _length_sorted_batches([len(x) for x in ids], batch_size):
-            input_ids, mask = _pad([ids[i] for i in idx], self.pad_id)
-            vec = self._embed(input_ids.to(dev), mask.to(dev), n_instr).float()  # (b, dim)
-            if self.normalize:
-                vec = F.normalize(vec, p=2, dim=-1)
-            out[torch.from_numpy(idx)] = vec.cpu()
-            prog.update(len(idx))
-            if on_batch is not None:
-                on_batch(len(idx))
+        # `out` is allocated outside inference mode so callers get an ordinary tensor (usable in autograd as a
+        # constant target); the forward passes run under inference_mode.
+        with torch.inference_mode():
+            for idx in _length_sorted_batches([len(x) for x in ids], batch_size):
+                input_ids, mask = _pad([ids[i] for i in idx], self.pad_id)
+                vec = self._embed(input_ids.to(dev), mask.to(dev), n_instr).float()  # (b, dim)
+                if self.normalize:
+                    vec = F.normalize(vec, p=2, dim=-1)
+                out[torch.from_numpy(idx)] = vec.cpu()
+                prog.update(len(idx))
+                if on_batch is not None:
+                    on_batch(len(idx))
         return out
 
     @property

@@ -376,8 +376,8 @@ class TextTargets:
         for r, t, h in zip(rows.tolist(), texts, hashes):
             if text_hash(t) != h:
                 raise RuntimeError(f"train.py: texts row {r} has hash {text_hash(t)} but the batch says {h}")
-        with torch.no_grad():
-            return self.teacher.encode(texts, batch_size=self.batch_size, show_progress=False).float()
+        t = self.teacher.encode(texts, batch_size=self.batch_size, show_progress=False)  # may be an inference tensor
+        return t.float().clone()  # a normal tensor: autograd may save it for the loss' backward
 
 
 def build_text_loader(cfg: TrainConfig, tokenizer, d: Dist):

@@ -64,6 +64,7 @@ def main() -> None:
     rows = []
     for task in args.tasks.split(","):
         s_ref, t_ref = run_reference(task, data_dir, args.batch_size)
+        print(f"{task}: mteb+ST {s_ref:.5f} in {t_ref:.1f}s", file=sys.stderr, flush=True)
         s_ours, t_ours = run_ours(task, data_dir, args.batch_size)
         rows.append((task, s_ours, s_ref, t_ours, t_ref))
         print(f"{task}: ours {s_ours:.5f} in {t_ours:.1f}s | mteb+ST {s_ref:.5f} in {t_ref:.1f}s", file=sys.stderr)

@@ -52,17 +52,20 @@ def throughput(out: Path, warmup: int) -> tuple[float, float, int]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=32, help="global batch")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=16, help="global batch")
     ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the measurement")
     ap.add_argument("--n-texts", type=int, default=256)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak (bf16 dense) for MFU on CUDA")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP/torch threads per process (default: CPU cores // processes). On a CPU shared with other "
+                         "jobs, more threads than free cores make torch's thread pool spin and stall: use 1")
     ap.add_argument("--work", default=None, help="work dir (default: a temp dir)")
     a = ap.parse_args()
 
@@ -98,8 +101,8 @@ def main():
           f"{n_embed / 1e6:.1f}M embedding params | global batch {a.batch}, micro-batch {a.micro_batch}, "
           f"max length {a.max_length} | {os.cpu_count()} CPU cores{', CUDA' if cuda else ', no GPU'}")
     print()
-    print("| processes | dtype | tokens/step | s/step | tokens/s | MFU |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| processes | threads/process | dtype | tokens/step | s/step | tokens/s | MFU |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for dtype in a.dtypes:
         for nproc in a.procs:
             out = work / f"run_{dtype}_{nproc}"
@@ -107,14 +110,14 @@ def main():
                     str(cache), "--out", str(out), "--batch", str(a.batch), "--micro-batch", str(a.micro_batch),
                     "--max-length", str(a.max_length), "--steps", str(a.steps), "--lr", "1e-4", "--dtype", dtype,
                     "--log-every", "1000", "--ckpt-every", "0", "--no-export"]
-            threads = max(1, (os.cpu_count() or 1) // nproc)
+            threads = a.threads or max(1, (os.cpu_count() or 1) // nproc)
             run(args, nproc, threads)
             tps, sps, tok = throughput(out, a.warmup)
             mfu = "n/a (CPU)"
             if cuda and a.peak_tflops:
                 flops = (2 * n_body + 4 * n_trained_body) * tps
                 mfu = f"{100 * flops / (a.peak_tflops * 1e12 * nproc):.1f}%"
-            print(f"| {nproc} | {dtype} | {tok:,} | {sps:.2f} | {tps:,.0f} | {mfu} |", flush=True)
+            print(f"| {nproc} | {threads} | {dtype} | {tok:,} | {sps:.2f} | {tps:,.0f} | {mfu} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -330,3 +330,20 @@ def test_clustering_summarization_classification_run(tmp_path):
         r = res[t]["native"]
         assert r["main_metric"] == ev.get_mteb_task(t).metadata.main_score
         assert np.isfinite(r["main_score"]) and -1 <= r["main_score"] <= 1, (t, r)
+
+
+def test_single_head_encoder_without_dim_argument(tmp_path):
+    class TeacherLike:  # teachers.Teacher.encode has no `dim`
+        name, dim = "teacher-like", 8
+
+        def __init__(self):
+            self.f = FakeEncoder(dims=(8,))
+
+        def encode(self, texts, batch_size=32, instruction=None, show_progress=None):
+            return self.f.encode(texts, instruction=instruction)
+    root = _sts_dir(tmp_path)
+    a = ev.evaluate(TeacherLike(), ["STS12"], data_dir=root, dims=[8])["results"]["STS12"]["8"]["main_score"]
+    b = ev.evaluate(TeacherLike(), ["STS12"], data_dir=root)["results"]["STS12"]["native"]["main_score"]
+    assert a == b
+    with pytest.raises(ev.EvalError, match=r"dims \[4\] not available; encoder heads: \[8\]"):
+        ev.evaluate(TeacherLike(), ["STS12"], data_dir=root, dims=[4])

@@ -208,3 +208,17 @@ def test_config_roundtrip_through_hf_dict(tmp_path):
     # and transformers accepts our to_hf() output
     back = transformers.Qwen2Config(**cfg.to_hf())
     assert back.num_key_value_heads == 2 and back.head_dim == 24
+
+
+def test_causal_left_padding_uses_the_full_mask(tmp_path):
+    """The causal fast path (no mask) is only valid for right padding; left padding must fall back to the mask."""
+    hf_cfg = tiny_qwen2_config(num_hidden_layers=2)
+    hf_cfg._attn_implementation = "eager"
+    ref, ckpt = save_reference(tmp_path, hf_cfg)
+    ours = M.Qwen2Encoder.from_pretrained(ckpt, config_overrides={"causal": True})
+    ids, mask = padded_batch(hf_cfg.vocab_size, [11, 6])
+    mask, ids = mask.flip(1), ids.flip(1)  # left padding
+    assert ours.attention_mask_for_sdpa(mask, 11)[0] is not None
+    with torch.no_grad():
+        err = rel_err_real(ours(ids, mask), ref(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+    assert err <= RTOL, err

@@ -155,3 +155,23 @@ def test_jasper_checkpoint_errors_name_keys(tmp_path):
     save_file(state, str(tmp_path / "ok" / "model.safetensors"))
     with pytest.raises(M.CheckpointError, match=r"vector_linear_8\.weight checkpoint \(8, 12\) vs model \(8, 16\)"):
         M.JasperModel.from_pretrained(tmp_path / "ok")
+
+
+def test_jasper_from_pretrained_on_a_stella_layout_points_to_from_stella(good):
+    d, _ = good
+    with pytest.raises(M.CheckpointError, match="use JasperModel.from_stella"):
+        M.JasperModel.from_pretrained(d)
+
+
+def test_sliding_window_configs():
+    with pytest.raises(M.CheckpointError, match="sliding-window attention layers are not supported"):
+        M.Qwen2Config.from_hf({**CFG, "use_sliding_window": True, "sliding_window": 8})
+    mis = M.Qwen2Config.from_hf({**CFG, "model_type": "mistral", "sliding_window": 8, "causal": True})
+    assert mis.attention_bias is False and mis.sliding_window == 8
+    assert M.Qwen2Config.from_hf(mis.to_hf()) == mis
+    enc = M.Qwen2Encoder(mis)
+    enc(torch.zeros(1, 8, dtype=torch.long))  # within the window: fine
+    with pytest.raises(NotImplementedError, match="exceeds sliding_window 8"):
+        enc(torch.zeros(1, 9, dtype=torch.long))
+    enc.config.causal = False  # bidirectional ignores the window (as NV-Embed)
+    enc(torch.zeros(1, 9, dtype=torch.long))

@@ -359,6 +359,9 @@ def test_paths_bytes_and_arrays_agree(tmp_path):
     assert torch.equal(png_path, from_pil[0]) and torch.equal(png_bytes, from_pil[0]) and torch.equal(arr, from_pil[0])
     jpg = preprocess_images([str(tmp_path / "cat.jpg")])[0]
     assert 0 < (jpg - from_pil).abs().mean().item() < 0.05              # lossy, but the same picture
+    with open(tmp_path / "cat.png", "rb") as f:
+        assert torch.equal(preprocess_images([f])[0], from_pil)           # a binary file object
+        assert not f.closed                                               # ... left open for its owner
     assert load_image(tmp_path / "cat.png").mode == "RGB"
 
 
