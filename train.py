@@ -406,13 +406,14 @@ class ImageBatches:
         if self.steps_per_epoch == 0:
             raise SystemExit(f"train.py: {cfg.images}: {len(self.ds)} usable pairs < global batch {cfg.batch}")
         self.g = 0
-        self.skips: dict[str, int] = dict(self.ds.skips)
+        self.skips: dict[str, int] = dict(self.ds.skips)  # bad rows of the index (the same on every rank)
+        self.broken = 0  # images of THIS rank's shares that failed to decode (summed over ranks when logged)
 
     def state_dict(self) -> dict:
-        return dict(g=self.g, skips=dict(self.skips))
+        return dict(g=self.g, broken=self.broken)
 
     def load_state_dict(self, s: dict):
-        self.g, self.skips = int(s["g"]), dict(s["skips"])
+        self.g, self.broken = int(s["g"]), int(s["broken"])
 
     def __len__(self):
         return 1 << 62
@@ -429,8 +430,7 @@ class ImageBatches:
                         collate_fn=_identity)
         for item in dl:
             self.g += 1
-            if item["n_skipped"]:
-                self.skips["broken_image"] = self.skips.get("broken_image", 0) + item["n_skipped"]
+            self.broken += item["n_skipped"]
             ids, mask = self.tok(item["captions"], max_length=self.cfg.max_length)
             yield dict(pixel_values=item["pixel_values"], input_ids=ids, attention_mask=mask,
                        n_tokens=int(mask.sum()))
@@ -668,9 +668,13 @@ def _train(cfg: TrainConfig, d: Dist, L) -> dict:
         now = time.time()
         rec = dict(step=step, loss=loss_val, **{k: float(v) for k, v in parts.items()}, lr=lr_now, grad_norm=gnorm,
                    tokens=int(tokens), elapsed_s=round(now - t0, 3))
-        skips = getattr(loader, "skips", None)
+        skips = {k: v for k, v in loader.skips.items() if v}  # data.py's counts of rows left out
+        if cfg.stage == 4:
+            broken = int(all_sum(loader.broken, d))  # collective: every rank calls it every step
+            if broken:
+                skips["broken_image"] = broken
         if skips:
-            rec["skips"] = dict(skips)
+            rec["skips"] = skips
         log.metrics(rec)
         if step % cfg.log_every == 0 or step == cfg.steps:
             rate = tok_window / max(1e-9, now - t_window)

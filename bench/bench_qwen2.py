@@ -104,6 +104,7 @@ def main():
         ma, mb = statistics.median(ta), statistics.median(tb)
         ntok = int(mask.sum())
         rows.append((name, ntok / ma, ntok / mb, mb / ma, err))
+        print(f"  {name}: ours {ma:.2f} s/step, transformers {mb:.2f} s/step", file=sys.stderr, flush=True)
     print()
     print("| case | ours tok/s | transformers tok/s | ratio (ours/theirs) | max rel diff |")
     print("| --- | ---: | ---: | ---: | ---: |")

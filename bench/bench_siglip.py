@@ -31,14 +31,14 @@ CONFIGS = {
 }
 
 
-def timeit(fn, device) -> float:
+def timeit(fn, device, clock) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t = clock()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def main() -> None:
@@ -50,12 +50,16 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: perf_counter; cpu: this process's CPU time (process_time), robust to other load on a "
+                         "shared machine; images/s is then per CPU-second of work")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import SiglipVisionConfig as HFConfig, SiglipVisionModel  # reference only (bench, not runtime)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     hcfg = HFConfig(**CONFIGS[args.config], vision_use_head=False, attn_implementation="sdpa")
     torch.manual_seed(0)
     theirs = SiglipVisionModel(hcfg).to(device, dtype).eval()
@@ -75,14 +79,15 @@ def main() -> None:
         times = {k: [] for k in runs}
         for _ in range(args.repeats):
             for k, fn in runs.items():
-                times[k].append(timeit(fn, device))
+                times[k].append(timeit(fn, device, clock))
     med = {k: statistics.median(v) for k, v in times.items()}
     ips = {k: args.batch / v for k, v in med.items()}
     n_params = ours.num_parameters()
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# SigLIP vision forward, config {args.config} ({n_params / 1e6:.0f}M params, {S}px, "
           f"{ours.config.num_patches} patches), batch {args.batch}, {args.dtype}, {dev}, torch {torch.__version__}, "
-          f"median of {args.repeats} (interleaved, {args.warmup} warm-up), load avg {os.getloadavg()[0]:.1f}")
+          f"{args.clock} clock, median of {args.repeats} (interleaved, {args.warmup} warm-up), "
+          f"load avg {os.getloadavg()[0]:.1f}")
     print(f"# output rel. err ours vs transformers: {err:.2e}")
     print("| implementation | median s / batch | images/s | min s | max s |")
     print("| --- | --- | --- | --- | --- |")

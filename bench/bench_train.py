@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,7 @@ def main():
     for dtype in a.dtypes:
         for nproc in a.procs:
             out = work / f"run_{dtype}_{nproc}"
+            shutil.rmtree(out, ignore_errors=True)  # a fresh run each time (train.py refuses a dir with checkpoints)
             args = ["--stage", str(a.stage), "--init", str(init), "--texts", str(texts), "--teacher-cache",
                     str(cache), "--out", str(out), "--batch", str(a.batch), "--micro-batch", str(a.micro_batch),
                     "--max-length", str(a.max_length), "--steps", str(a.steps), "--lr", "1e-4", "--dtype", dtype,

@@ -1,7 +1,6 @@
 """The Jasper student: heads, pooling, stella initialisation, save/load round trip, encode, full-size parameter count."""
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -61,8 +61,9 @@ def make_cache(texts: Path, out: Path) -> Path:
     return out
 
 
-def make_images(out: Path) -> Path:
-    """Real photographs shipped with scikit-image, saved as PNG, with hand-written captions."""
+def make_images(out: Path, broken: int = 0) -> Path:
+    """Real photographs shipped with scikit-image, saved as PNG, with hand-written captions. `broken` > 0 replaces
+    the last `broken` images by files of garbage bytes (decoding fails: the loader must drop and count them)."""
     from PIL import Image
     from skimage import data as sk
     pairs = [("astronaut", "An astronaut in a white spacesuit holding a helmet, with an American flag behind."),
@@ -79,6 +80,8 @@ def make_images(out: Path) -> Path:
         img = getattr(sk, name)()
         Image.fromarray(img).convert("RGB").save(out / f"{name}.png")
         rows.append({"image": f"{name}.png", "caption": cap})
+    for r in rows[len(rows) - broken:]:
+        (out / r["image"]).write_bytes(b"not a png" * 10)
     path = out / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
