@@ -623,7 +623,8 @@ class SiglipVisionConfig:
         mt = cfg.get("model_type", "siglip_vision_model")
         if mt != "siglip_vision_model":
             raise CheckpointError(f"{where}: model_type {mt!r} is not a SigLIP vision tower "
-                                  f"(expected 'siglip_vision_model', or a 'siglip'/'jasper_vl' config with vision_config)")
+                                  "(expected 'siglip_vision_model', or a 'siglip'/'jasper_vl' config with "
+                                  "vision_config)")
         kw = {k: cfg[k] for k in cls._FIELDS if k in cfg}
         kw.update(overrides)
         try:

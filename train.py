@@ -11,7 +11,7 @@ Read top to bottom, one optimizer step is:
   student vectors of the rank's share -> all-gather of the GLOBAL batch (student: with gradients, teacher: without)
   -> losses.distill_loss(stage, ...) -> backward -> clip -> step -> log / checkpoint.
 
-Gradient convention (sec. "global batch" of .coord/README.train.md): every rank computes the SAME loss L on the
+Gradient convention (README, training: "The global batch"): every rank computes the SAME loss L on the
 gathered global batch. all_gather_single_autograd's backward sums the W ranks' (identical) gradients for the
 rank's own rows, giving W * dL/ds_local; FSDP's reduce-scatter then averages over the W ranks, so each parameter's
 gradient is exactly dL/dtheta of single-process training on the concatenated global batch.
@@ -497,7 +497,7 @@ def save_checkpoint(ckdir: Path, step: int, model, opt, sched, loader, cfg: Trai
     return final
 
 
-def load_checkpoint(ckdir: Path, model, opt, sched, loader, d: Dist) -> int:
+def load_checkpoint(ckdir: Path, model, opt, sched, loader, cfg: TrainConfig, d: Dist) -> int:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     pointer = ckdir / "latest"
@@ -513,6 +513,15 @@ def load_checkpoint(ckdir: Path, model, opt, sched, loader, d: Dist) -> int:
     if ts["world_size"] != d.world_size:
         raise SystemExit(f"train.py: checkpoint {path} was written by {ts['world_size']} ranks, this run has "
                          f"{d.world_size}: data shares and RNG streams would differ (exact resume needs the same)")
+    saved, now = ts["config"], dataclasses.asdict(cfg)
+    for k in ("stage", "batch", "seed", "steps"):  # these define the run: a different value is a different run
+        if saved.get(k) != now[k]:
+            raise SystemExit(f"train.py: checkpoint {path} is of a run with {k}={saved.get(k)!r}, this run has "
+                             f"{k}={now[k]!r}: use another --out for a different run")
+    changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]
+               and k not in ("resume", "stop_at", "config")}
+    if changed and d.main:
+        print(f"train.py: resuming with changed settings (saved -> now): {changed}", flush=True)
     sched.load_state_dict(ts["scheduler"])
     loader.load_state_dict(ts["loader"])
     set_rng_state(ts["rng"])
@@ -617,7 +626,7 @@ def _train(cfg: TrainConfig, d: Dist, L) -> dict:
     # --- resume
     step = 0
     if cfg.resume:
-        step = load_checkpoint(ckdir, model, opt, sched, loader, d)
+        step = load_checkpoint(ckdir, model, opt, sched, loader, cfg, d)
     log = Logger(out, d, step if cfg.resume else None)
     log.print(f"stage {cfg.stage} | {d.world_size} rank(s) on {d.device} | {cfg.dtype} | trainable "
               f"{n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M params ({len(trainable)} tensors) | global batch "

@@ -231,6 +231,7 @@ def test_kill9_two_processes_then_resume_is_exact(assets, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_changes_nothing_but_memory(assets, tmp_path):
     """The composable checkpoint() recomputes each block in backward: same losses (fp32, rel 1e-6) and the same
     parameter names in the export (it does not wrap modules)."""
@@ -244,6 +245,7 @@ def test_activation_checkpointing_changes_nothing_but_memory(assets, tmp_path):
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_vision_init_attaches_a_siglip_tower(assets, tmp_path):
     """--vision-init: a text-only init + a SigLIP checkpoint dir = the paper's student; the export carries the
     tower's weights unchanged through stage 1 (only FC1 trains)."""
@@ -291,6 +293,7 @@ def test_teacher_on_the_fly_equals_cache(assets, tmp_path):
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_misaligned_cache_is_refused(assets, tmp_path):
     """A teacher cache built from other texts: the first batch's (row, hash) check stops the run."""
     other = make_texts(tmp_path / "other", n=192, seed=1)

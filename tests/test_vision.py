@@ -134,7 +134,8 @@ def _save_vision(tmp_path, state, shape="h64-p7"):
 
 
 def test_loading_is_strict(tmp_path):
-    sd = {k: v.contiguous() for k, v in SiglipVisionModel(HFSiglipVisionConfig(**SHAPES["h64-p7"])).state_dict().items()}
+    ref = SiglipVisionModel(HFSiglipVisionConfig(**SHAPES["h64-p7"]))
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
     # a missing key is named, with its shape
     d1 = tmp_path / "missing"
     d1.mkdir()
