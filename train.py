@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 # ======================================================================================================================
-# 1. Config: one dataclass; every field is a CLI flag (`--field-name`), a key of `--config file.json`, or a preset value.
+# 1. Config: one dataclass; every field is a CLI flag (`--field-name`), a key of `--config file.json` or a preset value.
 #    Precedence (low -> high): dataclass default / per-stage default (sec. 3.1) < --preset < --config file < CLI flags.
 # ======================================================================================================================
 
@@ -70,7 +70,8 @@ class TrainConfig:
                                   "a 2_Dense_* folder, else jasper)", choices=["auto", "stella", "jasper"])
     vision_init: str | None = _f(None, "SigLIP checkpoint dir for the vision tower when --init has none (the paper's "
                                        "student: stella text side + SigLIP so400m-patch14-384 vision side)")
-    out: str | None = _f(None, "output dir (default runs/stageN): metrics.jsonl, config.json, checkpoints/, final/ (HF-layout export)")
+    out: str | None = _f(None, "output dir (default runs/stageN): metrics.jsonl, config.json, checkpoints/, final/ "
+                               "(the HF-layout export)")
     # --- data and targets
     texts: str | None = _f(None, "stages 1-3: texts.jsonl written by `python data.py build` (row i == cache row i)")
     teacher_cache: str | None = _f(None, "stages 1-3: teacher cache dir (`python teachers.py encode ...`); rows are "

@@ -174,15 +174,16 @@ def loss_rows(metrics: list[dict]) -> list[tuple]:
 
 @pytest.mark.slow
 def test_resume_is_exact_single_process(assets, tmp_path):
-    """N steps + resume + N steps == 2N steps, bit for bit (CPU, same process count). Stage 2: optimizer state for
-    encoder layers and FC1, scheduler, data position, RNG."""
-    straight = TR.main(base_args(assets, tmp_path / "a", 2, steps=6, lr=1e-3, ckpt_every=2))
+    """3 steps + resume + 2 steps == 5 steps, bit for bit (CPU, same process count; the stop at 3 is off the
+    checkpoint interval of 2). Stage 2: optimizer state for encoder layers and FC1, scheduler, data position, RNG."""
+    straight = TR.main(base_args(assets, tmp_path / "a", 2, steps=5, lr=1e-3, ckpt_every=2))
     out = tmp_path / "b"
-    first = TR.main(base_args(assets, out, 2, steps=6, lr=1e-3, ckpt_every=2, stop_at=3))
+    first = TR.main(base_args(assets, out, 2, steps=5, lr=1e-3, ckpt_every=2, stop_at=3))
     assert first["step"] == 3 and "export" not in first
-    (out / "metrics.jsonl").open("a").write(json.dumps({"step": 4, "loss": 123.0}) + "\n")  # a killed run's tail
-    second = TR.main(base_args(assets, out, 2, steps=6, lr=1e-3, ckpt_every=2) + ["--resume"])
-    assert second["step"] == 6
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")  # the tail a killed run may leave
+    second = TR.main(base_args(assets, out, 2, steps=5, lr=1e-3, ckpt_every=2) + ["--resume"])
+    assert second["step"] == 5
     assert loss_rows(read_metrics(out)) == loss_rows(read_metrics(tmp_path / "a"))
     a = load_file(tmp_path / "a" / "final" / "model.safetensors")
     b = load_file(out / "final" / "model.safetensors")
@@ -313,10 +314,10 @@ def test_four_stages_end_to_end_loss_goes_down(tmp_path, data_dir):
     texts = make_texts(tmp_path / "data", n=16)
     cache = make_cache(texts, tmp_path / "cache")
     prev, first_last = init, {}
-    for stage, lr, steps in ((1, 1e-2, 12), (2, 3e-3, 12), (3, 1e-3, 12), (4, 3e-3, 12)):
+    for stage, lr, steps in ((1, 1e-2, 12), (2, 5e-4, 12), (3, 3e-4, 12), (4, 3e-3, 12)):
         out = tmp_path / f"s{stage}"
         args = ["--stage", str(stage), "--init", str(prev), "--out", str(out), "--steps", str(steps), "--lr", str(lr),
-                "--micro-batch", "4", "--max-length", "48", "--log-every", "4", "--ckpt-every", "0",
+                "--micro-batch", "8", "--max-length", "48", "--log-every", "4", "--ckpt-every", "0",
                 "--warmup-ratio", "0.1"]
         if stage <= 3:
             args += ["--texts", str(texts), "--teacher-cache", str(cache), "--batch", "16"]
@@ -328,7 +329,7 @@ def test_four_stages_end_to_end_loss_goes_down(tmp_path, data_dir):
         if stage == 3:
             assert -1.0 <= summary["stsb_dev"] <= 1.0
         m = read_metrics(out)
-        first_last[stage] = (sum(r["loss"] for r in m[:3]) / 3, sum(r["loss"] for r in m[-3:]) / 3)
+        first_last[stage] = (m[0]["loss"], sum(r["loss"] for r in m[-3:]) / 3)  # step 1 vs the last 3 steps
         if stage == 4:  # stage 4 also passes the trainable-set check: only the vision tower moved
             assert_trainable_set(prev, Path(summary["export"]), 4)
             assert "fc4.cos" in m[0]

@@ -39,8 +39,8 @@ def make_tiny_jasper(out: Path, layers: int = 4, vision: bool = True, seed: int 
     vis = (M.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                 image_size=28, patch_size=14) if vision else None)
     ids = tok.image_token_ids or (151646, 151647, 151648)
-    cfg = M.JasperConfig(text=text, vision=vis, head_dims=tuple(head_dims), img_start_token_id=ids[0], img_token_id=ids[1],
-                         img_end_token_id=ids[2], num_image_tokens=4, max_length=64)
+    cfg = M.JasperConfig(text=text, vision=vis, head_dims=tuple(head_dims), img_start_token_id=ids[0],
+                         img_token_id=ids[1], img_end_token_id=ids[2], num_image_tokens=4, max_length=64)
     m = M.JasperModel(cfg)
     m.model.init_weights()
     if m.vision_model is not None and hasattr(m.vision_model, "init_weights"):
