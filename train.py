@@ -110,7 +110,8 @@ class TrainConfig:
     keep_ckpts: int = _f(2, "keep the last N checkpoints")
     stop_at: int | None = _f(None, "end this run after this step (with a checkpoint) without changing the schedule; "
                                    "continue later with --resume (preemptible jobs, time-boxed runs)")
-    resume: bool = _f(False, "continue from OUT/checkpoints/latest (exactly: same losses as an uninterrupted run)")
+    resume: bool = _f(False, "continue from OUT/checkpoints/latest (exactly: same losses as an uninterrupted run); "
+                             "starts at step 0 when OUT has no checkpoint yet")
     export: bool = _f(True, "export the final model in HF layout to OUT/final (config.json, safetensors, tokenizer)")
     eval_data: str | None = _f(None, "after the export, quick STSBenchmark-dev score of the final model (eval.py) "
                                      "with this shared data dir; empty = skip")
@@ -626,9 +627,12 @@ def _train(cfg: TrainConfig, d: Dist, L) -> dict:
 
     # --- resume
     step = 0
-    if cfg.resume:
+    resuming = cfg.resume and (ckdir / "latest").exists()  # --resume on a fresh --out starts at step 0 (so one
+    if resuming:                                             # command line serves every restart of a preempted job)
         step = load_checkpoint(ckdir, model, opt, sched, loader, cfg, d)
-    log = Logger(out, d, step if cfg.resume else None)
+    elif cfg.resume and d.main:
+        print(f"train.py: --resume but no checkpoint in {ckdir}: starting at step 0", flush=True)
+    log = Logger(out, d, step if resuming else None)
     log.print(f"stage {cfg.stage} | {d.world_size} rank(s) on {d.device} | {cfg.dtype} | trainable "
               f"{n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M params ({len(trainable)} tensors) | global batch "
               f"{cfg.batch} | lr {cfg.lr:g} | steps {cfg.steps}" + (f" | resumed at step {step}" if step else ""))

@@ -195,13 +195,14 @@ def test_resume_is_exact_single_process(assets, tmp_path):
 def test_kill9_two_processes_then_resume_is_exact(assets, tmp_path):
     """A 2-process bf16 run (FSDP2 MixedPrecisionPolicy) is killed with SIGKILL between checkpoints; a half-written
     checkpoint dir is left behind as a kill during a save would; --resume continues from the last complete
-    checkpoint and the per-step metrics equal an uninterrupted 2-process run's exactly."""
+    checkpoint and the per-step metrics equal an uninterrupted 2-process run's exactly. Both launches use the same
+    command line (with --resume), as a preemptible job would."""
     common = dict(lr=1e-3, ckpt_every=2, dtype="bf16")
     run_train(base_args(assets, tmp_path / "ref", 2, steps=8, **common), nproc=2)
     out = tmp_path / "killed"
     args = base_args(assets, out, 2, steps=8, **common)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), *args]
+           str(ROOT / "train.py"), *args, "--resume"]  # --resume on a fresh --out starts at step 0
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
