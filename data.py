@@ -30,7 +30,6 @@ import os
 import random
 import re
 import sys
-import time
 from collections import Counter, deque
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
@@ -38,6 +37,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+
+from model import Progress, atomic_write
 
 
 def text_hash(text: str) -> str:
@@ -535,34 +536,6 @@ def recipe_stream(sources: list[SourceSpec], *, seed: int = 0, split_ratio: floa
         yield ex
 
 
-class Progress:
-    """Progress line on stderr with rate and ETA, at most every `every` seconds."""
-
-    def __init__(self, what: str, total: int | None = None, every: float = 2.0, unit: str = "texts"):
-        self.what, self.total, self.every, self.unit = what, total, every, unit
-        self.t0 = self.last = time.time()
-        self.n = 0
-
-    def update(self, k: int = 1) -> None:
-        self.n += k
-        now = time.time()
-        if now - self.last >= self.every:
-            self.last = now
-            self.print()
-
-    def print(self, final: bool = False) -> None:
-        dt = max(time.time() - self.t0, 1e-9)
-        rate = self.n / dt
-        msg = f"{self.what}: {self.n:,}"
-        if self.total:
-            msg += f"/{self.total:,}"
-        msg += f" {self.unit}, {rate:,.0f} {self.unit}/s, {dt:,.1f}s elapsed"
-        if self.total and not final:
-            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-            msg += f", {100 * self.n / self.total:.1f}% ETA {eta:,.0f}s"
-        print(msg, file=sys.stderr, flush=True)
-
-
 def default_data_dir() -> Path:
     """$JASPER_DATA_DIR, else ../shared/data next to the repository."""
     env = os.environ.get("JASPER_DATA_DIR")
@@ -584,7 +557,7 @@ def build(out_dir: str | Path, passages: str | None = None, short: str | None = 
     out_dir.mkdir(parents=True, exist_ok=True)
     final, tmp = out_dir / "texts.jsonl", out_dir / f".texts.jsonl.tmp{os.getpid()}"
     stats = RecipeStats()
-    prog = Progress("build", n_texts) if progress else None
+    prog = Progress("build", n_texts, enabled=progress)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             for row, ex in enumerate(recipe_stream(sources, seed=seed, split_ratio=split_ratio,
@@ -593,8 +566,7 @@ def build(out_dir: str | Path, passages: str | None = None, short: str | None = 
                                                    max_chars=max_chars, stats=stats)):
                 f.write(json.dumps({"id": row, "text": ex.text, "hash": text_hash(ex.text), "source": ex.source,
                                     "kind": ex.kind}, ensure_ascii=False) + "\n")
-                if prog:
-                    prog.update()
+                prog.update()
         n = sum(stats.texts.values())
         if n == 0:
             raise DataError(f"build produced no text from {passages} and {short} (skips: {dict(stats.skips)})")
@@ -602,8 +574,7 @@ def build(out_dir: str | Path, passages: str | None = None, short: str | None = 
     finally:
         if tmp.exists():
             tmp.unlink()
-    if prog:
-        prog.print(final=True)
+    prog.close()
     if n_texts is not None and n < n_texts:
         print(f"build: input {stats.exhausted!r} ran out after {n:,} of {n_texts:,} texts", file=sys.stderr)
     meta = {"texts": str(final), "n_texts": n, "seed": seed, "inputs": {"passages": str(passages),
@@ -612,7 +583,7 @@ def build(out_dir: str | Path, passages: str | None = None, short: str | None = 
                        "max_sentences": max_sentences, "shuffle_ratio": shuffle_ratio, "max_chars": max_chars,
                        "on_error": on_error, "n_texts": n_texts},
             "stats": stats.as_dict()}
-    _atomic_write_text(out_dir / "build.json", json.dumps(meta, indent=2))
+    atomic_write(out_dir / "build.json", json.dumps(meta, indent=2))
     if stats.skips:
         print(f"build: skipped bad input: {dict(stats.skips)}", file=sys.stderr)
     return meta
@@ -623,12 +594,6 @@ def _default_input(path: Path, flag: str) -> str:
         raise DataError(f"default input {path} not found: pass {flag} (file, folder, glob or hf://ORG/NAME) "
                         f"or --data-dir / JASPER_DATA_DIR")
     return str(path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ==================================================================================================================

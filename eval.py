@@ -37,7 +37,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -45,6 +44,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+
+from model import Progress, atomic_write
 
 
 class EvalError(ValueError):
@@ -229,19 +230,14 @@ class EmbeddingCache:
         todo = list(dict.fromkeys(t for t in texts if t not in store))
         if todo:
             show = self.show_progress if self.show_progress is not None else len(todo) >= 256
-            t0 = time.time()
+            prog = Progress(f"[eval] encode (dim={dim or 'native'})", len(todo), enabled=show, every=0)
             for i in range(0, len(todo), self.chunk):
                 part = todo[i:i + self.chunk]
                 emb = self._encode(part, dim, instruction)
                 for t, row in zip(part, emb):
                     store[t] = row
-                done = i + len(part)
                 self.n_encoded += len(part)
-                if show:
-                    el = time.time() - t0
-                    rate = done / max(el, 1e-9)
-                    _progress(f"[eval] encoded {done}/{len(todo)} texts (dim={dim or 'native'}) "
-                              f"{rate:.1f} texts/s, ETA {(len(todo) - done) / max(rate, 1e-9):.0f}s")
+                prog.update(len(part))
         if not texts:
             return np.zeros((0, dim or 0), dtype=np.float32)
         return np.stack([store[t] for t in texts])
@@ -877,30 +873,16 @@ def plot_dims(report: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
     return path
-
-
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_json(report: dict, path: Path) -> None:
     def w(p):
         with open(p, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
-    _atomic_write(Path(path), w)
+    atomic_write(Path(path), w)
 
 
 def main(argv=None) -> int:

@@ -16,9 +16,9 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -153,10 +153,75 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+# ---------------------------------------------------------------------------------------------------------------------
+# Two small utilities every file of the project uses (model.py is the one module all the others import).
+# ---------------------------------------------------------------------------------------------------------------------
+def atomic_write(path: str | os.PathLike, data: bytes | memoryview | str | Callable[[Path], None]) -> None:
+    """Write `path` so that a kill at any moment leaves the old file or the complete new one, never a short one.
+
+    The bytes (or text, utf-8; or whatever `data(tmp_path)` writes) go to a hidden sibling `.NAME.tmp<pid>`, are
+    fsync'ed, then `os.replace`d over `path` (atomic on POSIX). A killed writer leaves at most a *.tmp* file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class Progress:
+    """A progress line on stderr: `what: n/total (pct) rate unit/s, elapsed, ETA`.
+
+    Printed at most every `every` seconds, and once more when `n` reaches `total` (or on `close()` when the total
+    is unknown). `update(k)` counts k more items done.
+    """
+
+    def __init__(self, what: str, total: int | None = None, unit: str = "texts", enabled: bool = True,
+                 every: float = 5.0):
+        self.what, self.total, self.unit, self.enabled, self.every = what, total, unit, enabled, every
+        self.n, self.t0, self.last, self.closed = 0, time.perf_counter(), time.perf_counter(), False
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        now = time.perf_counter()
+        if self.total is not None and self.n >= self.total:
+            self.close()
+        elif self.enabled and now - self.last >= self.every:
+            self.last = now
+            self._print(now)
+
+    def close(self) -> None:
+        if self.enabled and not self.closed:
+            self.closed = True
+            self._print(time.perf_counter())
+
+    def _print(self, now: float) -> None:
+        el = max(now - self.t0, 1e-9)
+        rate = self.n / el
+        msg = f"{self.what}: {self.n:,}" + (f"/{self.total:,} ({100 * self.n / max(self.total, 1):.1f}%)"
+                                             if self.total is not None else "")
+        msg += f" {rate:,.1f} {self.unit}/s, elapsed {fmt_duration(el)}"
+        if self.total is not None and self.n < self.total:
+            msg += f", ETA {fmt_duration((self.total - self.n) / rate) if rate > 0 else '?'}"
+        print(msg, file=sys.stderr, flush=True)
+
+
+def fmt_duration(s: float) -> str:
+    """12s, 3m05s, 1h02m."""
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1090,25 +1155,6 @@ class JasperConfig:
         }
 
 
-class _Progress:
-    """Minimal progress line with rate and ETA on stderr (every ~2 s on a terminal, every ~15 s otherwise)."""
-
-    def __init__(self, total: int, what: str, enabled: bool):
-        self.total, self.what, self.enabled = total, what, enabled
-        self.t0 = self.last = time.time()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, done: int) -> None:
-        now = time.time()
-        if not self.enabled or (now - self.last < (2 if self.tty else 15) and done < self.total):
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / max(rate, 1e-9)
-        end = "\r" if self.tty and done < self.total else "\n"
-        print(f"{self.what}: {done}/{self.total} ({rate:.1f}/s, ETA {eta:.0f} s)", end=end, file=sys.stderr, flush=True)
-
-
 def _read_dense_folder(folder: Path) -> tuple[Tensor, Tensor | None]:
     """A sentence-transformers Dense module folder (`2_Dense_{D}`): config.json + model.safetensors (or .bin)."""
     cfg = _read_json(folder / "config.json")
@@ -1241,13 +1287,13 @@ class JasperModel(nn.Module):
             ids = self.tokenizer.encode_ids(list(texts), instruction, max_length or self.config.max_length)
             order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
             out = torch.empty(len(ids), dim, dtype=torch.float32)
-            prog = _Progress(len(ids), "encode", len(ids) > 1000 if show_progress is None else show_progress)
+            prog = Progress("encode", len(ids), enabled=len(ids) > 1000 if show_progress is None else show_progress)
             for s in range(0, len(order), batch_size):
                 idx = order[s: s + batch_size]
                 input_ids, mask = self.tokenizer.pad([ids[i] for i in idx])
                 vec = self(input_ids.to(device), mask.to(device), dims=[dim])[dim]
                 out[torch.tensor(idx)] = vec.float().cpu()
-                prog.update(s + len(idx))
+                prog.update(len(idx))
             return out
         finally:
             self.train(was_training)
@@ -1282,7 +1328,8 @@ class JasperModel(nn.Module):
         device = self.model.embed_tokens.weight.device
         order = sorted(range(len(images)), key=lambda i: -len(text_ids[i]))         # little padding per batch
         out = torch.empty(len(images), dim, dtype=torch.float32)
-        prog = _Progress(len(images), "encode images", len(images) > 200 if show_progress is None else show_progress)
+        prog = Progress("encode images", len(images), "images",
+                        enabled=len(images) > 200 if show_progress is None else show_progress)
         for s in range(0, len(order), batch_size):
             idx = order[s: s + batch_size]
             pixel_values, _, _ = preprocess_images([images[i] for i in idx], size=self.vision_model.config.image_size,
@@ -1296,7 +1343,7 @@ class JasperModel(nn.Module):
                 mask = torch.ones_like(input_ids)
             vec = self(input_ids.to(device), mask.to(device), pixel_values=pixel_values.to(device), dims=[dim])[dim]
             out[torch.tensor(idx)] = vec.float().cpu()
-            prog.update(s + len(idx))
+            prog.update(len(idx))
         return out
 
     # -- loading / saving ---------------------------------------------------------------------------------------------

@@ -25,13 +25,12 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -61,46 +60,13 @@ class CacheError(ValueError):
 
 
 # =====================================================================================================================
-# Small utilities: progress with rate and ETA, atomic writes, checkpoint fingerprint
+# Small utilities: JSON reading, checkpoint fingerprint (progress and atomic writes: model.Progress / atomic_write)
 # =====================================================================================================================
-class Progress:
-    """Prints `what: done/total (pct) rate/s ETA` to stderr at most every `every` seconds (and at the end)."""
-
-    def __init__(self, total: int, what: str = "texts", enabled: bool = True, every: float = 5.0, unit: str = "texts"):
-        self.total, self.what, self.enabled, self.every, self.unit = total, what, enabled, every, unit
-        self.done, self.t0, self.last = 0, time.perf_counter(), 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= self.every or self.done >= self.total):
-            self.last = now
-            el = max(now - self.t0, 1e-9)
-            rate = self.done / el
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            print(f"[{self.what}] {self.done}/{self.total} ({100.0 * self.done / max(self.total, 1):.1f}%) "
-                  f"{rate:.1f} {self.unit}/s elapsed {_fmt_s(el)} ETA {_fmt_s(eta)}", file=sys.stderr, flush=True)
+atomic_write = M.atomic_write  # module attribute, so tests can simulate a kill in the middle of a cache build
 
 
-def _fmt_s(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def _atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write to `path.tmp<pid>`, fsync, rename: a killed writer leaves only a *.tmp* file, never a short `path`."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+def _json(obj) -> str:
+    return json.dumps(obj, indent=1) + "\n"
 
 
 def _read_json(path: Path, what: str = "") -> dict:
@@ -198,7 +164,7 @@ class Teacher:
         ids = self._tokenize(texts, instruction)
         n_instr = self._instruction_tokens(instruction)
         show = (n >= 10 * batch_size and sys.stderr.isatty()) if show_progress is None else show_progress
-        prog = Progress(n, f"{self.name} encode", enabled=show)
+        prog = M.Progress(f"{self.name} encode", n, enabled=show)
         dev = self.device
         # `out` is allocated outside inference mode so callers get an ordinary tensor (usable in autograd as a
         # constant target); the forward passes run under inference_mode.
@@ -915,7 +881,7 @@ def build_cache(teachers: Sequence[str | Teacher], input_path: str | os.PathLike
                 raise CacheError(f"{hashes_file}: this output folder was built from different texts "
                                  f"({old.size // HASH_BYTES} rows vs {n} now, or changed rows); use a new --out")
             if not hashes_file.is_file():
-                _atomic_write_bytes(hashes_file, hashes_u8.tobytes())
+                atomic_write(hashes_file, hashes_u8.tobytes())
         n_shards = (n + shard_size - 1) // shard_size
         mine = [k for k in range(n_shards) if k % world == rank]
         entries = []
@@ -938,7 +904,7 @@ def build_cache(teachers: Sequence[str | Teacher], input_path: str | os.PathLike
             if show_progress:
                 print(f"[cache] rank {rank}/{world} {teacher.name}: {len(mine) - len(todo)} of {len(mine)} shards "
                       f"already finished, {n_todo} texts to encode", file=sys.stderr, flush=True)
-            prog = Progress(n_todo, f"cache {teacher.name} rank {rank}", enabled=show_progress)
+            prog = M.Progress(f"cache {teacher.name} rank {rank}", n_todo, enabled=show_progress)
             for k, a, b, bh in todo:
                 vec = teacher.encode(texts[a:b], batch_size=batch_size, instruction=instruction,
                                      show_progress=False, on_batch=prog.update)  # (b-a, dim) normalised fp32
@@ -946,9 +912,9 @@ def build_cache(teachers: Sequence[str | Teacher], input_path: str | os.PathLike
                     bad = int((~torch.isfinite(vec).all(dim=1)).nonzero()[0]) + a
                     raise CacheError(f"teacher {teacher.name}: non-finite vector for row {bad}")
                 arr = np.ascontiguousarray(vec.numpy().astype("<f4"))
-                _atomic_write_bytes(tdir / f"shard_{k:05d}.f32", arr.tobytes())
-                _atomic_write_json(tdir / f"shard_{k:05d}.json", {**want, "rows": [a, b], "block_hash": bh,
-                                                                   "nbytes": arr.nbytes})
+                atomic_write(tdir / f"shard_{k:05d}.f32", arr.tobytes())
+                atomic_write(tdir / f"shard_{k:05d}.json", _json({**want, "rows": [a, b], "block_hash": bh,
+                                                                   "nbytes": arr.nbytes}))
             entries.append((ti, key, teacher))
             if not isinstance(t_spec, Teacher):
                 del teacher  # free the model before loading the next teacher
@@ -959,7 +925,7 @@ def build_cache(teachers: Sequence[str | Teacher], input_path: str | os.PathLike
         manifest = out / "manifest.json"
         if rank == 0:
             man = _make_manifest(out, input_path, texts, hashes_u8, shard_size, entries, instruction)
-            _atomic_write_json(manifest, man)
+            atomic_write(manifest, _json(man))
             if show_progress:
                 print(f"[cache] wrote {manifest}: {n} rows, teachers {[e[2].name for e in entries]}, "
                       f"dim {man['dim']}", file=sys.stderr, flush=True)

@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from model import atomic_write, fmt_duration
+
 # ======================================================================================================================
 # 1. Config: one dataclass; every field is a CLI flag (`--field-name`), a key of `--config file.json` or a preset value.
 #    Precedence (low -> high): dataclass default / per-stage default (sec. 3.1) < --preset < --config file < CLI flags.
@@ -464,15 +466,6 @@ def set_rng_state(s: dict):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(ckdir: Path, step: int, model, opt, sched, loader, cfg: TrainConfig, d: Dist):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -491,7 +484,7 @@ def save_checkpoint(ckdir: Path, step: int, model, opt, sched, loader, cfg: Trai
     if d.main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _atomic_write_text(ckdir / "latest", final.name + "\n")
+        atomic_write(ckdir / "latest", final.name + "\n")
         done = sorted(p for p in ckdir.glob("step_*") if not p.name.endswith(".tmp"))
         for old in done[:-cfg.keep_ckpts] if cfg.keep_ckpts > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -543,11 +536,6 @@ def export_final(model, tokenizer, out_dir: Path, d: Dist):
 # 7. Logging.
 # ======================================================================================================================
 
-def fmt_duration(s: float) -> str:
-    s = int(max(0, s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 class Logger:
     def __init__(self, out: Path, d: Dist, resume_step: int | None):
         self.path, self.main = out / "metrics.jsonl", d.main
@@ -555,7 +543,7 @@ class Logger:
             # drop the lines a killed run wrote after its last checkpoint: the resumed run writes them again
             keep = [ln for ln in self.path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            _atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+            atomic_write(self.path, "".join(k + "\n" for k in keep))
         elif self.main and resume_step is None and self.path.exists():
             self.path.unlink()
 
@@ -594,7 +582,7 @@ def _train(cfg: TrainConfig, d: Dist, L) -> dict:
                          f"another --out (refusing to overwrite it)")
     if d.main:
         ckdir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        atomic_write(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     d.barrier()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

@@ -211,8 +211,9 @@ def main():
     p.add_argument("--eval-each", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None)
+    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     dict(data=cmd_data, cache=cmd_cache, train=cmd_train, bow=cmd_bow)[a.cmd](a)
 
 

@@ -188,7 +188,7 @@ def test_cache_resume_after_kill_equals_uninterrupted(tmp_path, cache_texts, min
 
     part = tmp_path / "part"
     part.mkdir()
-    real_write = T._atomic_write_bytes
+    real_write = T.atomic_write
     calls = {"n": 0}
 
     def dying_write(path, data):
@@ -196,14 +196,14 @@ def test_cache_resume_after_kill_equals_uninterrupted(tmp_path, cache_texts, min
         if calls["n"] == 5:  # 1 = row_hashes, 2/3 = shard 0 data/sidecar, 4/5 = shard 1 data/sidecar
             # killed while writing the sidecar of shard 1: a half-written tmp file is all that reaches the disk
             tmp = path.with_name(path.name + ".tmp99999")
-            tmp.write_bytes(bytes(data)[: len(data) // 2])
+            tmp.write_bytes((data.encode() if isinstance(data, str) else bytes(data))[: len(data) // 2])
             raise KeyboardInterrupt("simulated kill")
         real_write(path, data)
 
-    monkeypatch.setattr(T, "_atomic_write_bytes", dying_write)
+    monkeypatch.setattr(T, "atomic_write", dying_write)
     with pytest.raises(KeyboardInterrupt):
         _build(part, cache_texts, [minilm])
-    monkeypatch.setattr(T, "_atomic_write_bytes", real_write)
+    monkeypatch.setattr(T, "atomic_write", real_write)
     cdir = part / "cache"
     assert not (cdir / "manifest.json").exists()
     with pytest.raises(T.CacheError, match="no manifest"):
