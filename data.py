@@ -1,4 +1,4 @@
-"""Training data for Jasper & Stella distillation (arXiv 2412.19048, sec. 3.2). Owner: helper "data".
+"""Training data for Jasper & Stella distillation (arXiv 2412.19048, sec. 3.2).
 
 Four parts, top to bottom:
   1. readers    - stream texts out of jsonl / jsonl.gz / parquet / txt files, folders, globs and hub datasets,
@@ -15,7 +15,7 @@ Four parts, top to bottom:
   4. ImageCaptionDataset - stage 4 image-caption pairs, decoded with model.py's image code in DataLoader workers.
 
 The authors released no code for this part; everything here follows the paper's text, choices are documented in
-.coord/README.data.md (merged into README.md).
+docs/data.md.
 """
 from __future__ import annotations
 

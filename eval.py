@@ -27,7 +27,7 @@ formatting lives in the encoders), documents without. Which texts are "queries" 
 released Jasper (mteb/models/model_implementations/jasper_models.py): retrieval/reranking queries get the
 instruction, corpus documents do not; symmetric tasks (STS, classification, clustering, pair classification,
 summarization), where mteb passes no prompt type, get it on every text. Encoders that do not follow instructions
-(BERT-family, e.g. all-MiniLM-L6-v2) get none. See .coord/README.eval.md for the instruction sets.
+(BERT-family, e.g. all-MiniLM-L6-v2) get none. See docs/eval.md for the instruction sets.
 """
 from __future__ import annotations
 

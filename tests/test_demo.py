@@ -1,8 +1,8 @@
 """The demo preset (issue 9): a shortened `python train.py --preset demo` end to end on the real shared text and
 the real all-MiniLM-L6-v2 teacher: data.py build -> teacher cache -> stages 1-3 through train() -> eval.py.
 
-The full preset (~1,400 steps, ~70k texts) is the README's command; here the same code path runs on 3,000 texts
-for 150 steps and must beat the untrained student of the same shape (same init: copied teacher embeddings,
+The full preset (~1,400 steps, ~70k texts) is the README's command; here the same code path runs on 2,000 texts
+for 100 steps and must beat the untrained student of the same shape (same init: copied teacher embeddings,
 identity residual branches) on STSBenchmark dev by a clear margin.
 """
 from __future__ import annotations
@@ -42,19 +42,19 @@ def test_demo_student_init_is_a_bag_of_teacher_embeddings():
 @pytest.mark.slow
 def test_demo_shortened_preset_end_to_end(tmp_path, data_dir, capsys):
     out = tmp_path / "demo"
-    cfg = TR.parse_config(["--preset", "demo", "--out", str(out), "--eval-data", str(data_dir), "--steps", "150",
+    cfg = TR.parse_config(["--preset", "demo", "--out", str(out), "--eval-data", str(data_dir), "--steps", "100",
                            "--log-every", "50"])
     assert (cfg.max_length, cfg.batch, cfg.lr, cfg.dtype) == (32, 64, 5e-4, "bf16")  # the preset's values
-    rep = TR.run_demo(cfg, n_texts=3000, tasks=("STSBenchmark",), split="dev")
+    rep = TR.run_demo(cfg, n_texts=2000, tasks=("STSBenchmark",), split="dev")
     printed = capsys.readouterr().out
 
     # the real pipeline ran: texts, a verified cache over exactly those rows, three stages, exports
-    assert rep["n_texts"] == 3000
+    assert rep["n_texts"] == 2000
     import teachers as T
     cache = T.TeacherCache(out / "cache")
-    cache.check(n_rows=3000, dim=384)
+    cache.check(n_rows=2000, dim=384)
     cache.verify_texts(out / "data" / "texts.jsonl")
-    assert rep["steps"] == [12, 45, 93]
+    assert rep["steps"] == [8, 30, 62]
     for k, n in zip((1, 2, 3), rep["steps"]):
         recs = [json.loads(ln) for ln in (out / f"stage{k}" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in recs] == list(range(1, n + 1))
@@ -67,6 +67,6 @@ def test_demo_shortened_preset_end_to_end(tmp_path, data_dir, capsys):
     r = rep["results"]
     for d in (384, 256, 128, 64):
         assert r["student"]["STSBenchmark"][d] > r["untrained"]["STSBenchmark"][d] + 0.05, r
-    assert r["teacher"]["STSBenchmark"][384] == pytest.approx(0.867, abs=0.01)  # all-MiniLM-L6-v2 dev (sanity)
+    assert r["teacher"]["STSBenchmark"][384] == pytest.approx(0.8672, abs=2e-3)  # all-MiniLM-L6-v2 dev (sanity)
     saved = json.loads((out / "results.json").read_text())
     assert saved["results"]["student"]["STSBenchmark"]["384"] == r["student"]["STSBenchmark"][384]
