@@ -54,7 +54,7 @@ def test_demo_shortened_preset_end_to_end(tmp_path, data_dir, capsys):
     cache = T.TeacherCache(out / "cache")
     cache.check(n_rows=2000, dim=384)
     cache.verify_texts(out / "data" / "texts.jsonl")
-    assert rep["steps"] == [8, 30, 62]
+    assert rep["steps"] == [7, 40, 53]
     for k, n in zip((1, 2, 3), rep["steps"]):
         recs = [json.loads(ln) for ln in (out / f"stage{k}" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in recs] == list(range(1, n + 1))

