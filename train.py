@@ -749,12 +749,12 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 PRESETS: dict[str, dict[str, Any]] = {}
 PRESET_RUNNERS: dict[str, Any] = {}
 
-# ==== presets (issue 9, helper "demo") ====
+# ==== presets: `python train.py --preset demo` (the offline demo, README) ====
 # `python train.py --preset demo`: the whole method, offline, on a laptop CPU, in under 20 minutes (issue 9).
 #   data.py build over <data>/text (the real shared text) -> all-MiniLM-L6-v2 teacher cache (teachers.py) -> a small
 #   random-init Qwen2 student -> stages 1, 2, 3 through train() above (the real trainer path) -> eval.py on STS tasks
 #   at every head dim for teacher and student -> one table, results.json, loss-curve and score-vs-dim PNGs.
-# Design and measured figures: .coord/README.demo.md. The student (why each choice, measured on the prototype
+# Design and measured figures: docs/demo.md. The student (why each choice, measured on the prototype
 # bench/demo_prototype.py):
 #   - Qwen2 architecture (bidirectional, RoPE, SwiGLU, GQA), 4 layers of width 384 (6 query / 2 key-value heads,
 #     SwiGLU width 1536): ~8.7M body parameters, the most a 2-core CPU trains ~1,500 steps of in ~12 minutes.

@@ -1,4 +1,4 @@
-"""Prototype for the demo preset (issue 9, helper "demo"): find a configuration that trains a small Qwen2-architecture
+"""Prototype for the demo preset: find a configuration that trains a small Qwen2-architecture
 student from all-MiniLM-L6-v2 in <= 20 min on 2 CPU cores with STSBenchmark test Spearman >= 0.75.
 
 A minimal loop over the project's public APIs (data.build, teachers.build_cache/TeacherCache, model.JasperModel,

@@ -1,4 +1,4 @@
-"""Tiny, fast inputs for the train.py tests (helper "train"): a tiny random Jasper student saved in the HF layout,
+"""Tiny, fast inputs for the train.py tests: a tiny random Jasper student saved in the HF layout,
 a small texts.jsonl materialised by data.py from the real shared text, and a real all-MiniLM-L6-v2 teacher cache.
 
 Kept small on purpose (2 CPU cores shared by the whole team): hidden 32, 2-4 layers, heads (384, 64, 32, 16) where
