@@ -58,7 +58,7 @@ class EvalError(ValueError):
 # "original": the per-task prompts of the MTEB task metadata, i.e. exactly what MTEB's wrapper for the released
 # Jasper model (NovaSearch/jasper_en_vision_language_v1) sends (task metadata `prompt`, else the abstask default
 # prompt). The paper's Table 2 text could not be retrieved offline; these are the released model's documented MTEB
-# prompts (see README.eval.md). The table below mirrors mteb's metadata for the tasks in ../shared/data so that the
+# prompts (see docs/eval.md). The table below mirrors mteb's metadata for the tasks in ../shared/data so that the
 # built-in path needs no mteb import; tests assert it equals mteb's metadata.
 ORIGINAL_PROMPTS: dict[str, str | dict[str, str]] = {
     "STSBenchmark": "Retrieve semantically similar text.",

@@ -324,7 +324,7 @@ def _pick_impl(impl: str, x: Tensor) -> str:
     if impl != "auto":
         return impl
     # GPU: the kernel is cheap while P^2 compare-adds are (m <= 512 -> P^2 <= 1.7e10); beyond, the O(P log^2 P) sort
-    # engine wins on operation count.  The crossover is NOT measured yet (no GPU was lent): see bench/RESULTS.losses.md.
+    # engine wins on operation count.  The crossover is NOT measured yet (no GPU was lent): see bench/RESULTS.md.
     if x.device.type == "cuda" and triton is not None and x.shape[0] <= 130_816:
         return "triton"
     return "sort"

@@ -778,10 +778,10 @@ DEMO_TASKS = ("STSBenchmark", "STS12", "STS13", "BIOSSES")
 DEMO_HEAD_DIMS = (384, 256, 128, 64)
 DEMO_STUDENT = dict(num_hidden_layers=4, hidden_size=384, intermediate_size=1536, num_attention_heads=6,
                     num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=512)
-DEMO_STAGE_SHARE = (0.07, 0.60, 0.33)   # of --steps, per stage (stage 2 gains the most per step, see README.demo)
+DEMO_STAGE_SHARE = (0.07, 0.60, 0.33)   # of --steps, per stage (stage 2 gains the most per step, see docs/demo.md)
 DEMO_STAGE_LR_MULT = (4.0, 1.0, 0.6)    # x --lr: stage 1 trains a linear head only (larger steps are safe there);
                                         # stage 3 restarts the schedule on an already trained body: gentler
-DEMO_DATA = dict(passage_ratio=0.85, split_ratio=1.0, min_sentences=1, max_sentences=2)  # see README.demo.md
+DEMO_DATA = dict(passage_ratio=0.85, split_ratio=1.0, min_sentences=1, max_sentences=2)  # see docs/demo.md
 DEMO_CACHE_DTYPE = torch.bfloat16       # teacher for the cache: bf16 vs fp32 vectors agree to cos >= 0.9999
 DEMO_EVAL_MAX_LENGTH = 64               # the student is evaluated on up to 64 tokens (trained on 32; RoPE extends:
                                         # BIOSSES +0.05, STSBenchmark +0.002 over cutting at 32)

@@ -6,7 +6,7 @@ Same weights (ours loaded from the transformers model's state dict), same inputs
     .venv/bin/python bench/bench_siglip.py                       # mid-size: SigLIP base-patch16-224 shape
     .venv/bin/python bench/bench_siglip.py --config so400m --batch 2 --repeats 3 --dtype bfloat16
 
-Prints a markdown table (paste into bench/RESULTS.vision.md). No GPU is lent to this task: CPU figures only
+Prints a markdown table (paste into bench/RESULTS.md). No GPU is lent to this task: CPU figures only
 (`--device cuda` works where one exists).
 """
 import argparse
