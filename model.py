@@ -148,13 +148,14 @@ def load_state_strict(module: nn.Module, state: dict[str, Tensor], prefix: str =
         raise CheckpointError(f"cannot load {what}: tensors left without data after loading: {still_meta[:10]}")
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, what: str = "", error: type[Exception] = CheckpointError) -> dict:
+    """A JSON file (config.json, ...); a missing or malformed file raises `error` naming the file (and `what`)."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
+        raise error(f"{path}: file not found{f' ({what})' if what else ''}") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+        raise error(f"{path}: invalid JSON ({e})") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------

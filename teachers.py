@@ -70,12 +70,7 @@ def _json(obj) -> str:
 
 
 def _read_json(path: Path, what: str = "") -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise TeacherError(f"{path}: file not found{(' (' + what + ')') if what else ''}") from None
-    except json.JSONDecodeError as e:
-        raise TeacherError(f"{path}: invalid JSON ({e})") from e
+    return M._read_json(path, what, error=TeacherError)
 
 
 def checkpoint_revision(ckpt: Path) -> str:
