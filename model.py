@@ -460,8 +460,8 @@ class Qwen2Encoder(nn.Module):
         T = x.shape[1]
         cos, sin = self.rope(T, x.device, x.dtype)
         if self.config.causal and self.config.sliding_window and T > self.config.sliding_window:
-            raise NotImplementedError(f"causal input of {T} tokens exceeds sliding_window "
-                                      f"{self.config.sliding_window}, which this encoder does not implement")
+            raise ValueError(f"causal input of {T} tokens exceeds sliding_window {self.config.sliding_window}: "
+                             f"sliding-window attention is not supported by this encoder (refused, not approximated)")
         mask, is_causal = self.attention_mask_for_sdpa(attention_mask, T)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -21,6 +21,7 @@ docs/teachers.md.
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import dataclasses
 import hashlib
@@ -126,7 +127,7 @@ def _default_device() -> torch.device:
 # =====================================================================================================================
 # Teacher base: length-sorted batched encoding shared by all families
 # =====================================================================================================================
-class Teacher:
+class Teacher(abc.ABC):
     """Common encode loop. Subclasses provide `_tokenize(texts, instruction) -> list[list[int]]`, `pad_id` and
     `_embed(input_ids, attention_mask, n_instruction_tokens) -> (B, dim)` (before the final normalisation)."""
 
@@ -135,14 +136,16 @@ class Teacher:
     normalize: bool = True
     spec: dict
 
+    @abc.abstractmethod
     def _tokenize(self, texts: list[str], instruction: str | None) -> list[list[int]]:
-        raise NotImplementedError
+        """Token ids per text (unpadded), with the family's prompt / special tokens."""
 
     def _instruction_tokens(self, instruction: str | None) -> int:
         return 0
 
+    @abc.abstractmethod
     def _embed(self, input_ids: Tensor, attention_mask: Tensor, n_instr: int) -> Tensor:
-        raise NotImplementedError
+        """(B, dim) pooled vectors of one padded batch, before the final normalisation."""
 
     def encode(self, texts: Sequence[str], batch_size: int = 32, instruction: str | None = None,
                show_progress: bool | None = None, on_batch: Callable[[int], None] | None = None) -> Tensor:

@@ -171,7 +171,7 @@ def test_sliding_window_configs():
     assert M.Qwen2Config.from_hf(mis.to_hf()) == mis
     enc = M.Qwen2Encoder(mis)
     enc(torch.zeros(1, 8, dtype=torch.long))  # within the window: fine
-    with pytest.raises(NotImplementedError, match="exceeds sliding_window 8"):
+    with pytest.raises(ValueError, match="exceeds sliding_window 8"):
         enc(torch.zeros(1, 9, dtype=torch.long))
     enc.config.causal = False  # bidirectional ignores the window (as NV-Embed)
     enc(torch.zeros(1, 9, dtype=torch.long))
