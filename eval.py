@@ -815,7 +815,8 @@ def evaluate(encoder, tasks: str | Sequence[str], data_dir=None, dims=None, inst
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     elif engine == "builtin":
-        raise EvalError("the built-in engine needs data_dir")
+        raise EvalError("the built-in engine needs data_dir: a local data folder like ../shared/data "
+                        "(--data-dir DIR or $JASPER_DATA_DIR)")
 
     results: dict[str, dict] = {}
     name = getattr(enc, "name", None) or type(enc).__name__
@@ -889,18 +890,27 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Evaluate an encoder on MTEB tasks (mteb engine; local data offline).")
     ap.add_argument("--model", required=True, help="local dir or hub id (Jasper/student, stella, NV-Embed-v2, BERT)")
     ap.add_argument("--tasks", required=True, help="comma-separated MTEB task names")
-    ap.add_argument("--data-dir", default=None, help="local data laid out like ../shared/data (offline)")
+    ap.add_argument("--data-dir", default=None, help="local data laid out like ../shared/data (offline); default: "
+                    "$JASPER_DATA_DIR, else ../shared/data when it exists, else the hub (mteb engine); 'hub' forces the hub")
     ap.add_argument("--dims", default=None, help="comma-separated head dims, e.g. 12288,1024,512,256")
     ap.add_argument("--instructions", default="original", choices=["original", "synonym", "none"])
     ap.add_argument("--engine", default="mteb", choices=["mteb", "builtin"])
     ap.add_argument("--split", default=None, help="override the split (default: test, or the task's eval split)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=None, help="cut texts at this many tokens (default: the "
+                    "model's own limit)")
     ap.add_argument("--out", default=None, help="results JSON (a PNG plot goes next to it when >1 dim)")
     args = ap.parse_args(argv)
     try:
         dims = [int(x) for x in args.dims.split(",")] if args.dims else None
-        enc = load_encoder(args.model)
-        report = evaluate(enc, args.tasks, data_dir=args.data_dir, dims=dims, instructions=args.instructions,
+        data_dir = None if args.data_dir == "hub" else args.data_dir
+        if args.data_dir is None:
+            import data  # the one definition of the default data dir (data.py, train.py and eval.py share it)
+            if data.default_data_dir().is_dir():
+                data_dir = data.default_data_dir()
+                print(f"eval.py: data from {data_dir} (--data-dir to change)", file=sys.stderr)
+        enc = load_encoder(args.model, **({"max_length": args.max_length} if args.max_length else {}))
+        report = evaluate(enc, args.tasks, data_dir=data_dir, dims=dims, instructions=args.instructions,
                           engine=args.engine, batch_size=args.batch_size, split=args.split)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)

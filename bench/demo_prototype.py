@@ -131,8 +131,8 @@ def cmd_bow(a):
 def cmd_train(a):
     work = Path(a.work)
     torch.manual_seed(a.seed)
-    m = make_student(layers=a.layers, inter=a.inter, emb=a.emb, zero_out=not a.no_zero, head_dims=tuple(a.dims),
-                     max_length=a.max_length, seed=a.seed)
+    m = make_student(layers=a.layers, inter=a.inter, heads=a.heads, kv=a.kv, emb=a.emb, zero_out=not a.no_zero,
+                     head_dims=tuple(a.dims), max_length=a.max_length, seed=a.seed)
     print("params", sum(p.numel() for p in m.parameters()), "untrained", scores(m, splits=("dev",)), flush=True)
     cache = T.TeacherCache(work / "cache")
     loader = D.TrainLoader(work / "data" / "texts.jsonl", m.tokenizer, global_batch=a.batch,
@@ -201,6 +201,8 @@ def main():
     p.add_argument("--weights", type=float, nargs=3, default=[10, 200, 20])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--inter", type=int, default=1536)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--kv", type=int, default=2)
     p.add_argument("--dims", type=int, nargs="+", default=[384, 256, 128, 64])
     p.add_argument("--emb", default="ln", choices=["ln", "raw", "random"])
     p.add_argument("--no-zero", action="store_true")

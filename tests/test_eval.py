@@ -235,6 +235,29 @@ def test_cli_dims_table_json_png(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "not available" in capsys.readouterr().err
 
 
+def test_cli_default_data_dir_and_max_length(tmp_path, monkeypatch, capsys):
+    """Without --data-dir the CLI reads $JASPER_DATA_DIR (as data.py and train.py do); --max-length reaches the
+    loader. With `--data-dir hub` or no local data dir at all, the built-in engine refuses and says how to fix it."""
+    root = _sts_dir(tmp_path / "data")
+    seen = {}
+
+    def fake_load(spec, **kw):
+        seen.update(kw)
+        return FakeEncoder()
+
+    monkeypatch.setattr(ev, "load_encoder", fake_load)
+    monkeypatch.setenv("JASPER_DATA_DIR", str(root))
+    rc = ev.main(["--model", "x", "--tasks", "STS12", "--engine", "builtin", "--max-length", "64"])
+    out = capsys.readouterr()
+    assert rc == 0 and "| STS12 | cosine_spearman |" in out.out and str(root) in out.err
+    assert seen == {"max_length": 64}
+    rc = ev.main(["--model", "x", "--tasks", "STS12", "--engine", "builtin", "--data-dir", "hub"])  # forced hub
+    assert rc == 2 and "needs data_dir" in capsys.readouterr().err
+    monkeypatch.setenv("JASPER_DATA_DIR", str(tmp_path / "nowhere"))
+    rc = ev.main(["--model", "x", "--tasks", "STS12", "--engine", "builtin"])
+    assert rc == 2 and "needs data_dir" in capsys.readouterr().err
+
+
 def test_old_format_reranking(tmp_path):
     d = tmp_path / "reranking" / "AskUbuntuDupQuestions"
     d.mkdir(parents=True)
