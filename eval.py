@@ -891,7 +891,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="local dir or hub id (Jasper/student, stella, NV-Embed-v2, BERT)")
     ap.add_argument("--tasks", required=True, help="comma-separated MTEB task names")
     ap.add_argument("--data-dir", default=None, help="local data laid out like ../shared/data (offline); default: "
-                    "$JASPER_DATA_DIR, else ../shared/data when it exists, else the hub (mteb engine); 'hub' forces the hub")
+                    "$JASPER_DATA_DIR, else ../shared/data when it exists, else the hub (mteb engine); "
+                    "'hub' forces the hub")
     ap.add_argument("--dims", default=None, help="comma-separated head dims, e.g. 12288,1024,512,256")
     ap.add_argument("--instructions", default="original", choices=["original", "synonym", "none"])
     ap.add_argument("--engine", default="mteb", choices=["mteb", "builtin"])
