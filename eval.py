@@ -209,33 +209,47 @@ class EmbeddingCache:
         self.chunk = chunk
         self._store: dict[tuple[int | None, str | None], dict[str, np.ndarray]] = {}
         self.n_encoded = 0
+        # The heads that will be asked for (evaluate() sets them). An encoder with `encodes_many_dims`
+        # (model.JasperModel) then fills all of them in one pass: the body runs once per text, not once per head.
+        self.dims: tuple[int, ...] = ()
 
-    def _encode(self, texts: list[str], dim: int | None, instruction: str | None) -> np.ndarray:
+    def _encode(self, texts: list[str], dims: list[int | None], instruction: str | None) -> list[np.ndarray]:
         kw: dict[str, Any] = {"instruction": instruction, "batch_size": self.batch_size, "show_progress": False}
-        if dim is not None and len(encoder_dims(self.encoder)) > 1:  # single-head encoders take no `dim`
-            kw["dim"] = dim
+        if len(dims) > 1:
+            kw["dim"] = dims
+        elif dims[0] is not None and len(encoder_dims(self.encoder)) > 1:  # single-head encoders take no `dim`
+            kw["dim"] = dims[0]
         with torch.inference_mode():
             out = self.encoder.encode(texts, **kw)
-        if isinstance(out, torch.Tensor):
-            out = out.detach().float().cpu().numpy()
-        out = np.asarray(out, dtype=np.float32)
-        if out.shape[0] != len(texts):
-            raise EvalError(f"encoder returned {out.shape[0]} rows for {len(texts)} texts")
-        if dim is not None and out.shape[1] != dim:
-            raise EvalError(f"encoder returned dim {out.shape[1]}, asked for {dim}")
-        return out
+        outs = [out[d] for d in dims] if len(dims) > 1 else [out]
+        arrays = []
+        for d, o in zip(dims, outs):
+            if isinstance(o, torch.Tensor):
+                o = o.detach().float().cpu().numpy()
+            o = np.asarray(o, dtype=np.float32)
+            if o.shape[0] != len(texts):
+                raise EvalError(f"encoder returned {o.shape[0]} rows for {len(texts)} texts")
+            if d is not None and o.shape[1] != d:
+                raise EvalError(f"encoder returned dim {o.shape[1]}, asked for {d}")
+            arrays.append(o)
+        return arrays
 
     def get(self, texts: Sequence[str], dim: int | None = None, instruction: str | None = None) -> np.ndarray:
         store = self._store.setdefault((dim, instruction), {})
         todo = list(dict.fromkeys(t for t in texts if t not in store))
         if todo:
+            group: list[int | None] = [dim]
+            if dim in self.dims and len(self.dims) > 1 and getattr(self.encoder, "encodes_many_dims", False):
+                group = list(self.dims)
             show = self.show_progress if self.show_progress is not None else len(todo) >= 256
-            prog = Progress(f"[eval] encode (dim={dim or 'native'})", len(todo), enabled=show, every=0)
+            prog = Progress(f"[eval] encode (dim={'/'.join(str(d or 'native') for d in group)})", len(todo),
+                            enabled=show, every=0)
             for i in range(0, len(todo), self.chunk):
                 part = todo[i:i + self.chunk]
-                emb = self._encode(part, dim, instruction)
-                for t, row in zip(part, emb):
-                    store[t] = row
+                for d, emb in zip(group, self._encode(part, group, instruction)):
+                    st = self._store.setdefault((d, instruction), {})
+                    for t, row in zip(part, emb):
+                        st[t] = row
                 self.n_encoded += len(part)
                 prog.update(len(part))
         if not texts:
@@ -809,6 +823,7 @@ def evaluate(encoder, tasks: str | Sequence[str], data_dir=None, dims=None, inst
     bad = [d for d in dims_l if d is not None and avail and d not in avail]
     if bad:
         raise EvalError(f"dims {bad} not available; encoder heads: {list(avail)}")
+    cache.dims = tuple(dict.fromkeys(d for d in (*cache.dims, *dims_l) if d is not None))
     eff_instr = instructions if uses_instructions(enc) else "none"
     if data_dir is not None:
         data_dir = Path(data_dir)

@@ -1257,48 +1257,55 @@ class JasperModel(nn.Module):
         c = self.config
         return [c.img_start_token_id] + [c.img_token_id] * c.num_image_tokens + [c.img_end_token_id]
 
+    encodes_many_dims = True  # encode(dim=[...]) runs the body once for several heads (eval.EmbeddingCache uses it)
+
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str] | None = None, dim: int | None = None, instruction: str | None = None,
-               batch_size: int = 32, images: Sequence | None = None, show_progress: bool | None = None,
-               max_length: int | None = None) -> Tensor:
-        """L2-normalised embeddings (N, dim) fp32 on the CPU; `dim` = one head (default FC1, the largest).
+    def encode(self, texts: Sequence[str] | None = None, dim: int | Sequence[int] | None = None,
+               instruction: str | None = None, batch_size: int = 32, images: Sequence | None = None,
+               show_progress: bool | None = None, max_length: int | None = None) -> Tensor | dict[int, Tensor]:
+        """L2-normalised embeddings (N, dim) fp32 on the CPU; `dim` = one head (default FC1, the largest). With a
+        list of dims the body runs once and every head projects the same pooled vector: {D: (N, D)}.
 
         Texts are tokenised once, sorted by length (longest first, so a memory problem shows at once) and batched, so
         padding stays small; results come back in input order. `images` alone encodes images through the vision
         side; `images` with `texts` encodes image+text pairs (image block first, then texts[i]; see _encode_images).
         Progress with rate/ETA on stderr when show_progress (default: for more than 1000 inputs).
         """
-        dim = max(self.config.head_dims) if dim is None else dim
-        self.head(dim)  # validates
+        many = dim is not None and not isinstance(dim, int)
+        dims = list(dim) if many else [max(self.config.head_dims) if dim is None else dim]
+        for D in dims:
+            self.head(D)  # validates
         was_training = self.training
         self.eval()
         device = self.model.embed_tokens.weight.device
         try:
             if images is not None:  # image-only, or image+text pairs (texts[i] goes with images[i])
-                return self._encode_images(images, dim, batch_size, show_progress, texts=texts,
-                                           instruction=instruction, max_length=max_length)
+                out = self._encode_images(images, dims, batch_size, show_progress, texts=texts,
+                                          instruction=instruction, max_length=max_length)
+                return out if many else out[dims[0]]
             if isinstance(texts, str):
                 texts = [texts]
             if self.tokenizer is None:
                 raise RuntimeError("no tokenizer attached: set model.tokenizer = TextTokenizer.from_pretrained(...)")
             ids = self.tokenizer.encode_ids(list(texts), instruction, max_length or self.config.max_length)
             order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-            out = torch.empty(len(ids), dim, dtype=torch.float32)
+            out = {D: torch.empty(len(ids), D, dtype=torch.float32) for D in dims}
             prog = Progress("encode", len(ids), enabled=len(ids) > 1000 if show_progress is None else show_progress)
             for s in range(0, len(order), batch_size):
                 idx = order[s: s + batch_size]
                 input_ids, mask = self.tokenizer.pad([ids[i] for i in idx])
-                vec = self(input_ids.to(device), mask.to(device), dims=[dim])[dim]
-                out[torch.tensor(idx)] = vec.float().cpu()
+                vec = self(input_ids.to(device), mask.to(device), dims=dims)  # {D: (b, D)}
+                for D in dims:
+                    out[D][torch.tensor(idx)] = vec[D].float().cpu()
                 prog.update(len(idx))
-            return out
+            return out if many else out[dims[0]]
         finally:
             self.train(was_training)
 
-    def _encode_images(self, images: Sequence, dim: int, batch_size: int, show_progress: bool | None,
+    def _encode_images(self, images: Sequence, dims: list[int], batch_size: int, show_progress: bool | None,
                        texts: Sequence[str] | None = None, instruction: str | None = None,
-                       max_length: int | None = None) -> Tensor:
-        """Image (or image+text) embeddings (N, dim). Each input is "<img_start> <img_token>x300 <img_end>", followed
+                       max_length: int | None = None) -> dict[int, Tensor]:
+        """Image (or image+text) embeddings {D: (N, D)}. Each input is "<img_start> <img_token>x300 <img_end>", followed
         by the tokens of texts[i] when texts are given (formatted with `instruction` like a text query); the image
         tokens are replaced by the pooled vision features. The image block counts against max_length: a paired
         text keeps at most max_length - 302 tokens. Images are decoded and preprocessed per batch (a bad image
@@ -1324,7 +1331,7 @@ class JasperModel(nn.Module):
             text_ids = self.tokenizer.encode_ids(list(texts), instruction, budget)
         device = self.model.embed_tokens.weight.device
         order = sorted(range(len(images)), key=lambda i: -len(text_ids[i]))         # little padding per batch
-        out = torch.empty(len(images), dim, dtype=torch.float32)
+        out = {D: torch.empty(len(images), D, dtype=torch.float32) for D in dims}
         prog = Progress("encode images", len(images), "images",
                         enabled=len(images) > 200 if show_progress is None else show_progress)
         for s in range(0, len(order), batch_size):
@@ -1338,8 +1345,9 @@ class JasperModel(nn.Module):
             else:                                                                    # image-only: equal lengths
                 input_ids = torch.tensor(seqs, dtype=torch.long)
                 mask = torch.ones_like(input_ids)
-            vec = self(input_ids.to(device), mask.to(device), pixel_values=pixel_values.to(device), dims=[dim])[dim]
-            out[torch.tensor(idx)] = vec.float().cpu()
+            vec = self(input_ids.to(device), mask.to(device), pixel_values=pixel_values.to(device), dims=dims)
+            for D in dims:
+                out[D][torch.tensor(idx)] = vec[D].float().cpu()
             prog.update(len(idx))
         return out
 

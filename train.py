@@ -822,31 +822,6 @@ def make_demo_student(teacher_dir, head_dims=DEMO_HEAD_DIMS, max_length: int = 3
     return student
 
 
-class _Pooled:
-    """Encoder for eval.py over a JasperModel that runs the body ONCE per distinct text and applies any head to
-    the cached pooled vector (eval.EmbeddingCache asks per dim; the heads are linear maps of the same pool)."""
-
-    uses_instructions = False  # trained on un-instructed text, like its teacher: no "Instruct: ..." prefix
-
-    def __init__(self, jasper, name: str, max_length: int = DEMO_EVAL_MAX_LENGTH, batch_size: int = 128):
-        self.m, self.name, self.bs, self.max_length, self._pool = jasper.eval(), name, batch_size, max_length, {}
-        self.dims = tuple(jasper.config.head_dims)
-
-    @torch.inference_mode()
-    def encode(self, texts, dim=None, instruction=None, batch_size=None, show_progress=None):
-        todo = list(dict.fromkeys(t for t in texts if t not in self._pool))
-        tok = self.m.tokenizer
-        ids = tok.encode_ids(todo, None, self.max_length)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for s in range(0, len(order), self.bs):
-            idx = order[s:s + self.bs]
-            x, mask = tok.pad([ids[i] for i in idx])
-            for i, row in zip(idx, self.m.pool(x, mask)):  # (b, H) fp32
-                self._pool[todo[i]] = row
-        D = dim or self.dims[0]
-        return self.m.project(torch.stack([self._pool[t] for t in texts]), [D])[D]  # (N, D) normalised
-
-
 class _Truncated:
     """The teacher at smaller dims by truncation + renormalisation (MiniLM has no Matryoshka heads): the reference
     for how much the student's learnt FC2-4 heads lose relative to its FC1."""
@@ -923,7 +898,6 @@ def run_demo(cfg: TrainConfig, *, n_texts: int | None = None, tasks=DEMO_TASKS, 
     shared data dir, --seed). The keyword arguments are for the test's shortened run."""
     import data as D
     import eval as E
-    import model as M
     import teachers as T
     t_start = time.time()
     out = Path(cfg.out)
@@ -980,14 +954,14 @@ def run_demo(cfg: TrainConfig, *, n_texts: int | None = None, tasks=DEMO_TASKS, 
     # 5. evaluation: teacher (fp32, its own 256-token limit; truncated below 384) vs student at every head
     t0 = time.time()
     dims = list(DEMO_HEAD_DIMS)
-    student = M.JasperModel.from_pretrained(prev)
+    student = E.load_encoder(prev, max_length=DEMO_EVAL_MAX_LENGTH)  # a JasperModel; encodes all heads at once
     n_params = sum(p.numel() for p in student.parameters())
     say(f"evaluating teacher and student on {', '.join(tasks)} ({split or 'test'} split) at dims {dims} ...")
     results = {"teacher": _demo_eval(_Truncated(E.load_encoder(tdir), dims), tasks, data_dir, dims, engine, split),
-               "student": _demo_eval(_Pooled(student, "student"), tasks, data_dir, dims, engine, split)}
+               "student": _demo_eval(student, tasks, data_dir, dims, engine, split)}
     if untrained:
-        results["untrained"] = _demo_eval(_Pooled(M.JasperModel.from_pretrained(init), "untrained"), tasks,
-                                          data_dir, dims, engine, split)
+        results["untrained"] = _demo_eval(E.load_encoder(init, max_length=DEMO_EVAL_MAX_LENGTH), tasks, data_dir,
+                                          dims, engine, split)
     times["eval"] = time.time() - t0
     times["total"] = time.time() - t_start
 

@@ -235,6 +235,35 @@ def test_cli_dims_table_json_png(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "not available" in capsys.readouterr().err
 
 
+class ManyDimsEncoder(FakeEncoder):
+    """Like model.JasperModel: `encode(dim=[...])` returns {D: (N, D)} from one pass (recorded in `calls`)."""
+
+    encodes_many_dims = True
+
+    def __init__(self, dims):
+        super().__init__(dims=dims)
+        self.passes = []  # (texts, dim or dims) per body pass
+
+    def encode(self, texts, dim=None, instruction=None, batch_size=32, show_progress=None):
+        self.passes.append((list(texts), tuple(dim) if isinstance(dim, list) else dim))
+        if isinstance(dim, list):
+            return {d: super(ManyDimsEncoder, self).encode(texts, d, instruction) for d in dim}
+        return super().encode(texts, dim, instruction)
+
+
+def test_matryoshka_heads_encoded_in_one_pass(tmp_path):
+    """evaluate() over 3 dims asks a many-dims encoder once per text for all heads (not once per head), and the
+    scores equal those of per-head encoding."""
+    root = _sts_dir(tmp_path / "data")
+    many, single = ManyDimsEncoder(dims=(16, 8, 4)), FakeEncoder(dims=(16, 8, 4))
+    rep = ev.evaluate(many, ["STS12"], data_dir=root, dims=[16, 8, 4], engine="builtin")
+    ref = ev.evaluate(single, ["STS12"], data_dir=root, dims=[16, 8, 4], engine="builtin")
+    assert many.passes and all(p[1] == (16, 8, 4) for p in many.passes)
+    assert sum(len(p[0]) for p in many.passes) * 3 == sum(len(c[1]) for c in single.calls)  # 1 pass, not 3
+    for d in ("16", "8", "4"):
+        assert rep["results"]["STS12"][d]["main_score"] == ref["results"]["STS12"][d]["main_score"]
+
+
 def test_cli_default_data_dir_and_max_length(tmp_path, monkeypatch, capsys):
     """Without --data-dir the CLI reads $JASPER_DATA_DIR (as data.py and train.py do); --max-length reaches the
     loader. With `--data-dir hub` or no local data dir at all, the built-in engine refuses and says how to fix it."""

@@ -11,12 +11,6 @@ from common import bidirectional_mask, minilm_dir, qwen_tokenizer_dir as qwen_to
 transformers = pytest.importorskip("transformers")
 
 
-
-
-
-
-
-
 @pytest.fixture(scope="module")
 def stella_like(tmp_path_factory):
     """A stella_en_1.5B_v5-layout checkpoint in miniature, written by the reference libraries themselves: a bare
@@ -77,6 +71,12 @@ def test_from_stella_heads_and_reference_pipeline(stella_like):
     # encode() (length-sorted batches) gives the same vectors in input order
     enc = student.encode(texts, dim=64, batch_size=2)
     torch.testing.assert_close(enc, want[64], rtol=1e-5, atol=1e-6)
+    # several heads in one pass (eval.EmbeddingCache): the same vectors as one head at a time
+    many = student.encode(texts, dim=[64, 40, 32], batch_size=2)
+    assert list(many) == [64, 40, 32]
+    for D in (64, 40, 32):
+        torch.testing.assert_close(many[D], student.encode(texts, dim=D, batch_size=2), rtol=0, atol=0)
+    torch.testing.assert_close(many[32], want[32], rtol=1e-5, atol=1e-6)
 
 
 def test_save_load_roundtrip_and_atomic(stella_like, tmp_path, monkeypatch):
