@@ -218,8 +218,7 @@ def test_kill9_two_processes_then_resume_is_exact(assets, tmp_path):
         else:
             pytest.fail("step 3 never logged")
     finally:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+        _kill_tree(p)  # the launcher AND its workers, as a preempted node loses them all
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert latest.startswith("step_") and int(latest[5:]) < 8
     assert not (out / "final").exists()
@@ -231,6 +230,41 @@ def test_kill9_two_processes_then_resume_is_exact(assets, tmp_path):
     a = load_file(tmp_path / "ref" / "final" / "model.safetensors")
     b = load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the same command once more on the finished run (a job restarted after it ended): nothing to do, exits 0
+    run_train(args + ["--resume"], nproc=2)
+    assert loss_rows(read_metrics(out)) == loss_rows(ref)
+
+
+def _kill_tree(p: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every descendant. torchrun starts each worker in a session of its own, so killing
+    the launcher's process group alone would leave the workers training on (and checkpointing) in the background."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [p.pid]
+    while todo:
+        q = todo.pop()
+        tree.append(q)
+        todo += children.get(q, [])
+    for q in tree:
+        try:
+            os.kill(q, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.wait()
+    deadline = time.time() + 30
+    for q in tree:  # orphaned workers are reaped by init; a zombie ("Z") counts as gone
+        while time.time() < deadline:
+            try:
+                if Path(f"/proc/{q}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except (OSError, IndexError):
+                break
+            time.sleep(0.05)
 
 
 @pytest.mark.slow
