@@ -1,4 +1,5 @@
-"""Training data for Jasper & Stella distillation (arXiv 2412.19048, sec. 3.2).
+"""Training data for Jasper & Stella distillation (arXiv 2412.19048, sec. 3.2): texts and image-caption pairs from
+files to this rank's share of every global batch.
 
 Four parts, top to bottom:
   1. readers    - stream texts out of jsonl / jsonl.gz / parquet / txt files, folders, globs and hub datasets,
@@ -12,7 +13,10 @@ Four parts, top to bottom:
                   batch a uniform random draw, rank r takes positions [r*b:(r+1)*b], rows are re-ordered by length
                   only inside that share and cut into micro-batch chunks each padded to its own longest. A batch is a
                   pure function of (seed, epoch, step, rank): resume is exact, whatever the worker count.
-  4. ImageCaptionDataset - stage 4 image-caption pairs, decoded with model.py's image code in DataLoader workers.
+  4. ImageCaptionDataset / ImageBatches - stage 4 image-caption pairs, decoded with vision.py's image code in
+                  DataLoader workers, drawn as uniform random global batches exactly like TrainLoader's.
+Every jsonl file of the project (texts, captions, eval tasks, the teacher cache input) is read through the one
+line parser here (`parse_jsonl_line`): `read_jsonl` raises naming file:line, `scan_jsonl` indexes and counts skips.
 
 The authors released no code for this part; everything here follows the paper's text, choices are documented in
 docs/data.md.
@@ -33,12 +37,14 @@ import sys
 from collections import Counter, deque
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from model import Progress, atomic_write
+from checkpoints import atomic_write
+from checkpoints import progress as progress_bar  # build() has a `progress` flag of its own
+from vision import preprocess_images
 
 
 def text_hash(text: str) -> str:
@@ -148,20 +154,26 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(v)
 
 
+def _text_problem(text: Any, field: str, max_chars: int) -> tuple[str | None, str]:
+    """The text checks every reader applies: present and a string, not blank, not above max_chars.
+    -> (None, "") or (skip kind, detail)."""
+    if text is None:
+        return "missing_field", f"no {field!r} field"
+    if not isinstance(text, str):
+        return "missing_field", f"field {field!r} is {type(text).__name__}, not a string"
+    if not text.strip():
+        return "empty_text", f"field {field!r} is empty or whitespace"
+    if len(text) > max_chars:
+        return "too_long", f"{len(text):,} chars > max_chars={max_chars:,}"
+    return None, ""
+
+
 def _check_text(text: Any, where: str, max_chars: int, on_error: str, skips: Counter | None,
                 field: str) -> str | None:
-    """Shared text checks: present and a string, not blank, not above max_chars. Returns the text or None."""
-    if text is None:
-        _bad("missing_field", where, f"no {field!r} field", on_error, skips)
-        return None
-    if not isinstance(text, str):
-        _bad("missing_field", where, f"field {field!r} is {type(text).__name__}, not a string", on_error, skips)
-        return None
-    if not text.strip():
-        _bad("empty_text", where, f"field {field!r} is empty or whitespace", on_error, skips)
-        return None
-    if len(text) > max_chars:
-        _bad("too_long", where, f"{len(text):,} chars > max_chars={max_chars:,}", on_error, skips)
+    """_text_problem under the bad-input policy: returns the text, or None after counting (or raising)."""
+    kind, detail = _text_problem(text, field, max_chars)
+    if kind is not None:
+        _bad(kind, where, detail, on_error, skips)
         return None
     return text
 
@@ -183,26 +195,90 @@ def _bounded_lines(fobj, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
             yield lineno, raw
 
 
+def _line_bytes(max_chars: int) -> int:
+    """The longest jsonl line worth parsing for texts of at most max_chars characters (4 bytes per UTF-8 char, plus
+    room for the other fields): a longer line is a skip of kind too_long, drained without holding it in memory."""
+    return 4 * max_chars + 4096
+
+
+def parse_jsonl_line(raw: bytes | None, max_bytes: int) -> tuple[Any, str | None, str]:
+    """One line of a jsonl file (from _bounded_lines) -> (row, None, "") or (None, kind, detail), where kind is one of
+    the counted skip kinds: too_long (raw None: over max_bytes), empty_text (blank line), invalid_utf8,
+    malformed_json. The one parser behind every jsonl reader of the project."""
+    if raw is None:
+        return None, "too_long", f"line longer than {max_bytes:,} bytes"
+    if not raw.strip():
+        return None, "empty_text", "blank line"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, "invalid_utf8", str(exc)
+    try:
+        return json.loads(line), None, ""
+    except json.JSONDecodeError as exc:
+        return None, "malformed_json", f"{exc.msg} at column {exc.colno}"
+
+
+STRICT_MAX_LINE_BYTES = 1 << 28  # read_jsonl's sanity bound: 256 MiB on one line is a broken file, not a row
+
+
+def read_jsonl(path: str | Path, error: type[Exception] = DataError, where: str = "",
+               max_bytes: int = STRICT_MAX_LINE_BYTES) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, row) for every non-blank line of a jsonl file whose rows must all be JSON objects (eval
+    task files, the teacher cache input): any other line raises `error` (the caller's exception type) as
+    "{where}{path}:{line}: ...". Blank lines are skipped, as a text editor's trailing newline is not a row."""
+    with open(path, "rb") as f:
+        for lineno, raw in _bounded_lines(f, max_bytes):
+            row, kind, detail = parse_jsonl_line(raw, max_bytes)
+            if kind == "empty_text":
+                continue
+            if kind == "malformed_json":
+                raise error(f"{where}{path}:{lineno}: malformed JSON ({detail})")
+            if kind is not None:
+                raise error(f"{where}{path}:{lineno}: {kind.replace('_', ' ')}: {detail}")
+            if not isinstance(row, dict):
+                raise error(f"{where}{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def scan_jsonl(path: Path, check_row: Callable[[Any], tuple[str | None, str]], max_bytes: int,
+               on_error: str) -> dict:
+    """One pass over a jsonl file for random access: the byte offset of every line (offsets[i]..offsets[i+1] is
+    line i, 0-based) and which lines are usable (`check_row(row)` -> (None, "") or (kind, detail)). A bad line
+    raises DataError naming file:line (on_error="raise") or is left out and counted in `skips` (the first 100 kept
+    in `bad` as (line, reason))."""
+    skips: Counter = Counter()
+    bad: list[tuple[int, str]] = []
+    starts: list[int] = []
+    valid: list[bool] = []
+    with open(path, "rb") as f:
+        pos = 0
+        for lineno, raw in _bounded_lines(f, max_bytes):
+            starts.append(pos)
+            pos = f.tell()
+            row, kind, detail = parse_jsonl_line(raw, max_bytes)
+            if kind is None:
+                kind, detail = check_row(row)
+            if kind is not None:
+                if on_error == "raise":
+                    raise DataError(f"{path}:{lineno}: {kind.replace('_', ' ')}: {detail}")
+                skips[kind] += 1
+                if len(bad) < 100:
+                    bad.append((lineno, f"{kind}: {detail}"))
+            valid.append(kind is None)
+        starts.append(pos)
+    return {"offsets": np.asarray(starts, dtype=np.int64), "valid": np.asarray(valid, dtype=bool),
+            "skips": dict(skips), "bad": bad}
+
+
 def _iter_jsonl(fobj, name: str, field: str, max_chars: int, on_error: str, skips: Counter | None,
                 default_source: str) -> Iterator[Record]:
-    for lineno, raw in _bounded_lines(fobj, 4 * max_chars + 4096):
+    max_bytes = _line_bytes(max_chars)
+    for lineno, raw in _bounded_lines(fobj, max_bytes):
         where = f"{name}:{lineno}"
-        if raw is None:
-            _bad("too_long", where, f"line longer than {4 * max_chars + 4096:,} bytes (max_chars={max_chars:,})",
-                 on_error, skips)
-            continue
-        if not raw.strip():
-            _bad("empty_text", where, "blank line", on_error, skips)
-            continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            _bad("invalid_utf8", where, str(exc), on_error, skips)
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            _bad("malformed_json", where, f"{exc.msg} at column {exc.colno}", on_error, skips)
+        row, kind, detail = parse_jsonl_line(raw, max_bytes)
+        if kind is not None:
+            _bad(kind, where, detail, on_error, skips)
             continue
         source = row.get("source", default_source) if isinstance(row, dict) else default_source
         source = source if isinstance(source, str) else default_source
@@ -227,7 +303,7 @@ def _iter_jsonl(fobj, name: str, field: str, max_chars: int, on_error: str, skip
 def _iter_txt(fobj, name: str, max_chars: int, on_error: str, skips: Counter | None,
               default_source: str) -> Iterator[Record]:
     """Plain text: one text per non-blank line (blank lines separate, they are not counted as bad input)."""
-    for lineno, raw in _bounded_lines(fobj, 4 * max_chars + 4096):
+    for lineno, raw in _bounded_lines(fobj, _line_bytes(max_chars)):
         where = f"{name}:{lineno}"
         if raw is None:
             _bad("too_long", where, f"line over max_chars={max_chars:,}", on_error, skips)
@@ -555,10 +631,11 @@ def build(out_dir: str | Path, passages: str | None = None, short: str | None = 
                SourceSpec("short", str(short), 1.0 - passage_ratio, "short", False, field)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    final, tmp = out_dir / "texts.jsonl", out_dir / f".texts.jsonl.tmp{os.getpid()}"
+    final = out_dir / "texts.jsonl"
     stats = RecipeStats()
-    prog = Progress("build", n_texts, enabled=progress)
-    try:
+    bar = progress_bar(total=n_texts, desc="build", unit="texts", enabled=progress)
+
+    def write_rows(tmp: Path) -> None:  # streamed into atomic_write's temporary file, renamed when complete
         with open(tmp, "w", encoding="utf-8") as f:
             for row, ex in enumerate(recipe_stream(sources, seed=seed, split_ratio=split_ratio,
                                                    min_sentences=min_sentences, max_sentences=max_sentences,
@@ -566,15 +643,13 @@ def build(out_dir: str | Path, passages: str | None = None, short: str | None = 
                                                    max_chars=max_chars, stats=stats)):
                 f.write(json.dumps({"id": row, "text": ex.text, "hash": text_hash(ex.text), "source": ex.source,
                                     "kind": ex.kind}, ensure_ascii=False) + "\n")
-                prog.update()
-        n = sum(stats.texts.values())
-        if n == 0:
+                bar.update()
+        if sum(stats.texts.values()) == 0:
             raise DataError(f"build produced no text from {passages} and {short} (skips: {dict(stats.skips)})")
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    prog.close()
+
+    atomic_write(final, write_rows)
+    bar.close()
+    n = sum(stats.texts.values())
     if n_texts is not None and n < n_texts:
         print(f"build: input {stats.exhausted!r} ran out after {n:,} of {n_texts:,} texts", file=sys.stderr)
     meta = {"texts": str(final), "n_texts": n, "seed": seed, "inputs": {"passages": str(passages),
@@ -604,62 +679,20 @@ _INDEX_VERSION = 1
 
 
 def _scan_index(path: Path, field: str, max_chars: int, on_error: str) -> dict:
-    """One pass over a jsonl file: byte offset of every line, and which lines are usable training rows. A row is
-    usable if it is valid UTF-8 JSON, an object with a non-blank string `field` of at most max_chars chars, and its
-    "hash" (when present) equals text_hash(text). Bad rows raise (on_error="raise") or are left out and counted."""
-    skips: Counter = Counter()
-    bad: list[tuple[int, str]] = []
-    starts: list[int] = []
-    valid: list[bool] = []
-    name = str(path)
-    with open(path, "rb") as f:
-        pos = 0
-        for lineno, raw in _bounded_lines(f, 4 * max_chars + 4096):
-            starts.append(pos)
-            if raw is None:
-                kind, detail = "too_long", f"line over max_chars={max_chars:,}"
-            else:
-                kind, detail = _check_row(raw, field, max_chars)
-            pos = f.tell()
-            ok = kind is None
-            if not ok:
-                if on_error == "raise":
-                    raise DataError(f"{name}:{lineno}: {kind.replace('_', ' ')}: {detail}")
-                skips[kind] += 1
-                if len(bad) < 100:
-                    bad.append((lineno, f"{kind}: {detail}"))
-            valid.append(ok)
-        starts.append(pos)
+    """scan_jsonl with the training-row check: a usable row is a JSON object with a non-blank string `field` of at
+    most max_chars chars whose "hash" (when present) equals text_hash(text)."""
+    def check_row(row: Any) -> tuple[str | None, str]:
+        if not isinstance(row, dict):
+            return "missing_field", f"no {field!r} field"
+        kind, detail = _text_problem(row.get(field), field, max_chars)
+        if kind is None and row.get("hash") is not None and row["hash"] != text_hash(row[field]):
+            return "hash_mismatch", f"hash {row['hash']!r} != text_hash(text) {text_hash(row[field])!r}"
+        return kind, detail
+
+    idx = scan_jsonl(path, check_row, _line_bytes(max_chars), on_error)
     st = path.stat()
     return {"version": _INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "field": field,
-            "max_chars": max_chars, "offsets": np.asarray(starts, dtype=np.int64),
-            "valid": np.asarray(valid, dtype=bool), "skips": dict(skips), "bad": bad}
-
-
-def _check_row(raw: bytes, field: str, max_chars: int) -> tuple[str | None, str]:
-    if not raw.strip():
-        return "empty_text", "blank line"
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return "invalid_utf8", str(exc)
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return "malformed_json", f"{exc.msg} at column {exc.colno}"
-    if not isinstance(row, dict) or field not in row:
-        return "missing_field", f"no {field!r} field"
-    t = row[field]
-    if not isinstance(t, str):
-        return "missing_field", f"field {field!r} is {type(t).__name__}, not a string"
-    if not t.strip():
-        return "empty_text", f"field {field!r} is empty or whitespace"
-    if len(t) > max_chars:
-        return "too_long", f"{len(t):,} chars > max_chars={max_chars:,}"
-    h = row.get("hash")
-    if h is not None and h != text_hash(t):
-        return "hash_mismatch", f"hash {h!r} != text_hash(text) {text_hash(t)!r}"
-    return None, ""
+            "max_chars": max_chars, **idx}
 
 
 def load_index(path: str | Path, field: str = "text", max_chars: int = DEFAULT_MAX_CHARS, on_error: str = "skip",
@@ -690,16 +723,15 @@ def load_index(path: str | Path, field: str = "text", max_chars: int = DEFAULT_M
     idx = _scan_index(path, field, max_chars, on_error)
     if cache:
         meta = {k: v for k, v in idx.items() if k not in ("offsets", "valid")}
-        tmp = side.with_name(f".{side.name}.tmp{os.getpid()}.npz")
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+                np.savez(f, offsets=idx["offsets"], valid=idx["valid"], meta=np.array(json.dumps(meta)))
+
         try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            np.savez(tmp, offsets=idx["offsets"], valid=idx["valid"], meta=np.array(json.dumps(meta)))
-            os.replace(tmp, side)
+            atomic_write(side, write)
         except OSError:
             pass  # read-only folder: keep the index in memory
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     return idx
 
 
@@ -889,7 +921,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     Rows: `image_field` holds a path (relative to image_root, default the file's folder), raw bytes (parquet binary)
     or an HF Image struct {"bytes", "path"}; `caption_field` holds the caption, or, when absent, the first gpt turn of
     an Infinity-MM/LLaVA "conversations" list. __getitem__ returns the undecoded row; `collate` decodes and
-    preprocesses images with model.load_image / model.preprocess_images, so the work happens in DataLoader workers.
+    preprocesses images with vision.load_image / vision.preprocess_images, so the work happens in DataLoader workers.
     Broken images are skipped and counted: each batch carries n_skipped, and `loader()` sums them into `.skips`.
     jsonl is read by byte offset (random access); parquet keeps one row group cached per worker (shuffled access
     then reads a row group per row: prefer jsonl + image files for large sets).
@@ -913,40 +945,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             self._lines = np.arange(self._rg_starts[-1], dtype=np.int64)
         else:
             self._rg_starts = None
-            idx = self._scan_jsonl(index_cache)
+            idx = scan_jsonl(self.path, self._check_row, _line_bytes(max_chars), on_error)
             self._offsets, self._lines = idx["offsets"], np.flatnonzero(idx["valid"]).astype(np.int64)
             for k, v in idx["skips"].items():
                 self.skips[k] += v
 
-    def _scan_jsonl(self, cache: bool) -> dict:
-        # Reuse the text index with a row check for the caption: build it by a dedicated pass (rows need an image
-        # field and a caption or a conversations list, which the text checks do not know).
-        skips: Counter = Counter()
-        starts, valid = [], []
-        with open(self.path, "rb") as f:
-            pos = 0
-            for lineno, raw in _bounded_lines(f, 4 * self.max_chars + 4096):
-                starts.append(pos)
-                pos = f.tell()
-                kind, detail = ("too_long", "line too long") if raw is None else self._check_row(raw)
-                if kind:
-                    if self.on_error == "raise":
-                        raise DataError(f"{self.path}:{lineno}: {kind.replace('_', ' ')}: {detail}")
-                    skips[kind] += 1
-                valid.append(kind is None)
-            starts.append(pos)
-        return {"offsets": np.asarray(starts, dtype=np.int64), "valid": np.asarray(valid, dtype=bool),
-                "skips": skips}
-
-    def _check_row(self, raw: bytes) -> tuple[str | None, str]:
-        if not raw.strip():
-            return "empty_text", "blank line"
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            return "invalid_utf8", str(exc)
-        except json.JSONDecodeError as exc:
-            return "malformed_json", f"{exc.msg} at column {exc.colno}"
+    def _check_row(self, row: Any) -> tuple[str | None, str]:
+        """scan_jsonl's row check for a pair: an image field, and a caption (or a conversations answer)."""
         if not isinstance(row, dict) or not row.get(self.image_field):
             return "missing_field", f"no {self.image_field!r} field"
         cap = self._caption(row)
@@ -990,9 +995,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return {"index": i, "image": img, "caption": self._caption(row)}
 
     def collate(self, items: list[dict]) -> dict:
-        """Decode + preprocess in the worker (model.preprocess_images): broken images are dropped and counted
-        (on_error="skip") or raise model.ImageError naming the data file, the row and the image."""
-        import model
+        """Decode + preprocess in the worker (vision.preprocess_images): broken images are dropped and counted
+        (on_error="skip") or raise vision.ImageError naming the data file, the row and the image."""
         n_bad_caption = len(items)
         items = [it for it in items if isinstance(it["caption"], str) and it["caption"].strip()]
         n_bad_caption -= len(items)  # parquet rows are not pre-validated: a null / blank caption is dropped here
@@ -1002,8 +1006,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         names = [f"{self.path} row {it['index']} (image {it['image'] if isinstance(it['image'], str) else '<bytes>'})"
                  for it in items]
         images = [it["image"] if it["image"] is not None else b"" for it in items]  # None -> "not an image"
-        pixel_values, kept, n_skipped = model.preprocess_images(images, size=self.image_size, on_error=self.on_error,
-                                                                names=names)
+        pixel_values, kept, n_skipped = preprocess_images(images, size=self.image_size, on_error=self.on_error,
+                                                          names=names)
         return {"pixel_values": pixel_values,                                   # (n, 3, S, S) float32
                 "captions": [caps[k] for k in kept],
                 "indices": torch.tensor([items[k]["index"] for k in kept], dtype=torch.long),  # (n,)
@@ -1025,6 +1029,51 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         d = dict(self.__dict__)
         d["_fh"], d["_fh_pid"], d["_rg_cache"] = None, None, None
         return d
+
+
+class ImageBatches:
+    """Stage 4 batches: this rank's share of a uniform random global batch of image-caption pairs. Global batch g =
+    positions [k*B, (k+1)*B) of a seeded permutation of epoch e (g = e * steps_per_epoch + k), rank r takes
+    [r*b, (r+1)*b): a pure function of (seed, g, rank), so `g` is the whole resume state (like TrainLoader).
+    Images are decoded by ImageCaptionDataset.collate in DataLoader workers; broken images are dropped and counted
+    (a rank's share may then be smaller: train.gather_global handles unequal shares)."""
+
+    def __init__(self, path: str | Path, tokenizer, global_batch: int, max_length: int, seed: int, rank: int = 0,
+                 world_size: int = 1, *, image_size: int = 384, num_workers: int = 2):
+        self.ds = ImageCaptionDataset(path, image_size=image_size)
+        self.tok, self.max_length, self.seed, self.num_workers = tokenizer, max_length, seed, num_workers
+        self.rank, self.B, self.b = rank, global_batch, global_batch // world_size
+        self.steps_per_epoch = len(self.ds) // global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{path}: {len(self.ds)} usable pairs < global batch {global_batch}")
+        self.g = 0
+        self.skips: dict[str, int] = dict(self.ds.skips)  # bad rows of the index (the same on every rank)
+        self.broken = 0  # images of THIS rank's shares that failed to decode (summed over ranks when logged)
+
+    def state_dict(self) -> dict:
+        return dict(g=self.g, broken=self.broken)
+
+    def load_state_dict(self, s: dict):
+        self.g, self.broken = int(s["g"]), int(s["broken"])
+
+    def __len__(self):
+        return 1 << 62
+
+    def __getitem__(self, g: int) -> dict:  # runs in a DataLoader worker
+        e, k = divmod(g, self.steps_per_epoch)
+        perm = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e))
+        share = perm[k * self.B:(k + 1) * self.B][self.rank * self.b:(self.rank + 1) * self.b]
+        return self.ds.collate([self.ds[int(i)] for i in share])  # pixel_values (n, 3, S, S), captions, n_skipped
+
+    def __iter__(self):
+        dl = torch.utils.data.DataLoader(self, batch_size=None, sampler=range(self.g, 1 << 62),
+                                         num_workers=self.num_workers, collate_fn=_identity)
+        for item in dl:
+            self.g += 1
+            self.broken += item["n_skipped"]
+            ids, mask = self.tok(item["captions"], max_length=self.max_length)
+            yield dict(pixel_values=item["pixel_values"], input_ids=ids, attention_mask=mask,
+                       n_tokens=int(mask.sum()))
 
 
 # ==================================================================================================================

@@ -1,4 +1,5 @@
-"""Evaluation on MTEB subsets (arXiv 2412.19048, sec. 4: MTEB results, Table 3 instruction robustness).
+"""Evaluation of any encoder of this project on MTEB tasks (arXiv 2412.19048, sec. 4: MTEB results, Table 3
+instruction robustness), at every Matryoshka head, as tables, JSON and plots.
 
 Two engines, one set of embeddings:
 - engine="mteb" (default): the `mteb` package's own tasks, evaluators and protocols (classification undersampling,
@@ -45,7 +46,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from model import Progress, atomic_write
+import data
+from checkpoints import atomic_write, progress, read_json
+from model import JasperModel
+from teachers import load_teacher
 
 
 class EvalError(ValueError):
@@ -123,13 +127,6 @@ def task_instruction(task_name: str, task_type: str, prompt_type: str | None, in
 # ---------------------------------------------------------------------------------------------------------------
 # Encoders
 # ---------------------------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-
-
 def _is_jasper(spec: str) -> bool:
     """Released Jasper / our exported students: config.json with head dims or a Jasper architecture."""
     p = Path(spec)
@@ -137,7 +134,7 @@ def _is_jasper(spec: str) -> bool:
     if p.is_dir():
         if not cfg_path.exists():
             return False
-        cfg = _read_json(cfg_path)
+        cfg = read_json(cfg_path, "model config", error=EvalError)
         arch = " ".join(cfg.get("architectures") or []) + " " + str(cfg.get("model_type", ""))
         return "head_dims" in cfg or "jasper" in arch.lower() or "vector_dim" in cfg
     return "jasper" in spec.lower()
@@ -148,32 +145,18 @@ def load_encoder(spec: str | os.PathLike, **kw) -> Any:
 
     Jasper (released or our exported students) -> model.JasperModel.from_pretrained; everything else (BERT-family
     sentence-transformers folders such as all-MiniLM-L6-v2, stella, NV-Embed-v2) -> teachers.load_teacher.
-    The result has `.encode(texts, dim=None, instruction=None, batch_size=..., show_progress=...)`; `.dims` is set
-    to the available head dims.
+    The result has `.encode(texts, dim=None, instruction=None, batch_size=..., show_progress=...)` and either
+    `.dims` (a Jasper: its head dims) or `.dim` (a teacher: one output); encoder_dims() reads both.
     """
     spec = str(spec)
     if _is_jasper(spec):
-        import model as model_mod
         kw.setdefault("vision", False)  # text evaluation: skip the SigLIP tower
-        enc = model_mod.JasperModel.from_pretrained(spec, **kw)
+        enc = JasperModel.from_pretrained(spec, **kw)
         enc.eval()
-        if not hasattr(enc, "dims"):
-            try:
-                enc.dims = tuple(enc.config.head_dims)
-            except AttributeError:
-                enc.dims = tuple(int(n.rsplit("_", 1)[1]) for n, _ in enc.named_children()
-                                 if n.startswith("vector_linear_"))
         enc.uses_instructions = True
-        enc.name = getattr(enc, "name", None) or Path(spec).name
+        enc.name = Path(spec).name
         return enc
-    import teachers
-    enc = teachers.load_teacher(spec, **kw)
-    if not hasattr(enc, "dims"):
-        try:
-            enc.dims = (int(enc.dim),)
-        except (AttributeError, TypeError):
-            pass
-    return enc
+    return load_teacher(spec, **kw)
 
 
 def encoder_dims(encoder) -> tuple[int, ...]:
@@ -242,8 +225,8 @@ class EmbeddingCache:
             if dim in self.dims and len(self.dims) > 1 and getattr(self.encoder, "encodes_many_dims", False):
                 group = list(self.dims)
             show = self.show_progress if self.show_progress is not None else len(todo) >= 256
-            prog = Progress(f"[eval] encode (dim={'/'.join(str(d or 'native') for d in group)})", len(todo),
-                            enabled=show, every=0)
+            bar = progress(total=len(todo), desc=f"[eval] encode (dim={'/'.join(str(d or 'native') for d in group)})",
+                           unit="texts", enabled=show)
             for i in range(0, len(todo), self.chunk):
                 part = todo[i:i + self.chunk]
                 for d, emb in zip(group, self._encode(part, group, instruction)):
@@ -251,7 +234,8 @@ class EmbeddingCache:
                     for t, row in zip(part, emb):
                         st[t] = row
                 self.n_encoded += len(part)
-                prog.update(len(part))
+                bar.update(len(part))
+            bar.close()
         if not texts:
             return np.zeros((0, dim or 0), dtype=np.float32)
         return np.stack([store[t] for t in texts])
@@ -275,20 +259,9 @@ TYPE_DIRS = {
 
 
 def read_jsonl(path: Path, task: str = "") -> list[dict]:
-    """Rows of a jsonl file; a malformed line raises EvalError naming task, file and line."""
+    """Rows of a jsonl file (data.read_jsonl); a malformed line raises EvalError naming task, file and line."""
     where = f"task {task}: " if task else ""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{where}{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise EvalError(f"{where}{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    rows = [row for _, row in data.read_jsonl(path, error=EvalError, where=where)]
     if not rows:
         raise EvalError(f"{where}{path}: file is empty")
     return rows
@@ -921,8 +894,7 @@ def main(argv=None) -> int:
         dims = [int(x) for x in args.dims.split(",")] if args.dims else None
         data_dir = None if args.data_dir == "hub" else args.data_dir
         if args.data_dir is None:
-            import data  # the one definition of the default data dir (data.py, train.py and eval.py share it)
-            if data.default_data_dir().is_dir():
+            if data.default_data_dir().is_dir():  # the one definition of the default data dir (data.py)
                 data_dir = data.default_data_dir()
                 print(f"eval.py: data from {data_dir} (--data-dir to change)", file=sys.stderr)
         enc = load_encoder(args.model, **({"max_length": args.max_length} if args.max_length else {}))

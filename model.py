@@ -1,236 +1,35 @@
-"""The Jasper student (arXiv 2412.19048, sec. 2.1): a Qwen2 text encoder, a SigLIP vision tower, a parameter-free
-pooler that turns image patches into text-width tokens, and four Matryoshka heads (FC1..FC4 = 12288/1024/512/256).
+"""The Jasper text student (arXiv 2412.19048, sec. 2.1): a Qwen2 body used as a bidirectional encoder, masked mean
+pooling and four Matryoshka heads FC1..FC4 (12288/1024/512/256), plus the tokenizer that feeds it.
 
-Written directly in torch; loads real safetensors checkpoints key-for-key (modules are named after the checkpoint
-keys, so loading needs at most a prefix, never a key map).
+Read top to bottom: Qwen2Config and the Qwen2 body (attention with RoPE and GQA, SwiGLU MLP, RMSNorm), mean_pool,
+TextTokenizer, then JasperConfig / JasperModel (the student: body -> mean -> heads -> L2 normalise; its SigLIP
+tower, pooler and image splice live in vision.py). Written directly in torch; modules are named after the
+checkpoint keys, so real safetensors checkpoints load key for key (checkpoints.py) with at most a prefix, never a
+key map. Design notes: docs/model.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
-import logging
 import math
 import os
-import shutil
-import sys
-import tempfile
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor, nn
 
+from checkpoints import (CheckpointError, load_state_strict, progress, read_dense_folder, read_json, read_safetensors,
+                         resolve_checkpoint, save_hf_checkpoint, stella_dense_folders)
+from vision import (IMG_END_ID, IMG_START_ID, IMG_TOKEN_ID, NUM_IMAGE_TOKENS, SiglipVisionConfig, SiglipVisionEncoder,
+                    jasper_vision_state, pool_image_features, preprocess_images, splice_image_features)
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Checkpoint loading: real safetensors files, strict key/shape checks, meta-device construction + assign.
-# ---------------------------------------------------------------------------------------------------------------------
-class CheckpointError(Exception):
-    """A checkpoint that cannot be loaded as asked: the message names the file, key(s) and shapes involved."""
-
-
-def resolve_checkpoint(src: str | os.PathLike) -> Path:
-    """`src` is a local directory (used as is) or a hub id (downloaded with huggingface_hub when online)."""
-    path = Path(src).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{src}: expected a checkpoint directory, found a file")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(src)))
-    except Exception as e:  # offline, unknown repo, no permission, ...
-        raise CheckpointError(
-            f"{src!r} is not a local directory and could not be fetched from the hugging face hub "
-            f"({type(e).__name__}: {e})") from e
-
-
-def _safetensors_keys(file: Path) -> list[str]:
-    from safetensors import safe_open
-
-    if not file.is_file():
-        raise CheckpointError(f"{file}: safetensors file not found")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return list(f.keys())
-    except Exception as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-
-
-def read_safetensors(ckpt_dir: str | os.PathLike, prefix_filter: str | Sequence[str] | None = None) -> dict[str, Tensor]:
-    """All tensors of a checkpoint directory: `model.safetensors`, or shards listed by `model.safetensors.index.json`.
-
-    `prefix_filter` (a prefix or several) keeps only matching keys; the others are never read from disk.
-    A missing, truncated or corrupt file raises CheckpointError naming the file.
-    """
-    from safetensors import safe_open
-
-    ckpt_dir = Path(ckpt_dir)
-    index = ckpt_dir / "model.safetensors.index.json"
-    single = ckpt_dir / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except Exception as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        by_file: dict[str, list[str]] = {}
-        for key, fname in weight_map.items():
-            by_file.setdefault(fname, []).append(key)
-    elif single.is_file():
-        by_file = {single.name: _safetensors_keys(single)}
-    else:
-        raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json")
-    prefixes = (prefix_filter,) if isinstance(prefix_filter, str) else tuple(prefix_filter or ())
-    state: dict[str, Tensor] = {}
-    for fname, keys in by_file.items():
-        file = ckpt_dir / fname
-        present = set(_safetensors_keys(file))
-        absent = [k for k in keys if k not in present]
-        if absent:
-            raise CheckpointError(f"{file}: keys listed in {index.name} but missing from the file: {absent[:10]}")
-        wanted = [k for k in keys if not prefixes or k.startswith(prefixes)]
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for k in wanted:
-                    state[k] = f.get_tensor(k)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{file}: failed reading tensor data (truncated or corrupt?): {e}") from e
-    return state
-
-
-def _fmt_shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
-def load_state_strict(module: nn.Module, state: dict[str, Tensor], prefix: str = "", what: str = "") -> None:
-    """Load the keys of `state` under `prefix` (stripped) into `module`, requiring exactly the module's keys.
-
-    Missing keys, unexpected keys and shape mismatches raise CheckpointError listing them (with shapes). Tensors are
-    cast to the dtype of the module's own parameter/buffer (build the module in the dtype you want, e.g. on meta) and
-    loaded with assign=True, so a meta-device module gets real storage without a random init first. Non-persistent
-    buffers (the RoPE frequencies) are rebuilt afterwards on the parameters' device.
-    """
-    what = what or type(module).__name__
-    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    own = module.state_dict()
-    missing = [k for k in own if k not in sub]
-    unexpected = [k for k in sub if k not in own]
-    bad_shape = [k for k in own if k in sub and tuple(sub[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or bad_shape:
-        lines = [f"cannot load {what} (key prefix {prefix!r}):"]
-        if missing:
-            lines.append(f"  {len(missing)} missing key(s): " + ", ".join(
-                f"{prefix}{k} {_fmt_shape(own[k])}" for k in missing[:20]) + (" ..." if len(missing) > 20 else ""))
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected key(s): " + ", ".join(
-                f"{prefix}{k} {_fmt_shape(sub[k])}" for k in unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
-        if bad_shape:
-            lines.append("  shape mismatch: " + ", ".join(
-                f"{prefix}{k} checkpoint {_fmt_shape(sub[k])} vs model {_fmt_shape(own[k])}" for k in bad_shape[:20]))
-        raise CheckpointError("\n".join(lines))
-    casted = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in sub.items()}
-    module.load_state_dict(casted, strict=True, assign=True)
-    for m in module.modules():
-        if hasattr(m, "reset_nonpersistent_buffers"):
-            m.reset_nonpersistent_buffers()
-    still_meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
-    if still_meta:
-        raise CheckpointError(f"cannot load {what}: tensors left without data after loading: {still_meta[:10]}")
-
-
-def _read_json(path: Path, what: str = "", error: type[Exception] = CheckpointError) -> dict:
-    """A JSON file (config.json, ...); a missing or malformed file raises `error` naming the file (and `what`)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise error(f"{path}: file not found{f' ({what})' if what else ''}") from None
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: invalid JSON ({e})") from e
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Two small utilities every file of the project uses (model.py is the one module all the others import).
-# ---------------------------------------------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, data: bytes | memoryview | str | Callable[[Path], None]) -> None:
-    """Write `path` so that a kill at any moment leaves the old file or the complete new one, never a short one.
-
-    The bytes (or text, utf-8; or whatever `data(tmp_path)` writes) go to a hidden sibling `.NAME.tmp<pid>`, are
-    fsync'ed, then `os.replace`d over `path` (atomic on POSIX). A killed writer leaves at most a *.tmp* file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        if callable(data):
-            data(tmp)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-class Progress:
-    """A progress line on stderr: `what: n/total (pct) rate unit/s, elapsed, ETA`.
-
-    Printed at most every `every` seconds, and once more when `n` reaches `total` (or on `close()` when the total
-    is unknown). `update(k)` counts k more items done.
-    """
-
-    def __init__(self, what: str, total: int | None = None, unit: str = "texts", enabled: bool = True,
-                 every: float = 5.0):
-        self.what, self.total, self.unit, self.enabled, self.every = what, total, unit, enabled, every
-        self.n, self.t0, self.last, self.closed = 0, time.perf_counter(), time.perf_counter(), False
-
-    def update(self, k: int = 1) -> None:
-        self.n += k
-        now = time.perf_counter()
-        if self.total is not None and self.n >= self.total:
-            self.close()
-        elif self.enabled and now - self.last >= self.every:
-            self.last = now
-            self._print(now)
-
-    def close(self) -> None:
-        if self.enabled and not self.closed:
-            self.closed = True
-            self._print(time.perf_counter())
-
-    def _print(self, now: float) -> None:
-        el = max(now - self.t0, 1e-9)
-        rate = self.n / el
-        msg = f"{self.what}: {self.n:,}" + (f"/{self.total:,} ({100 * self.n / max(self.total, 1):.1f}%)"
-                                             if self.total is not None else "")
-        msg += f" {rate:,.1f} {self.unit}/s, elapsed {fmt_duration(el)}"
-        if self.total is not None and self.n < self.total:
-            msg += f", ETA {fmt_duration((self.total - self.n) / rate) if rate > 0 else '?'}"
-        print(msg, file=sys.stderr, flush=True)
-
-
-def fmt_duration(s: float) -> str:
-    """12s, 3m05s, 1h02m."""
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Qwen2 (and Mistral) decoder body used as a (by default bidirectional) text encoder. REFERENCE.md "Student".
+# Qwen2 (and Mistral) decoder body used as a (by default bidirectional) text encoder (sec. 2.1;
+# docs/model.md).
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class Qwen2Config:
@@ -267,7 +66,7 @@ class Qwen2Config:
         if not isinstance(cfg, dict):
             p = Path(cfg)
             p = p / "config.json" if p.is_dir() else p
-            where, cfg = str(p), _read_json(p)
+            where, cfg = str(p), read_json(p)
         mt = cfg.get("model_type")
         if mt not in ("qwen2", "mistral"):
             raise CheckpointError(f"{where}: model_type {mt!r} is not supported (expected 'qwen2' or 'mistral')")
@@ -395,7 +194,6 @@ class Qwen2Encoder(nn.Module):
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.register_buffer("inv_freq", self._inv_freq(None), persistent=False)
-        self.gradient_checkpointing = False
         if not self.embed_tokens.weight.is_meta:
             self.init_weights()
 
@@ -463,11 +261,8 @@ class Qwen2Encoder(nn.Module):
             raise ValueError(f"causal input of {T} tokens exceeds sliding_window {self.config.sliding_window}: "
                              f"sliding-window attention is not supported by this encoder (refused, not approximated)")
         mask, is_causal = self.attention_mask_for_sdpa(attention_mask, T)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, is_causal, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, is_causal)
+        for layer in self.layers:  # train.py wraps each layer for activation checkpointing when asked
+            x = layer(x, cos, sin, mask, is_causal)
         return self.norm(x)  # (B, T, H)
 
     # -- loading ------------------------------------------------------------------------------------------------------
@@ -514,7 +309,7 @@ JASPER_IMAGE_TOKENS = ("<|jasper_img_start|>", "<|jasper_img_token|>", "<|jasper
 class TextTokenizer:
     """Wraps `tokenizers.Tokenizer`: instruction prompts, truncation (special tokens kept), right padding.
 
-    Queries get "Instruct: {instruction}\\nQuery: " in front (REFERENCE "Prompts"); documents get nothing. For a Qwen
+    Queries get "Instruct: {instruction}\\nQuery: " in front (docs/eval.md, "Instructions"); documents get nothing. For a Qwen
     vocabulary the three Jasper image tokens are added when missing: with the Qwen2/stella tokenizer (3 special
     tokens) they get the released ids 151646-151648; with a larger Qwen2.5 vocabulary they get the next free ids, and
     `image_token_ids` says which (JasperModel takes its ids from there).
@@ -610,471 +405,7 @@ class TextTokenizer:
         self.tok.save(str(out))
         return out
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Vision side of the student (paper sec. 2.1; stage 4 in sec. 3.1): the SigLIP so400m-patch14-384 vision tower, the
-# parameter-free pooler that turns its 27x27 patch grid into 300 text-width tokens, the splice of those tokens at the
-# `<|jasper_img_token|>` positions of the text, and image loading / preprocessing (Pillow + numpy).
-# Facts: REFERENCE.md "Vision encoder", "Pooler", "Image preprocessing". Design notes: docs/vision.md.
-# ---------------------------------------------------------------------------------------------------------------------
-_vlog = logging.getLogger("jasper.vision")
 
-# The three image special tokens of the released Jasper (config.json img_start/img_token/img_end_token_id) and the
-# number of pooled image vectors spliced between start and end (config.json num_img_tokens).
-IMG_START_ID, IMG_TOKEN_ID, IMG_END_ID = 151646, 151647, 151648
-NUM_IMAGE_TOKENS = 300
-IMAGE_SIZE = 384                       # SigLIP so400m-patch14-384 input side; 384 // 14 = 27 -> 27 x 27 = 729 patches
-IMAGE_MEAN = IMAGE_STD = 0.5           # SiglipImageProcessor normalisation: x = (x / 255 - 0.5) / 0.5, in [-1, 1]
-DEFAULT_MAX_IMAGE_PIXELS = 100_000_000  # refuse images above 100 megapixels before decoding them (decompression bombs)
-
-_GELU_APPROX = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
-
-
-@dataclass
-class SiglipVisionConfig:
-    """The vision half of a SigLIP config (transformers' SiglipVisionConfig fields; defaults are transformers')."""
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    image_size: int = 224
-    patch_size: int = 16
-    layer_norm_eps: float = 1e-6
-    hidden_act: str = "gelu_pytorch_tanh"   # SigLIP uses the tanh approximation of GELU
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
-                             f"{self.num_attention_heads}")
-        if self.hidden_act not in _GELU_APPROX:
-            raise ValueError(f"hidden_act {self.hidden_act!r} not supported (one of {sorted(_GELU_APPROX)})")
-        if self.image_size < self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size  # a 'valid' strided conv drops the remainder (384 = 27 * 14 + 6)
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid ** 2
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    _FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-               "image_size", "patch_size", "layer_norm_eps", "hidden_act")
-
-    @classmethod
-    def from_hf(cls, cfg: dict | str | os.PathLike, **overrides) -> "SiglipVisionConfig":
-        """From a config.json (dict, file or directory): a full SigLIP checkpoint (model_type 'siglip', its
-        `vision_config` is used), a released-Jasper / exported student (model_type 'jasper_vl' / ours, its
-        `vision_config`), or a bare vision config (model_type 'siglip_vision_model'). Missing fields take
-        transformers' defaults, exactly as transformers would read the same file."""
-        where = "config dict"
-        if not isinstance(cfg, dict):
-            p = Path(cfg)
-            p = p / "config.json" if p.is_dir() else p
-            where, cfg = str(p), _read_json(p)
-        if cfg.get("model_type") != "siglip_vision_model" and "vision_config" in cfg:
-            if not isinstance(cfg["vision_config"], dict):
-                raise CheckpointError(f"{where}: vision_config is {cfg['vision_config']!r}, not a SigLIP vision config")
-            where, cfg = where + " [vision_config]", cfg["vision_config"]
-        mt = cfg.get("model_type", "siglip_vision_model")
-        if mt != "siglip_vision_model":
-            raise CheckpointError(f"{where}: model_type {mt!r} is not a SigLIP vision tower "
-                                  "(expected 'siglip_vision_model', or a 'siglip'/'jasper_vl' config with "
-                                  "vision_config)")
-        kw = {k: cfg[k] for k in cls._FIELDS if k in cfg}
-        kw.update(overrides)
-        try:
-            return cls(**kw)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: {e}") from e
-
-    def to_hf(self) -> dict:
-        """A config dict transformers' SiglipVisionModel accepts (no attention-pooling head: vision_use_head False)."""
-        d = {k: getattr(self, k) for k in self._FIELDS}
-        d.update(model_type="siglip_vision_model", vision_use_head=False)
-        return d
-
-
-class SiglipVisionEmbeddings(nn.Module):
-    def __init__(self, cfg: SiglipVisionConfig):
-        super().__init__()
-        # non-overlapping patches: a conv with kernel = stride = patch ('valid' padding) == a linear map per patch
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size,
-                                         stride=cfg.patch_size)
-        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)  # learned, one per patch
-
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        x = self.patch_embedding(pixel_values)              # (B, D, g, g)
-        x = x.flatten(2).transpose(1, 2)                    # (B, g*g, D), patches in row-major order
-        return x + self.position_embedding.weight           # (B, N, D)
-
-
-class SiglipAttention(nn.Module):
-    def __init__(self, cfg: SiglipVisionConfig):
-        super().__init__()
-        D = cfg.hidden_size
-        self.n_head, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
-        self.out_proj = nn.Linear(D, D)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, N, D = x.shape
-        q = self.q_proj(x).view(B, N, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, N, hd)
-        k = self.k_proj(x).view(B, N, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, N, hd)
-        v = self.v_proj(x).view(B, N, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, N, hd)
-        y = F.scaled_dot_product_attention(q, k, v)          # full (unmasked) attention, scale hd^-0.5
-        return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
-
-
-class SiglipMLP(nn.Module):
-    def __init__(self, cfg: SiglipVisionConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.approximate = _GELU_APPROX[cfg.hidden_act]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
-
-
-class SiglipEncoderLayer(nn.Module):
-    """Pre-LN transformer block: x + attn(LN1(x)), then x + mlp(LN2(x))."""
-
-    def __init__(self, cfg: SiglipVisionConfig):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = SiglipAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = SiglipMLP(cfg)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class SiglipEncoder(nn.Module):
-    def __init__(self, cfg: SiglipVisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-
-
-class SiglipVisionEncoder(nn.Module):
-    """transformers' SiglipVisionModel without the attention-pooling head: pixels (B, 3, S, S) -> (B, N, D) patch
-    features after post_layernorm (N = (S // patch)^2; 729 x 1152 for so400m-patch14-384).
-
-    Module names equal the checkpoint keys (embeddings.patch_embedding, embeddings.position_embedding,
-    encoder.layers.N.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp.fc1, mlp.fc2}, post_layernorm), so
-    a checkpoint loads with a prefix only. Build on the meta device and load with `from_pretrained` /
-    `load_checkpoint`; a module built off meta gets transformers' SigLIP initialisation.
-    """
-
-    # keys that a SigLIP vision tower checkpoint may hold and that we drop on purpose (never silently anything else):
-    # the attention-pooling head (Jasper uses the patch features, not the pooled vector) and, in old exports, the
-    # constant position_ids buffer.
-    IGNORED_KEYS = ("head.", "embeddings.position_ids")
-    ANCHOR_KEY = "embeddings.patch_embedding.weight"
-
-    def __init__(self, config: SiglipVisionConfig):
-        super().__init__()
-        self.config = config
-        self.embeddings = SiglipVisionEmbeddings(config)
-        self.encoder = SiglipEncoder(config)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.gradient_checkpointing = False
-        if not self.post_layernorm.weight.is_meta:
-            self.init_weights()
-
-    def init_weights(self) -> None:
-        """transformers' SiglipPreTrainedModel init (lecun-normal patches, N(0, 1/D) positions, xavier linears)."""
-        D = self.config.hidden_size
-        nn.init.normal_(self.embeddings.position_embedding.weight, std=D ** -0.5)
-        w = self.embeddings.patch_embedding.weight
-        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / (w[0].numel())) / 0.87962566103423978)  # lecun normal
-        nn.init.zeros_(self.embeddings.patch_embedding.bias)
-        for m in self.modules():
-            if isinstance(m, SiglipAttention):
-                for lin in (m.q_proj, m.k_proj, m.v_proj, m.out_proj):
-                    nn.init.xavier_uniform_(lin.weight)
-                    nn.init.zeros_(lin.bias)
-            elif isinstance(m, SiglipMLP):
-                for lin in (m.fc1, m.fc2):
-                    nn.init.xavier_uniform_(lin.weight)
-                    nn.init.normal_(lin.bias, std=1e-6)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        cfg = self.config
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (cfg.num_channels, cfg.image_size,
-                                                                         cfg.image_size):
-            raise ValueError(f"pixel_values must be (B, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}), got "
-                             f"{tuple(pixel_values.shape)} (preprocess with preprocess_images(size={cfg.image_size}))")
-        x = self.embeddings(pixel_values.to(self.post_layernorm.weight.dtype))  # (B, N, D)
-        for layer in self.encoder.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
-        return self.post_layernorm(x)                                            # (B, N, D)
-
-    # -- loading ------------------------------------------------------------------------------------------------------
-    @classmethod
-    def detect_prefix(cls, keys: Iterable[str], where: str = "") -> str:
-        """The key prefix of the (single) SigLIP vision tower among `keys`: 'vision_model.' in a full SigLIP
-        checkpoint, '' in a bare SiglipVisionModel export, 'vision_model.' + the inner prefix in a Jasper checkpoint
-        ('vision_model.vision_model.' when the released code wraps transformers' SiglipVisionModel)."""
-        found = sorted(k[: -len(cls.ANCHOR_KEY)] for k in keys if k.endswith(cls.ANCHOR_KEY))
-        if not found:
-            raise CheckpointError(f"{where}: no SigLIP vision tower (no key ending in {cls.ANCHOR_KEY!r})")
-        if len(found) > 1:
-            raise CheckpointError(f"{where}: several vision towers {found}; pass prefix= explicitly")
-        return found[0]
-
-    @classmethod
-    def vision_state(cls, ckpt_dir: str | os.PathLike, prefix: str | None = None) -> tuple[dict[str, Tensor], str]:
-        """(state, prefix): the vision tower's tensors of a checkpoint directory, keys still carrying `prefix`.
-
-        Only keys under the prefix are read from disk (the text tower of a full SigLIP / Jasper checkpoint is never
-        loaded); the pooling head and position_ids buffer under it are dropped on purpose (IGNORED_KEYS); all the
-        rest must match the module exactly (load_state_strict)."""
-        ckpt_dir = Path(ckpt_dir)
-        if prefix is None:
-            prefix = cls.detect_prefix(_checkpoint_keys(ckpt_dir), str(ckpt_dir))
-        state = read_safetensors(ckpt_dir, prefix_filter=prefix or None)
-        dropped = [k for k in state if k.startswith(prefix) and k[len(prefix):].startswith(cls.IGNORED_KEYS)]
-        for k in dropped:
-            del state[k]
-        if dropped:
-            _vlog.info("%s: ignoring %d vision key(s) not used by Jasper (pooling head / position_ids), e.g. %s",
-                       ckpt_dir, len(dropped), dropped[0])
-        return state, prefix
-
-    def load_checkpoint(self, ckpt_dir: str | os.PathLike, prefix: str | None = None) -> str:
-        """Load this (possibly meta) module from a checkpoint directory; returns the prefix used."""
-        state, prefix = self.vision_state(ckpt_dir, prefix)
-        load_state_strict(self, state, prefix=prefix, what=f"SigLIP vision tower from {ckpt_dir}")
-        return prefix
-
-    @classmethod
-    def from_pretrained(cls, src: str | os.PathLike, prefix: str | None = None, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "SiglipVisionEncoder":
-        """From a full SigLIP checkpoint (google/siglip-so400m-patch14-384 layout), a released-Jasper checkpoint,
-        our exported student, or a bare SiglipVisionModel; `prefix` None = auto-detect (see detect_prefix)."""
-        path = resolve_checkpoint(src)
-        cfg = SiglipVisionConfig.from_hf(path / "config.json")
-        with torch.device("meta"):
-            model = cls(cfg).to(dtype)
-        model.load_checkpoint(path, prefix)
-        return model.to(device)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-
-def jasper_vision_state(state: dict[str, Tensor], where: str = "", attr: str = "vision_model.") -> dict[str, Tensor]:
-    """Re-key the vision tower inside a whole-Jasper state dict to `attr` + our module names (JasperModel's
-    `vision_model`). The released checkpoint nests the tower one level deeper ('vision_model.vision_model.': the
-    authors wrap transformers 4.46's SiglipVisionModel, which has its own `vision_model` attribute, and keep its
-    unused pooling head); our export has it at 'vision_model.'. Only the prefix changes; the pooling head /
-    position_ids are dropped on purpose; every other key is left alone, so strict loading still reports strays."""
-    vkeys = [k for k in state if k.startswith(attr)]
-    if not vkeys:
-        return state  # no tower in the file: strict loading names the missing keys
-    prefix = SiglipVisionEncoder.detect_prefix(vkeys, where)
-    out: dict[str, Tensor] = {}
-    for k, v in state.items():
-        if k.startswith(prefix):
-            rest = k[len(prefix):]
-            if not rest.startswith(SiglipVisionEncoder.IGNORED_KEYS):
-                out[attr + rest] = v
-        else:
-            out[k] = v
-    return out
-
-
-def _checkpoint_keys(ckpt_dir: Path) -> list[str]:
-    """Tensor names of a checkpoint directory without reading any tensor data."""
-    index = ckpt_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            return list(json.loads(index.read_text())["weight_map"])
-        except Exception as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-    single = ckpt_dir / "model.safetensors"
-    if not single.is_file():
-        raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json")
-    return _safetensors_keys(single)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Pooler and splice (paper sec. 2.1: image features become 300 'text' tokens of width 1536).
-# ---------------------------------------------------------------------------------------------------------------------
-def pool_image_features(feats: Tensor, out_tokens: int = NUM_IMAGE_TOKENS, out_dim: int = 1536) -> Tensor:
-    """(B, N, D) patch features -> (B, out_tokens, out_dim): the released code's parameter-free
-    `nn.AdaptiveAvgPool2d((300, 1536))` applied to the (B, 729, 1152) tensor, i.e. the (N, D) matrix of each image is
-    treated as a 2-D map and average-pooled along BOTH axes: output token i averages patches
-    [floor(i N / 300), ceil((i + 1) N / 300)) (3 or 4 consecutive patches in row-major order), and output channel j
-    averages channels [floor(j D / 1536), ceil((j + 1) D / 1536)) (1 or 2 neighbouring channels: 1152 -> 1536 is an
-    upsampling by averaging, which mixes unrelated SigLIP channels, as the authors' code does)."""
-    if feats.dim() != 3:
-        raise ValueError(f"expected (B, N, D) patch features, got shape {tuple(feats.shape)}")
-    return F.adaptive_avg_pool2d(feats, (out_tokens, out_dim))  # 3-D input: (C=B, H=N, W=D)
-
-
-def image_placeholder_ids(num_image_tokens: int = NUM_IMAGE_TOKENS, start_id: int = IMG_START_ID,
-                          token_id: int = IMG_TOKEN_ID, end_id: int = IMG_END_ID) -> list[int]:
-    """Token ids that stand for one image in the text: <|jasper_img_start|> <|jasper_img_token|> x 300
-    <|jasper_img_end|>. The start/end tokens keep their own (learned) text embeddings; the 300 image tokens are
-    replaced by the pooled image vectors (splice_image_features)."""
-    return [start_id] + [token_id] * num_image_tokens + [end_id]
-
-
-def splice_image_features(inputs_embeds: Tensor, input_ids: Tensor, image_feats: Tensor,
-                          image_token_id: int = IMG_TOKEN_ID) -> Tensor:
-    """Replace the embeddings at the image-token positions by the pooled image vectors, out of place (gradients
-    flow into `image_feats`): (B, T, H), (B, T), (n_images, K, H) -> (B, T, H).
-
-    Images are consumed in reading order (row by row, left to right), K tokens each, exactly like the released
-    code's `inputs_embeds[input_ids == img_token_id] = vit_embeds.reshape(-1, C)`."""
-    n_img, K, H = image_feats.shape
-    if inputs_embeds.shape[:2] != input_ids.shape or inputs_embeds.shape[-1] != H:
-        raise ValueError(f"shape mismatch: inputs_embeds {tuple(inputs_embeds.shape)}, input_ids "
-                         f"{tuple(input_ids.shape)}, image_feats {tuple(image_feats.shape)}")
-    is_img = input_ids == image_token_id                                   # (B, T)
-    per_row = is_img.sum(dim=1)                                            # (B,)
-    if int(per_row.sum()) != n_img * K or bool((per_row % K).any()):
-        raise ValueError(f"the batch has {per_row.tolist()} image tokens per row (id {image_token_id}) but "
-                         f"{n_img} image(s) x {K} pooled vectors were given: every image needs exactly {K} tokens")
-    return inputs_embeds.masked_scatter(is_img.unsqueeze(-1), image_feats.to(inputs_embeds.dtype))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Image loading and preprocessing: the SiglipImageProcessor recipe (REFERENCE.md "Image preprocessing") in Pillow+numpy.
-# ---------------------------------------------------------------------------------------------------------------------
-class ImageError(ValueError):
-    """An input that cannot be used as an image; the message starts with the file name (or the input's position)."""
-
-
-def _image_name(src: Any, name: str | None) -> str:
-    if name is not None:
-        return name
-    if isinstance(src, (str, os.PathLike)):
-        return str(src)
-    if isinstance(src, Image.Image):
-        return f"<PIL image {src.mode} {src.width}x{src.height}>"
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return f"<{len(src)} bytes>"
-    return f"<{type(src).__name__}>"
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB copy of any Pillow mode. Transparency (RGBA, LA, PA, P/L/RGB with a transparency key) is composited onto
-    white, as transformers' convert_to_rgb does; 16/32-bit integer and float grayscale are scaled to 8 bits first
-    (Pillow's own I;16 -> RGB conversion clips at 255 and turns most 16-bit images white)."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img).astype(np.float64)                              # (H, W)
-        finite = a[np.isfinite(a)]
-        top = finite.max() if finite.size else 0.0
-        if img.mode == "F" and top <= 1.0:
-            a = a * 255.0                                                   # float images in [0, 1]
-        elif img.mode.startswith("I;16") or top > 255:
-            a = a / 257.0                                                   # 16-bit range 0..65535 -> 0..255
-        a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
-        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")  # always a new image (convert to the same mode copies)
-
-
-def load_image(src: Any, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """An RGB PIL image from a path, encoded bytes, a binary file object, a PIL image or a uint8 numpy array
-    ((H, W) or (H, W, 3|4)). Anything unusable raises ImageError naming the file (or `name`): missing file, not an
-    image, zero-size, more than `max_pixels` pixels (checked from the header, before decoding), truncated or corrupt
-    data (Pillow refuses truncated files unless ImageFile.LOAD_TRUNCATED_IMAGES was switched on globally)."""
-    name = _image_name(src, name)
-
-    def checked_rgb(img: Image.Image) -> Image.Image:
-        w, h = img.size
-        if w <= 0 or h <= 0:
-            raise ImageError(f"{name}: zero-size image ({w}x{h})")
-        if max_pixels is not None and w * h > max_pixels:
-            raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-                             f"(max_pixels; a decompression bomb or an absurdly large image)")
-        img.load()  # decode now: truncated / corrupt data fails here, not later inside a batch
-        return _to_rgb(img)
-
-    try:
-        if isinstance(src, Image.Image):
-            return checked_rgb(src)
-        if isinstance(src, np.ndarray):
-            if src.dtype != np.uint8 or src.ndim not in (2, 3) or (src.ndim == 3 and src.shape[2] not in (1, 3, 4)):
-                raise ImageError(f"{name}: arrays must be uint8 (H, W) or (H, W, 1|3|4), got {src.dtype} "
-                                 f"{src.shape}")
-            return checked_rgb(Image.fromarray(src[..., 0] if src.ndim == 3 and src.shape[2] == 1 else src))
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            src = io.BytesIO(bytes(src))
-        elif isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
-            raise ImageError(f"{name}: no such file")
-        with warnings.catch_warnings():  # we enforce our own pixel limit (checked_rgb)
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(src) as img:  # closes the file (multi-frame formats keep it open otherwise)
-                return checked_rgb(img)   # a new RGB image, independent of the file
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not a recognised image file") from None
-    except Image.DecompressionBombError as e:  # raised by Image.open itself above 2 x Image.MAX_IMAGE_PIXELS
-        raise ImageError(f"{name}: exceeds the limit of Pillow's decompression-bomb guard ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
-        raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {e}); truncated or corrupt file?") from None
-
-
-def image_to_pixels(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
-    """RGB PIL image -> (3, size, size) float32: bicubic resize (Pillow, as SiglipImageProcessor), rescale 1/255
-    (in float64, cast to float32, as transformers' rescale), normalise (x - 0.5) / 0.5 in float32."""
-    r = img.resize((size, size), resample=Image.Resampling.BICUBIC, reducing_gap=None)
-    x = (np.asarray(r, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)  # (S, S, 3)
-    x = (x - np.float32(IMAGE_MEAN)) / np.float32(IMAGE_STD)
-    return x.transpose(2, 0, 1)                                                            # (3, S, S)
-
-
-def preprocess_images(images: Sequence[Any], size: int = IMAGE_SIZE, on_error: str = "raise",
-                      max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                      names: Sequence[str] | None = None) -> tuple[Tensor, list[int], int]:
-    """Decode and preprocess a batch: -> (pixel_values (N, 3, size, size) float32, kept, n_skipped).
-
-    `kept` lists the input positions that made it into pixel_values (in order). on_error="raise" raises the first
-    ImageError (naming the file); on_error="skip" logs it as a warning, skips the image and counts it."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
-        images = [images]
-    out = np.empty((len(images), 3, size, size), dtype=np.float32)
-    kept: list[int] = []
-    for i, src in enumerate(images):
-        try:
-            img = load_image(src, name=None if names is None else names[i], max_pixels=max_pixels)
-        except ImageError as e:
-            if on_error == "raise":
-                raise
-            _vlog.warning("skipping image %d: %s", i, e)
-            continue
-        out[len(kept)] = image_to_pixels(img, size)
-        kept.append(i)
-    return torch.from_numpy(out[: len(kept)]), kept, len(images) - len(kept)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The student (sec. 2.1): Qwen2 body -> masked mean pool -> four Matryoshka heads FC1..FC4 (Linear, bias), each output
-# L2-normalised. Checkpoint layout equals the released Jasper: `model.*` (Qwen2 body), `vision_model.*` (SigLIP),
 # `vector_linear_{D}.*` (heads); config.json holds `text_config` / `vision_config` / head dims / image token ids.
 # ---------------------------------------------------------------------------------------------------------------------
 JASPER_HEAD_DIMS = (12288, 1024, 512, 256)  # FC1..FC4
@@ -1083,12 +414,12 @@ JASPER_HEAD_DIMS = (12288, 1024, 512, 256)  # FC1..FC4
 @dataclass
 class JasperConfig:
     text: Qwen2Config
-    vision: Any = None                          # SiglipVisionConfig | None (text-only student)
+    vision: SiglipVisionConfig | None = None    # None: a text-only student
     head_dims: tuple[int, ...] = JASPER_HEAD_DIMS
-    img_start_token_id: int = 151646
-    img_token_id: int = 151647
-    img_end_token_id: int = 151648
-    num_image_tokens: int = 300
+    img_start_token_id: int = IMG_START_ID
+    img_token_id: int = IMG_TOKEN_ID
+    img_end_token_id: int = IMG_END_ID
+    num_image_tokens: int = NUM_IMAGE_TOKENS
     max_length: int = 512
 
     def __post_init__(self):
@@ -1110,7 +441,7 @@ class JasperConfig:
         if not isinstance(cfg, dict):
             p = Path(cfg)
             p = p / "config.json" if p.is_dir() else p
-            where, cfg = str(p), _read_json(p)
+            where, cfg = str(p), read_json(p)
         text_cfg = cfg.get("text_config", cfg)
         if "model_type" not in text_cfg:
             text_cfg = {"model_type": "qwen2", **text_cfg}
@@ -1121,11 +452,7 @@ class JasperConfig:
         vision = None
         vcfg = cfg.get("vision_config")
         if vcfg:
-            vc = globals().get("SiglipVisionConfig")
-            if vc is None:
-                raise CheckpointError(f"{where}: has a vision_config but model.py has no SiglipVisionConfig yet")
-            vision = vc.from_hf(vcfg) if hasattr(vc, "from_hf") else vc(**{
-                k: v for k, v in vcfg.items() if k in {f.name for f in dataclasses.fields(vc)}})
+            vision = SiglipVisionConfig.from_hf(vcfg)
         kw = {}
         for ours, aliases in {"img_start_token_id": ("img_start_token_id", "image_start_token_id"),
                               "img_token_id": ("img_token_id", "image_token_id"),
@@ -1140,9 +467,7 @@ class JasperConfig:
         return cls(text=text, vision=vision, **kw)
 
     def to_hf(self) -> dict:
-        vision = None
-        if self.vision is not None:
-            vision = self.vision.to_hf() if hasattr(self.vision, "to_hf") else dataclasses.asdict(self.vision)
+        vision = self.vision.to_hf() if self.vision is not None else None
         return {
             "architectures": ["JasperModel"], "model_type": "jasper", "text_config": self.text.to_hf(),
             "vision_config": vision, "head_dims": list(self.head_dims),
@@ -1150,37 +475,6 @@ class JasperConfig:
             "img_end_token_id": self.img_end_token_id, "num_image_tokens": self.num_image_tokens,
             "max_length": self.max_length,
         }
-
-
-def _read_dense_folder(folder: Path) -> tuple[Tensor, Tensor | None]:
-    """A sentence-transformers Dense module folder (`2_Dense_{D}`): config.json + model.safetensors (or .bin)."""
-    cfg = _read_json(folder / "config.json")
-    act = cfg.get("activation_function", "torch.nn.modules.linear.Identity")
-    if not act.endswith("Identity"):
-        raise CheckpointError(f"{folder}/config.json: activation {act!r} is not supported (Identity only)")
-    if (folder / "model.safetensors").is_file():
-        state = read_safetensors(folder)
-    elif (folder / "pytorch_model.bin").is_file():
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")
-    if "linear.weight" not in state:
-        raise CheckpointError(f"{folder}: no 'linear.weight' key (found {sorted(state)[:6]})")
-    w, b = state["linear.weight"], state.get("linear.bias")
-    if tuple(w.shape) != (cfg["out_features"], cfg["in_features"]):
-        raise CheckpointError(f"{folder}: linear.weight {_fmt_shape(w)} does not match config "
-                              f"({cfg['out_features']}, {cfg['in_features']})")
-    return w, b
-
-
-def stella_dense_folders(path: Path) -> dict[int, Path]:
-    """{D: folder} for the `2_Dense_{D}` folders of a stella checkpoint (`2_Dense` alone is D = 1024 in stella)."""
-    found: dict[int, Path] = {}
-    for f in sorted(Path(path).glob("2_Dense*")):
-        if not f.is_dir() or not (f / "config.json").is_file():
-            continue
-        found.setdefault(int(_read_json(f / "config.json")["out_features"]), f)
-    return found
 
 
 class JasperModel(nn.Module):
@@ -1192,10 +486,7 @@ class JasperModel(nn.Module):
         self.model = Qwen2Encoder(config.text)
         self.vision_model = None
         if config.vision is not None:
-            enc = globals().get("SiglipVisionEncoder")
-            if enc is None:
-                raise RuntimeError("JasperConfig has a vision config but model.py has no SiglipVisionEncoder yet")
-            self.vision_model = enc(config.vision)
+            self.vision_model = SiglipVisionEncoder(config.vision)
         H = config.text.hidden_size
         for D in config.head_dims:
             setattr(self, f"vector_linear_{D}", nn.Linear(H, D, bias=True))
@@ -1290,7 +581,8 @@ class JasperModel(nn.Module):
             ids = self.tokenizer.encode_ids(list(texts), instruction, max_length or self.config.max_length)
             order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
             out = {D: torch.empty(len(ids), D, dtype=torch.float32) for D in dims}
-            prog = Progress("encode", len(ids), enabled=len(ids) > 1000 if show_progress is None else show_progress)
+            prog = progress(total=len(ids), desc="encode", unit="texts",
+                            enabled=len(ids) > 1000 if show_progress is None else show_progress)
             for s in range(0, len(order), batch_size):
                 idx = order[s: s + batch_size]
                 input_ids, mask = self.tokenizer.pad([ids[i] for i in idx])
@@ -1298,6 +590,7 @@ class JasperModel(nn.Module):
                 for D in dims:
                     out[D][torch.tensor(idx)] = vec[D].float().cpu()
                 prog.update(len(idx))
+            prog.close()
             return out if many else out[dims[0]]
         finally:
             self.train(was_training)
@@ -1332,7 +625,7 @@ class JasperModel(nn.Module):
         device = self.model.embed_tokens.weight.device
         order = sorted(range(len(images)), key=lambda i: -len(text_ids[i]))         # little padding per batch
         out = {D: torch.empty(len(images), D, dtype=torch.float32) for D in dims}
-        prog = Progress("encode images", len(images), "images",
+        prog = progress(total=len(images), desc="encode images", unit="images",
                         enabled=len(images) > 200 if show_progress is None else show_progress)
         for s in range(0, len(order), batch_size):
             idx = order[s: s + batch_size]
@@ -1349,6 +642,7 @@ class JasperModel(nn.Module):
             for D in dims:
                 out[D][torch.tensor(idx)] = vec[D].float().cpu()
             prog.update(len(idx))
+        prog.close()
         return out
 
     # -- loading / saving ---------------------------------------------------------------------------------------------
@@ -1372,12 +666,12 @@ class JasperModel(nn.Module):
         state = read_safetensors(path, prefix_filter=prefixes)
         if config.vision is not None:  # released layout nests the tower: 'vision_model.vision_model.'
             state = jasper_vision_state(state, str(path))
-        if not any(k.startswith("model.") for k in state) and "text_config" not in _read_json(path / "config.json"):
+        if not any(k.startswith("model.") for k in state) and "text_config" not in read_json(path / "config.json"):
             raise CheckpointError(f"{path}: no 'model.*' keys and no text_config: this looks like a bare Qwen2 "
                                   f"(stella-layout) checkpoint; use JasperModel.from_stella({str(src)!r})")
         heads_in_ckpt = sorted({int(k.split(".")[0].rsplit("_", 1)[1]) for k in state
                                 if k.startswith("vector_linear_")}, reverse=True)
-        if "head_dims" not in _read_json(path / "config.json") and heads_in_ckpt:
+        if "head_dims" not in read_json(path / "config.json") and heads_in_ckpt:
             config.head_dims = tuple(heads_in_ckpt)  # released config may not list them: take them from the keys
         if max_length:
             config.max_length = max_length
@@ -1428,7 +722,7 @@ class JasperModel(nn.Module):
         ckpt_vocab = text.vocab_size
         if tokenizer is not None and tokenizer.vocab_size > ckpt_vocab:
             text = dataclasses.replace(text, vocab_size=tokenizer.vocab_size)
-        img_ids = (tokenizer.image_token_ids if tokenizer is not None else None) or (151646, 151647, 151648)
+        img_ids = (tokenizer.image_token_ids if tokenizer is not None else None) or (IMG_START_ID, IMG_TOKEN_ID, IMG_END_ID)
         config = JasperConfig(text=text, vision=vision_config, head_dims=tuple(head_dims),
                               img_start_token_id=img_ids[0], img_token_id=img_ids[1], img_end_token_id=img_ids[2],
                               max_length=max_length)
@@ -1453,7 +747,7 @@ class JasperModel(nn.Module):
         for D in config.head_dims:
             src_d = D if D in dense else min((d for d in dense if d > D), default=None)
             if src_d is not None:
-                w, b = _read_dense_folder(dense[src_d])
+                w, b = read_dense_folder(dense[src_d])
                 if w.shape[1] != H:
                     raise CheckpointError(f"{dense[src_d]}: in_features {w.shape[1]} != hidden {H}")
                 w, b = w[:D].clone(), (b[:D].clone() if b is not None else torch.zeros(D))
@@ -1472,8 +766,7 @@ class JasperModel(nn.Module):
             model.init_report["vision"] = str(vision_src)
         elif model.vision_model is not None and any(p.is_meta for p in model.vision_model.parameters()):
             model.vision_model.to_empty(device="cpu")
-            if hasattr(model.vision_model, "init_weights"):
-                model.vision_model.init_weights()
+            model.vision_model.init_weights()
         model = model.to(device)
         model.tokenizer = tokenizer
         return model
@@ -1481,48 +774,8 @@ class JasperModel(nn.Module):
     def save_pretrained(self, out_dir: str | os.PathLike, tokenizer: TextTokenizer | None = None,
                         state_dict: dict[str, Tensor] | None = None, max_shard_bytes: int = 5 * 1024**3) -> Path:
         """HF layout (config.json, model.safetensors or shards + index, tokenizer.json), written atomically: into a
-        temporary sibling directory that is renamed over `out_dir` only when complete. `state_dict` lets a
-        distributed trainer pass the gathered full state dict."""
-        from safetensors.torch import save_file
-
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        temporary sibling directory that is renamed over `out_dir` only when complete (checkpoints.save_hf_checkpoint).
+        `state_dict` lets a distributed trainer pass the gathered full state dict."""
         state = state_dict if state_dict is not None else self.state_dict()
-        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        tokenizer = tokenizer or self.tokenizer
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
-            (tmp / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2))
-            shards: list[dict[str, Tensor]] = [{}]
-            size = 0
-            for k, v in state.items():
-                nbytes = v.numel() * v.element_size()
-                if shards[-1] and size + nbytes > max_shard_bytes:
-                    shards.append({})
-                    size = 0
-                shards[-1][k] = v
-                size += nbytes
-            if len(shards) == 1:
-                save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            else:
-                weight_map = {}
-                for i, sh in enumerate(shards):
-                    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                    save_file(sh, str(tmp / name), metadata={"format": "pt"})
-                    weight_map.update({k: name for k in sh})
-                total = sum(v.numel() * v.element_size() for v in state.values())
-                (tmp / "model.safetensors.index.json").write_text(
-                    json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-            if tokenizer is not None:
-                tokenizer.save(tmp)
-            old = None
-            if out_dir.exists():
-                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-                os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out_dir
+        return save_hf_checkpoint(out_dir, self.config.to_hf(), state, tokenizer or self.tokenizer,
+                                  max_shard_bytes=max_shard_bytes)

@@ -1,4 +1,5 @@
-"""Teachers for multi-teacher distillation (arXiv 2412.19048, sec. 2.2) and a verified on-disk teacher cache.
+"""The teachers of multi-teacher distillation (arXiv 2412.19048, sec. 2.2): teacher models that turn texts into
+the target vectors the student learns from.
 
 Three teacher families, written directly in torch and loaded strictly from real safetensors checkpoints:
 
@@ -14,10 +15,8 @@ Three teacher families, written directly in torch and loaded strictly from real 
 `MultiTeacher` combines teachers as the paper does: each teacher's vector L2-normalised, concatenated in the stated
 order, L2-normalised again (sec. 2.2; 12288 = NV-Embed-v2 4096 ++ stella 8192, see `PAPER_TEACHER_ORDER`).
 
-The cache (`python teachers.py encode ...`, `build_cache`, `TeacherCache`) precomputes teacher vectors for the
-materialised training texts (`texts.jsonl` from `python data.py build`) and refuses, with an error naming the row,
-teacher and file, anything that does not line up with what training asks for. Layout and manifest format:
-docs/teachers.md.
+The CLI `python teachers.py encode|verify ...` builds and checks the on-disk teacher cache (teacher_cache.py:
+vectors precomputed for the materialised training texts, verified row by row). Design notes: docs/teachers.md.
 """
 from __future__ import annotations
 
@@ -28,7 +27,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -38,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import model as M  # checkpoint helpers (read_safetensors / load_state_strict), Qwen2Encoder, TextTokenizer
-from data import text_hash
+from checkpoints import load_state_strict, progress, read_json, read_safetensors, read_weights, resolve_checkpoint
+from model import Qwen2Config, Qwen2Encoder, TextTokenizer, mean_pool
+from teacher_cache import TeacherCache, build_cache
 
 # The paper concatenates NV-Embed-v2 (4096) then stella_en_1.5B_v5 (8192) = 12288 (sec. 2.2, "we concatenate the
 # vectors of the two teachers"). The authors' public tool (NLPJCL/RAG-Retrieval,
@@ -56,22 +55,11 @@ class TeacherError(ValueError):
     """A teacher that cannot be built as asked (unknown layout, unsupported config); the message names the file."""
 
 
-class CacheError(ValueError):
-    """A teacher cache that does not match what is asked of it; the message names the row / teacher / file."""
-
-
 # =====================================================================================================================
-# Small utilities: JSON reading, checkpoint fingerprint (progress and atomic writes: model.Progress / atomic_write)
+# Small utilities: JSON reading, checkpoint fingerprint, length-sorted batches
 # =====================================================================================================================
-atomic_write = M.atomic_write  # module attribute, so tests can simulate a kill in the middle of a cache build
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, indent=1) + "\n"
-
-
 def _read_json(path: Path, what: str = "") -> dict:
-    return M._read_json(path, what, error=TeacherError)
+    return read_json(path, what, error=TeacherError)  # a teacher's config problems are TeacherErrors
 
 
 def checkpoint_revision(ckpt: Path) -> str:
@@ -162,7 +150,7 @@ class Teacher(abc.ABC):
         ids = self._tokenize(texts, instruction)
         n_instr = self._instruction_tokens(instruction)
         show = (n >= 10 * batch_size and sys.stderr.isatty()) if show_progress is None else show_progress
-        prog = M.Progress(f"{self.name} encode", n, enabled=show)
+        prog = progress(total=n, desc=f"{self.name} encode", unit="texts", enabled=show)
         dev = self.device
         # `out` is allocated outside inference mode so callers get an ordinary tensor (usable in autograd as a
         # constant target); the forward passes run under inference_mode.
@@ -176,6 +164,7 @@ class Teacher(abc.ABC):
                 prog.update(len(idx))
                 if on_batch is not None:
                     on_batch(len(idx))
+        prog.close()
         return out
 
     @property
@@ -372,7 +361,7 @@ class BertTeacher(Teacher):
     def __init__(self, src: str | os.PathLike, normalize: bool | None = None, max_length: int | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
                  prompt: str | None = None, name: str | None = None):
-        ckpt = M.resolve_checkpoint(src)
+        ckpt = resolve_checkpoint(src)
         self.ckpt = ckpt
         cfg = BertConfig.from_hf(ckpt / "config.json")
         pooling, has_normalize = _st_pooling_and_normalize(ckpt)
@@ -388,13 +377,13 @@ class BertTeacher(Teacher):
 
         with torch.device("meta"):
             module = BertModel(cfg).to(dtype)
-        state = _read_weights(ckpt)
+        state = read_weights(ckpt)
         prefix = "bert." if any(k.startswith("bert.embeddings.") for k in state) else ""
         # The pooler (`pooler.dense`) and the legacy `embeddings.position_ids` buffer are not used by
         # sentence embeddings; every other key must match exactly.
         state = {k: v for k, v in state.items() if k.startswith(prefix) and not k[len(prefix):].startswith(
             ("pooler.", "embeddings.position_ids"))}
-        M.load_state_strict(module, state, prefix=prefix, what=f"BERT encoder from {ckpt}")
+        load_state_strict(module, state, prefix=prefix, what=f"BERT encoder from {ckpt}")
         module.eval().requires_grad_(False)
         self.module = module.to(device or _default_device())
         self.dim = cfg.hidden_size
@@ -413,7 +402,7 @@ class BertTeacher(Teacher):
         h = self.module(input_ids, attention_mask)  # (B, T, H)
         if self.pooling == "cls":
             return h[:, 0].float()
-        return M.mean_pool(h, attention_mask)  # masked mean, fp32 accumulation
+        return mean_pool(h, attention_mask)  # masked mean, fp32 accumulation
 
 
 def _st_pooling_and_normalize(ckpt: Path) -> tuple[str, bool]:
@@ -445,20 +434,6 @@ def _st_pooling_and_normalize(ckpt: Path) -> tuple[str, bool]:
     raise TeacherError(f"{pool_dir / 'config.json'}: pooling {modes} not supported (only mean or cls alone)")
 
 
-def _read_weights(ckpt: Path, prefix_filter=None) -> dict[str, Tensor]:
-    """safetensors (single or sharded) via model.read_safetensors; a lone pytorch_model.bin as a fallback."""
-    if (ckpt / "model.safetensors").is_file() or (ckpt / "model.safetensors.index.json").is_file():
-        return M.read_safetensors(ckpt, prefix_filter)
-    binf = ckpt / "pytorch_model.bin"
-    if binf.is_file():
-        try:
-            sd = torch.load(binf, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise M.CheckpointError(f"{binf}: unreadable ({e})") from e
-        return {k: v for k, v in sd.items() if prefix_filter is None or k.startswith(prefix_filter)}
-    raise M.CheckpointError(f"{ckpt}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-
-
 def _short_name(src) -> str:
     s = str(src).rstrip("/")
     if Path(s).is_dir():
@@ -485,10 +460,10 @@ def minilm_path() -> Path:
 
 
 # =====================================================================================================================
-# stella_en_1.5B_v5: Qwen2 body + masked mean + 2_Dense_{D} + normalise (REFERENCE.md "Teacher 1")
+# stella_en_1.5B_v5: Qwen2 body + masked mean + 2_Dense_{D} + normalise (sec. 2.2; docs/teachers.md)
 # =====================================================================================================================
 def _qwen_tokenizer(ckpt: Path, max_length: int):
-    return M.TextTokenizer.from_pretrained(ckpt, max_length=max_length)
+    return TextTokenizer.from_pretrained(ckpt, max_length=max_length)
 
 
 class StellaTeacher(Teacher):
@@ -496,7 +471,7 @@ class StellaTeacher(Teacher):
 
     def __init__(self, src: str | os.PathLike, dim: int = 8192, max_length: int | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device | None = None, name: str | None = None):
-        ckpt = M.resolve_checkpoint(src)
+        ckpt = resolve_checkpoint(src)
         self.ckpt = ckpt
         dense_dir = ckpt / f"2_Dense_{dim}"
         if not dense_dir.is_dir():
@@ -506,7 +481,7 @@ class StellaTeacher(Teacher):
         self.max_length = int(max_length or (_read_json(sbc).get("max_seq_length") if sbc.is_file() else 512) or 512)
         self.tokenizer = _qwen_tokenizer(ckpt, self.max_length)
         self.pad_id = self.tokenizer.pad_id
-        body = M.Qwen2Encoder.from_pretrained(ckpt, prefix=None, dtype=dtype,
+        body = Qwen2Encoder.from_pretrained(ckpt, prefix=None, dtype=dtype,
                                               config_overrides={"causal": False})
         dcfg = _read_json(dense_dir / "config.json", "sentence-transformers Dense config")
         act = dcfg.get("activation_function", "torch.nn.modules.linear.Identity")
@@ -516,7 +491,7 @@ class StellaTeacher(Teacher):
             head = nn.Module()
             head.linear = nn.Linear(dcfg["in_features"], dcfg["out_features"], bias=dcfg.get("bias", True))
             head = head.to(dtype)
-        M.load_state_strict(head, _read_weights(dense_dir), prefix="", what=f"stella head {dense_dir}")
+        load_state_strict(head, read_weights(dense_dir), prefix="", what=f"stella head {dense_dir}")
         self.module = nn.ModuleDict({"body": body, "head": head}).eval().requires_grad_(False)
         self.module.to(device or _default_device())
         self.dim = dcfg["out_features"]
@@ -534,13 +509,14 @@ class StellaTeacher(Teacher):
 
     def _embed(self, input_ids, attention_mask, n_instr):
         h = self.module["body"](input_ids=input_ids, attention_mask=attention_mask)  # (B, T, 1536)
-        pooled = M.mean_pool(h, attention_mask)  # (B, 1536) fp32
+        pooled = mean_pool(h, attention_mask)  # (B, 1536) fp32
         lin = self.module["head"].linear
         return F.linear(pooled.to(lin.weight.dtype), lin.weight, lin.bias)  # (B, D)
 
 
 # =====================================================================================================================
-# NV-Embed-v2: bidirectional Mistral + latent-attention pooling (REFERENCE.md "Teacher 2"; NV-Embed paper sec. 3.2).
+# NV-Embed-v2: bidirectional Mistral + latent-attention pooling (sec. 2.2; NV-Embed paper sec. 3.2;
+# docs/teachers.md).
 # Module names follow nvidia/NV-Embed-v2 modeling_nvembed.py so the checkpoint loads with prefixes only:
 #   embedding_model.{embed_tokens,layers.N.*,norm}                        (Mistral body, no attention bias)
 #   latent_attention_model.latents                                        (512, 4096)
@@ -619,13 +595,13 @@ class LatentAttentionModel(nn.Module):
         lat = self.latents.unsqueeze(0)  # (1, L, H): shared by the batch
         h = cross_attn(hiddens, context=lat) + hiddens  # (B, T, H)
         h = cross_ff(h) + h
-        return M.mean_pool(h, pool_mask)  # (B, H) fp32: mean over pool_mask == 1 (instruction tokens excluded)
+        return mean_pool(h, pool_mask)  # (B, H) fp32: mean over pool_mask == 1 (instruction tokens excluded)
 
 
 class NVEmbedTeacher(Teacher):
     def __init__(self, src: str | os.PathLike, max_length: int = 512, dtype: torch.dtype = torch.float32,
                  device: str | torch.device | None = None, name: str | None = None):
-        ckpt = M.resolve_checkpoint(src)
+        ckpt = resolve_checkpoint(src)
         self.ckpt = ckpt
         cfg = _read_json(ckpt / "config.json")
         text_cfg = dict(cfg.get("text_config") or {})
@@ -633,21 +609,21 @@ class NVEmbedTeacher(Teacher):
         if not text_cfg or not lat_cfg:
             raise TeacherError(f"{ckpt / 'config.json'}: NV-Embed config needs text_config and latent_attention_config")
         text_cfg["model_type"] = "mistral"  # stored as "bidir_mistral"; same weights, bidirectional (causal=False)
-        qcfg = M.Qwen2Config.from_hf(text_cfg, attention_bias=False, causal=False)
+        qcfg = Qwen2Config.from_hf(text_cfg, attention_bias=False, causal=False)
         if cfg.get("padding_side", "right") != "right":
             raise TeacherError(f"{ckpt / 'config.json'}: padding_side {cfg.get('padding_side')!r} (right expected)")
         self.mask_instruction = bool(cfg.get("is_mask_instruction", True))
         self.add_eos = bool(cfg.get("add_eos", True))
         with torch.device("meta"):
-            body = M.Qwen2Encoder(qcfg).to(dtype)
+            body = Qwen2Encoder(qcfg).to(dtype)
             pool = LatentAttentionModel(
                 hidden_dim=lat_cfg.get("hidden_dim", qcfg.hidden_size),
                 latent_dim=lat_cfg.get("latent_dim", qcfg.hidden_size),
                 num_latents=lat_cfg.get("num_latents_value", 512), heads=lat_cfg.get("num_cross_heads", 8),
                 dim_head=lat_cfg.get("cross_dim_head", qcfg.hidden_size)).to(dtype)
-        state = M.read_safetensors(ckpt)
-        M.load_state_strict(body, state, prefix="embedding_model.", what=f"NV-Embed Mistral body from {ckpt}")
-        M.load_state_strict(pool, state, prefix="latent_attention_model.", what=f"NV-Embed latent pooling {ckpt}")
+        state = read_safetensors(ckpt)
+        load_state_strict(body, state, prefix="embedding_model.", what=f"NV-Embed Mistral body from {ckpt}")
+        load_state_strict(pool, state, prefix="latent_attention_model.", what=f"NV-Embed latent pooling {ckpt}")
         del state
         self.module = nn.ModuleDict({"embedding_model": body, "latent_attention_model": pool})
         self.module.eval().requires_grad_(False).to(device or _default_device())
@@ -715,9 +691,7 @@ def detect_family(ckpt: Path) -> str:
         return "nvembed"
     if mt == "qwen2" and any(ckpt.glob("2_Dense*")):
         return "stella"
-    if mt == "bert" and ((ckpt / "modules.json").is_file() or any(ckpt.glob("*_Pooling"))):
-        return "bert"
-    if mt == "bert":
+    if mt == "bert":  # with or without sentence-transformers files (_st_pooling_and_normalize handles both)
         return "bert"
     raise TeacherError(f"{ckpt}: cannot tell the teacher architecture (config.json model_type={mt!r}; expected "
                        "an NV-Embed config (model_type nvembed), qwen2 with a 2_Dense_* folder (stella), or a "
@@ -749,7 +723,7 @@ def load_teacher(spec: str | os.PathLike, **kw) -> Teacher:
     if not Path(spec).exists() and spec.lower() in MINILM_ALIASES:
         src = minilm_path()
         opts.setdefault("name", "all-MiniLM-L6-v2")
-    ckpt = M.resolve_checkpoint(src)
+    ckpt = resolve_checkpoint(src)
     fam = detect_family(ckpt)
     cls = {"bert": BertTeacher, "stella": StellaTeacher, "nvembed": NVEmbedTeacher}[fam]
     t = cls(src, **opts)
@@ -778,319 +752,6 @@ class MultiTeacher:
 
 
 # =====================================================================================================================
-# Teacher cache
-# =====================================================================================================================
-CACHE_FORMAT = "jasper-teacher-cache"
-CACHE_VERSION = 1
-HASH_BYTES = 8  # data.text_hash: blake2b digest_size=8 -> 16 hex chars
-
-
-def _hex_to_u8(hashes: Sequence[str]) -> np.ndarray:
-    return np.frombuffer(bytes.fromhex("".join(hashes)), dtype=np.uint8).reshape(len(hashes), HASH_BYTES)
-
-
-def _block_hash(row_hashes_u8: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(row_hashes_u8).tobytes(), digest_size=16).hexdigest()
-
-
-def read_cache_input(path: str | os.PathLike, field: str = "text") -> tuple[list[str], list[str]]:
-    """(texts, hashes) of the input. texts.jsonl from `data.py build`: `id` must equal the line's row number and a
-    stored `hash` must equal text_hash(text) (else CacheError naming the line). Other inputs (.txt, parquet, ...)
-    go through data.read_texts when data.py provides it."""
-    path = Path(path)
-    texts: list[str] = []
-    if path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CacheError(f"{path}:{lineno}: invalid JSON ({e})") from e
-                row = len(texts)
-                if "id" in obj and obj["id"] != row:
-                    raise CacheError(f"{path}:{lineno}: id {obj['id']!r} but this is row {row} (rows must be "
-                                     "0..N-1 in file order, as written by `python data.py build`)")
-                t = obj.get(field)
-                if not isinstance(t, str):
-                    raise CacheError(f"{path}:{lineno}: no string field {field!r}")
-                if "hash" in obj and obj["hash"] != text_hash(t):
-                    raise CacheError(f"{path}:{lineno}: row {row}: stored hash {obj['hash']} != text_hash(text) "
-                                     f"{text_hash(t)} (text edited after `data.py build`?)")
-                texts.append(t)
-    elif path.suffix == ".txt":
-        texts = [ln.rstrip("\n") for ln in open(path, encoding="utf-8")]
-    else:
-        import data as D
-
-        if not hasattr(D, "read_texts"):
-            raise CacheError(f"{path}: only .jsonl / .txt inputs are read without data.read_texts")
-        texts = list(D.read_texts(path, field=field))
-    return texts, [text_hash(t) for t in texts]
-
-
-def _teacher_key(i: int, name: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return f"t{i}_{safe}"
-
-
-def _dist_info() -> tuple[int, int]:
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), ws
-
-
-def build_cache(teachers: Sequence[str | Teacher], input_path: str | os.PathLike, out_dir: str | os.PathLike,
-                batch_size: int = 32, shard_size: int = 16384, instruction: str | None = None,
-                show_progress: bool = True, teacher_kwargs: dict | None = None) -> Path:
-    """Encode every text of `input_path` with every teacher into `out_dir`; returns the manifest path.
-
-    Layout: `row_hashes.bin` (N x 8 bytes, the data.text_hash of each row), one folder per teacher with
-    `shard_{k:05d}.f32` (rows [k*S, (k+1)*S) x dim, float32 little-endian, L2-normalised) and a sidecar
-    `shard_{k:05d}.json` (rows, dim, teacher revision, block hash of the rows' text hashes). A shard counts as
-    finished only when its sidecar exists, matches, and the data file has the exact size; both are written
-    tmp + fsync + rename, data first, so a killed run never leaves a shard that looks finished. A rerun skips
-    finished shards. Under torchrun each rank encodes shards k with k % world_size == rank; rank 0 writes
-    manifest.json after a barrier (gloo on CPU, nccl on GPU).
-    """
-    out = Path(out_dir)
-    rank, world = _dist_info()
-    dist_started = False
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend)
-            dist_started = True
-    try:
-        texts, hashes = read_cache_input(input_path)
-        n = len(texts)
-        if n == 0:
-            raise CacheError(f"{input_path}: no texts")
-        out.mkdir(parents=True, exist_ok=True)
-        hashes_u8 = _hex_to_u8(hashes)  # (N, 8)
-        hashes_file = out / "row_hashes.bin"
-        if rank == 0:
-            if hashes_file.is_file() and hashes_file.read_bytes() != hashes_u8.tobytes():
-                old = np.fromfile(hashes_file, dtype=np.uint8)
-                raise CacheError(f"{hashes_file}: this output folder was built from different texts "
-                                 f"({old.size // HASH_BYTES} rows vs {n} now, or changed rows); use a new --out")
-            if not hashes_file.is_file():
-                atomic_write(hashes_file, hashes_u8.tobytes())
-        n_shards = (n + shard_size - 1) // shard_size
-        mine = [k for k in range(n_shards) if k % world == rank]
-        entries = []
-        for ti, t_spec in enumerate(teachers):
-            teacher = t_spec if isinstance(t_spec, Teacher) else load_teacher(t_spec, **(teacher_kwargs or {}))
-            key = _teacher_key(ti, teacher.name)
-            tdir = out / key
-            tdir.mkdir(exist_ok=True)
-            want = {"teacher": teacher.name, "revision": teacher.spec.get("revision"), "dim": teacher.dim,
-                    "instruction": instruction, "max_length": teacher.spec.get("max_length"),
-                    "dtype": teacher.spec.get("dtype"), "shard_size": shard_size}
-            todo = []
-            for k in mine:
-                a, b = k * shard_size, min(n, (k + 1) * shard_size)
-                bh = _block_hash(hashes_u8[a:b])
-                if _shard_finished(tdir, k, a, b, bh, want):
-                    continue
-                todo.append((k, a, b, bh))
-            n_todo = sum(b - a for _, a, b, _ in todo)
-            if show_progress:
-                print(f"[cache] rank {rank}/{world} {teacher.name}: {len(mine) - len(todo)} of {len(mine)} shards "
-                      f"already finished, {n_todo} texts to encode", file=sys.stderr, flush=True)
-            prog = M.Progress(f"cache {teacher.name} rank {rank}", n_todo, enabled=show_progress)
-            for k, a, b, bh in todo:
-                vec = teacher.encode(texts[a:b], batch_size=batch_size, instruction=instruction,
-                                     show_progress=False, on_batch=prog.update)  # (b-a, dim) normalised fp32
-                if not torch.isfinite(vec).all():
-                    bad = int((~torch.isfinite(vec).all(dim=1)).nonzero()[0]) + a
-                    raise CacheError(f"teacher {teacher.name}: non-finite vector for row {bad}")
-                arr = np.ascontiguousarray(vec.numpy().astype("<f4"))
-                atomic_write(tdir / f"shard_{k:05d}.f32", arr.tobytes())
-                atomic_write(tdir / f"shard_{k:05d}.json", _json({**want, "rows": [a, b], "block_hash": bh,
-                                                                   "nbytes": arr.nbytes}))
-            entries.append((ti, key, teacher))
-            if not isinstance(t_spec, Teacher):
-                del teacher  # free the model before loading the next teacher
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-        manifest = out / "manifest.json"
-        if rank == 0:
-            man = _make_manifest(out, input_path, texts, hashes_u8, shard_size, entries, instruction)
-            atomic_write(manifest, _json(man))
-            if show_progress:
-                print(f"[cache] wrote {manifest}: {n} rows, teachers {[e[2].name for e in entries]}, "
-                      f"dim {man['dim']}", file=sys.stderr, flush=True)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-        return manifest
-    finally:
-        if dist_started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _shard_finished(tdir: Path, k: int, a: int, b: int, bh: str, want: dict) -> bool:
-    side, data = tdir / f"shard_{k:05d}.json", tdir / f"shard_{k:05d}.f32"
-    if not side.is_file() or not data.is_file():
-        return False
-    try:
-        meta = json.loads(side.read_text())
-    except json.JSONDecodeError:
-        return False
-    if meta.get("rows") != [a, b] or meta.get("block_hash") != bh:
-        raise CacheError(f"{side}: finished shard for rows {meta.get('rows')} with block hash "
-                         f"{meta.get('block_hash')}, but rows [{a}, {b}) of the input now hash to {bh}: "
-                         "the input changed since this folder was written; use a new --out")
-    diff = {k2: (meta.get(k2), v) for k2, v in want.items() if meta.get(k2) != v}
-    if diff:
-        raise CacheError(f"{side}: finished shard was encoded with different settings {diff} "
-                         "(stored, now); use a new --out or the same settings")
-    return data.stat().st_size == (b - a) * want["dim"] * 4
-
-
-def _make_manifest(out: Path, input_path, texts, hashes_u8, shard_size, entries, instruction) -> dict:
-    n = len(texts)
-    teachers, offset = [], 0
-    for ti, key, t in entries:
-        shards = []
-        for k in range((n + shard_size - 1) // shard_size):
-            a, b = k * shard_size, min(n, (k + 1) * shard_size)
-            side = out / key / f"shard_{k:05d}.json"
-            data = out / key / f"shard_{k:05d}.f32"
-            if not side.is_file() or not data.is_file() or data.stat().st_size != (b - a) * t.dim * 4:
-                raise CacheError(f"{data}: shard missing or incomplete after all ranks finished")
-            shards.append({"file": f"{key}/{data.name}", "rows": [a, b],
-                           "block_hash": json.loads(side.read_text())["block_hash"]})
-        teachers.append({"name": t.name, "key": key, "dim": t.dim, "offset": offset, "dtype": "float32",
-                         "normalized": bool(getattr(t, "normalize", True)), "spec": t.spec, "shards": shards})
-        offset += t.dim
-    return {
-        "format": CACHE_FORMAT, "version": CACHE_VERSION, "n_rows": n, "dim": offset,
-        "order": [t["name"] for t in teachers],
-        "combine": "targets = normalize(concat(normalize(teacher_i) for i in order)) (arXiv 2412.19048 sec. 2.2)",
-        "instruction": instruction, "shard_size": shard_size,
-        "input": {"path": str(Path(input_path).resolve()), "n_rows": n,
-                  "row_hashes": {"file": "row_hashes.bin", "hash_fn": "data.text_hash (blake2b-64 of UTF-8)",
-                                 "digest": _block_hash(hashes_u8)}},
-        "teachers": teachers,
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-class TeacherCache:
-    """Read side of the cache: memory-maps the shards, checks everything against the manifest, returns targets."""
-
-    def __init__(self, cache_dir: str | os.PathLike):
-        self.dir = Path(cache_dir)
-        mf = self.dir / "manifest.json"
-        if not mf.is_file():
-            raise CacheError(f"{mf}: no manifest (cache not built, or the build did not finish)")
-        try:
-            self.manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
-            raise CacheError(f"{mf}: invalid JSON ({e})") from e
-        m = self.manifest
-        if m.get("format") != CACHE_FORMAT or m.get("version") != CACHE_VERSION:
-            raise CacheError(f"{mf}: not a {CACHE_FORMAT} v{CACHE_VERSION} manifest")
-        self.n_rows: int = int(m["n_rows"])
-        self.dim: int = int(m["dim"])
-        self.teachers: list[str] = [t["name"] for t in m["teachers"]]
-        if sum(t["dim"] for t in m["teachers"]) != self.dim:
-            raise CacheError(f"{mf}: teacher dims {[t['dim'] for t in m['teachers']]} do not sum to dim {self.dim}")
-        hf = self.dir / m["input"]["row_hashes"]["file"]
-        if not hf.is_file() or hf.stat().st_size != self.n_rows * HASH_BYTES:
-            size = hf.stat().st_size if hf.is_file() else None
-            raise CacheError(f"{hf}: expected {self.n_rows * HASH_BYTES} bytes ({self.n_rows} rows), found {size}")
-        self.row_hashes = np.fromfile(hf, dtype=np.uint8).reshape(self.n_rows, HASH_BYTES)
-        if _block_hash(self.row_hashes) != m["input"]["row_hashes"]["digest"]:
-            raise CacheError(f"{hf}: content does not match the digest in {mf} (file modified)")
-        self.shard_size = int(m["shard_size"])
-        self._maps: list[list[np.memmap]] = []
-        for t in m["teachers"]:
-            maps = []
-            for s in t["shards"]:
-                a, b = s["rows"]
-                f = self.dir / s["file"]
-                want = (b - a) * t["dim"] * 4
-                have = f.stat().st_size if f.is_file() else None
-                if have != want:
-                    raise CacheError(f"{f}: teacher {t['name']} rows [{a}, {b}): expected {want} bytes "
-                                     f"({b - a} x {t['dim']} float32), found {have} (truncated or missing shard)")
-                if _block_hash(self.row_hashes[a:b]) != s["block_hash"]:
-                    raise CacheError(f"{f}: teacher {t['name']} rows [{a}, {b}) were encoded from texts whose "
-                                     "hashes differ from row_hashes.bin")
-                maps.append(np.memmap(f, dtype="<f4", mode="r", shape=(b - a, t["dim"])))
-            self._maps.append(maps)
-
-    def check(self, teachers: Sequence[str] | None = None, n_rows: int | None = None, dim: int | None = None) -> None:
-        """Refuse (CacheError) a cache whose teacher set/order, row count or dim is not what training asks."""
-        mf = self.dir / "manifest.json"
-        if teachers is not None:
-            teachers = list(teachers)
-            missing = [t for t in teachers if t not in self.teachers]
-            if missing:
-                raise CacheError(f"{mf}: teacher(s) {missing} missing from the cache (it has {self.teachers})")
-            if teachers != self.teachers:
-                raise CacheError(f"{mf}: teachers {self.teachers} (in this order) but {teachers} asked")
-        if n_rows is not None and int(n_rows) != self.n_rows:
-            raise CacheError(f"{mf}: cache has {self.n_rows} rows but the training texts have {n_rows}")
-        if dim is not None and int(dim) != self.dim:
-            raise CacheError(f"{mf}: cache dim {self.dim} ({'+'.join(str(t['dim']) for t in self.manifest['teachers'])})"
-                             f" but the student head expects {dim}")
-
-    def verify_texts(self, texts_path: str | os.PathLike) -> None:
-        """Full alignment check against a texts.jsonl: same row count, and every row's text_hash equal."""
-        _, hashes = read_cache_input(texts_path)
-        self.check(n_rows=len(hashes))
-        self._check_hashes(np.arange(self.n_rows), hashes, where=str(texts_path))
-
-    def _check_hashes(self, rows: np.ndarray, hashes: Sequence[str], where: str = "") -> None:
-        if len(hashes) != len(rows):
-            raise CacheError(f"{len(hashes)} hashes for {len(rows)} rows")
-        got = _hex_to_u8(list(hashes))
-        bad = np.nonzero((got != self.row_hashes[rows]).any(axis=1))[0]
-        if bad.size:
-            i = int(bad[0])
-            raise CacheError(
-                f"{self.dir / 'row_hashes.bin'}: row {int(rows[i])}: the text asked for hashes to {hashes[i]} but the "
-                f"cache was built from a text hashing to {self.row_hashes[rows[i]].tobytes().hex()} ({bad.size} of "
-                f"{len(rows)} rows differ{', ' + where if where else ''}): texts changed or reordered since the cache "
-                "was built")
-
-    def targets(self, rows, hashes: Sequence[str] | None = None) -> Tensor:
-        """(n, dim) float32: each teacher's vector re-normalised, concatenated in manifest order, normalised."""
-        rows = np.asarray(rows.cpu().numpy() if isinstance(rows, Tensor) else rows, dtype=np.int64).reshape(-1)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
-            r = int(rows[(rows < 0) | (rows >= self.n_rows)][0])
-            raise CacheError(f"{self.dir / 'manifest.json'}: row {r} out of range (cache has {self.n_rows} rows)")
-        if hashes is not None:
-            self._check_hashes(rows, hashes)
-        shard, local = rows // self.shard_size, rows % self.shard_size
-        parts = []
-        for t, maps in zip(self.manifest["teachers"], self._maps):
-            buf = np.empty((rows.size, t["dim"]), dtype=np.float32)
-            for s in np.unique(shard):
-                sel = shard == s
-                buf[sel] = maps[s][local[sel]]
-            if not np.isfinite(buf).all():
-                i = int(np.nonzero(~np.isfinite(buf).all(axis=1))[0][0])
-                raise CacheError(f"{self.dir / t['shards'][int(shard[i])]['file']}: teacher {t['name']} row "
-                                 f"{int(rows[i])} holds non-finite values")
-            parts.append(F.normalize(torch.from_numpy(buf), dim=-1))
-        return F.normalize(torch.cat(parts, dim=-1), dim=-1)
-
-
-# =====================================================================================================================
 # CLI
 # =====================================================================================================================
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1115,7 +776,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "encode":
         kw = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
         build_cache(args.teacher, args.input, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-                    instruction=args.instruction, show_progress=not args.quiet, teacher_kwargs=kw)
+                    instruction=args.instruction, show_progress=not args.quiet,
+                    load=lambda spec: load_teacher(spec, **kw))
     else:
         c = TeacherCache(args.cache)
         c.verify_texts(args.input)

@@ -36,16 +36,31 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed._composable import checkpoint as checkpoint_block  # keeps parameter names (checkpoints load)
+from torch.distributed._functional_collectives import all_gather_single_autograd, all_gather_tensor
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from model import atomic_write, fmt_duration
+import losses
+from checkpoints import atomic_write, fmt_duration, read_json, resolve_checkpoint
+from data import DataError, ImageBatches, TrainLoader, text_hash
+from eval import load_encoder, quick_eval
+from model import JasperModel
+from teacher_cache import TeacherCache, read_cache_input
+from teachers import MultiTeacher, load_teacher
+from vision import SiglipVisionEncoder
 
 # ======================================================================================================================
-# 1. Config: one dataclass; every field is a CLI flag (`--field-name`), a key of `--config file.json` or a preset value.
-#    Precedence (low -> high): dataclass default / per-stage default (sec. 3.1) < --preset < --config file < CLI flags.
+# 1. Config: one dataclass; every field is a CLI flag (`--field-name`) or a key of `--config file.json`.
+#    Precedence (low -> high): dataclass default / per-stage default (sec. 3.1) < a caller's defaults (demo.py) <
+#    --config file < CLI flags.
 # ======================================================================================================================
 
-# Paper sec. 3.1 table (REFERENCE.md): global batch, peak lr, optimizer steps per stage.
+# Paper sec. 3.1 (the stage table): global batch, peak lr, optimizer steps per stage.
 STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
     1: dict(batch=128, lr=1e-4, steps=4000),  # distillation: FC1 only
     2: dict(batch=128, lr=8e-5, steps=7000),  # distillation: FC1 + last 3 encoder layers
@@ -117,7 +132,6 @@ class TrainConfig:
     export: bool = _f(True, "export the final model in HF layout to OUT/final (config.json, safetensors, tokenizer)")
     eval_data: str | None = _f(None, "after the export, quick STSBenchmark-dev score of the final model (eval.py) "
                                      "with this shared data dir; empty = skip")
-    preset: str | None = _f(None, "a named set of config values plus orchestration (see PRESETS at the end)")
     config: str | None = _f(None, "JSON file of config values (keys = field names); CLI flags override it")
 
     def __post_init__(self):
@@ -128,9 +142,9 @@ class TrainConfig:
                 setattr(self, k, v)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)  # SUPPRESS: we can tell given flags apart
+def build_parser(prog: str | None = None, description: str = __doc__) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # SUPPRESS: given flags only
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = dict(help=f.metadata["help"])
@@ -152,27 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    given = vars(build_parser().parse_args(argv))  # only the flags actually given
-    values: dict[str, Any] = {}
-    preset = given.get("preset")
-    if preset is None and given.get("config"):
-        preset = _read_json_config(given["config"]).get("preset")
-    if preset is not None:
-        if preset not in PRESETS:
-            raise SystemExit(f"train.py: unknown --preset {preset!r}; known: {sorted(PRESETS)}")
-        values.update(PRESETS[preset])
+def parse_config(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, prog: str | None = None,
+                 description: str = __doc__) -> TrainConfig:
+    """The config of one run: `defaults` (demo.py's values) < --config file < the flags given in argv."""
+    given = vars(build_parser(prog, description).parse_args(argv))  # only the flags actually given
+    values: dict[str, Any] = dict(defaults or {})
     if given.get("config"):
         values.update(_read_json_config(given["config"]))
     values.update(given)
     return TrainConfig(**values)
 
 
+class _ConfigFileError(Exception):
+    pass
+
+
 def _read_json_config(path: str) -> dict[str, Any]:
     try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"train.py: cannot read --config {path}: {e}")
+        raw = read_json(path, "--config file", error=_ConfigFileError)
+    except _ConfigFileError as e:
+        raise SystemExit(f"train.py: cannot read --config {path}: {e}") from None
     names = {f.name for f in fields(TrainConfig)}
     out = {}
     for k, v in raw.items():
@@ -208,7 +221,6 @@ def setup_distributed(device: str) -> Dist:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # plain `python train.py`
         return Dist(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
-    from torch.distributed.device_mesh import init_device_mesh
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local)
@@ -223,7 +235,6 @@ def gather_global(x: torch.Tensor, d: Dist, grad: bool, equal: bool = True) -> t
     equal=False allows shares of different sizes (stage 4 drops broken images): pad to the largest, gather, unpad."""
     if d.mesh is None:
         return x
-    from torch.distributed._functional_collectives import all_gather_single_autograd, all_gather_tensor
     sizes = None
     if not equal:
         n = torch.tensor([x.shape[0]], device=x.device)
@@ -252,20 +263,19 @@ def all_sum(v: float, d: Dist) -> float:
 # 3. Student model and the trainable set of each stage.
 # ======================================================================================================================
 
-def load_student(cfg: TrainConfig):
-    import model as M
+def load_student(cfg: TrainConfig) -> JasperModel:
     if not cfg.init:
         raise SystemExit("train.py: --init is required (stage 1: a stella or Jasper dir; stage K: stage K-1's "
                          "OUT/final)")
-    src = M.resolve_checkpoint(cfg.init)
+    src = resolve_checkpoint(cfg.init)
     fmt = cfg.init_format
     if fmt == "auto":
         fmt = "stella" if (src / "modules.json").exists() or any(src.glob("2_Dense*")) else "jasper"
-    model = M.JasperModel.from_stella(src) if fmt == "stella" else M.JasperModel.from_pretrained(src)
+    model = JasperModel.from_stella(src) if fmt == "stella" else JasperModel.from_pretrained(src)
     if cfg.vision_init:
         if model.vision_model is not None:
             raise SystemExit(f"train.py: --init {src} already has a vision tower; drop --vision-init")
-        model.vision_model = M.SiglipVisionEncoder.from_pretrained(cfg.vision_init)
+        model.vision_model = SiglipVisionEncoder.from_pretrained(cfg.vision_init)
         model.config.vision = model.vision_model.config
     if model.tokenizer is None:
         raise SystemExit(f"train.py: --init {src} has no tokenizer.json")
@@ -309,12 +319,10 @@ def transformer_blocks(model) -> list[nn.Module]:
 def shard_model(model, cfg: TrainConfig, d: Dist):
     """Activation checkpointing (optional), then FSDP2: fully_shard each transformer block, then the root."""
     if cfg.activation_checkpointing:
-        from torch.distributed._composable import checkpoint  # composable: keeps parameter names (checkpoints load)
         for block in transformer_blocks(model):
-            checkpoint(block)
+            checkpoint_block(block)
     if d.mesh is None:
         return model.to(d.device)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.dtype == "bf16"
           else MixedPrecisionPolicy())
     for block in transformer_blocks(model):
@@ -356,18 +364,17 @@ class TextTargets:
     or teachers run on the fly on the batch's texts (small runs)."""
 
     def __init__(self, cfg: TrainConfig):
-        import teachers as T
         self.cache = self.teacher = None
         if cfg.teacher_cache and cfg.teacher:
             raise SystemExit("train.py: give --teacher-cache OR --teacher (on the fly), not both")
         if cfg.teacher_cache:
-            self.cache = T.TeacherCache(cfg.teacher_cache)
+            self.cache = TeacherCache(cfg.teacher_cache)
             self.dim = self.cache.dim
         elif cfg.teacher:
-            ts = [T.load_teacher(s) for s in cfg.teacher]
-            self.teacher = ts[0] if len(ts) == 1 else T.MultiTeacher(ts)
+            ts = [load_teacher(s) for s in cfg.teacher]
+            self.teacher = ts[0] if len(ts) == 1 else MultiTeacher(ts)
             self.dim = self.teacher.dim
-            self.texts = [json.loads(line)["text"] for line in open(cfg.texts, encoding="utf-8")]
+            self.texts, _ = read_cache_input(cfg.texts)  # row i = texts.jsonl row i, ids and hashes checked
             self.batch_size = cfg.micro_batch
         else:
             raise SystemExit("train.py: stages 1-3 need --teacher-cache DIR (or --teacher SPEC for small runs)")
@@ -375,7 +382,6 @@ class TextTargets:
     def __call__(self, rows: torch.Tensor, hashes: list[str]) -> torch.Tensor:  # -> (b, dim) fp32, L2-normalised
         if self.cache is not None:
             return self.cache.targets(rows, hashes)
-        from data import text_hash
         texts = [self.texts[int(r)] for r in rows]
         for r, t, h in zip(rows.tolist(), texts, hashes):
             if text_hash(t) != h:
@@ -384,64 +390,22 @@ class TextTargets:
         return t.float().clone()  # a normal tensor: autograd may save it for the loss' backward
 
 
-def build_text_loader(cfg: TrainConfig, tokenizer, d: Dist):
-    import data as D
+def build_text_loader(cfg: TrainConfig, tokenizer, d: Dist) -> TrainLoader:
     if not cfg.texts:
         raise SystemExit("train.py: stages 1-3 need --texts texts.jsonl (`python data.py build --out DIR`)")
-    return D.TrainLoader(cfg.texts, tokenizer, global_batch=cfg.batch, max_length=cfg.max_length, seed=cfg.seed,
+    return TrainLoader(cfg.texts, tokenizer, global_batch=cfg.batch, max_length=cfg.max_length, seed=cfg.seed,
                          rank=d.rank, world_size=d.world_size, micro_batch=cfg.micro_batch)
 
 
-class ImageBatches:
-    """Stage 4 batches: this rank's share of a uniform random global batch of image-caption pairs. Global batch g =
-    positions [k*B, (k+1)*B) of a seeded permutation of epoch e (g = e * steps_per_epoch + k), rank r takes
-    [r*b, (r+1)*b): a pure function of (seed, g, rank), so `g` is the whole resume state (like data.TrainLoader).
-    Images are decoded by ImageCaptionDataset.collate in DataLoader workers; broken images are dropped and counted
-    (a rank's share may then be smaller: gather_global handles unequal shares)."""
-
-    def __init__(self, cfg: TrainConfig, tokenizer, d: Dist):
-        import data as D
-        if not cfg.images:
-            raise SystemExit("train.py: stage 4 needs --images (image-caption jsonl/parquet)")
-        self.ds = D.ImageCaptionDataset(cfg.images, image_size=cfg.image_size)
-        self.tok, self.cfg, self.rank = tokenizer, cfg, d.rank
-        self.B, self.b = cfg.batch, cfg.batch // d.world_size
-        self.steps_per_epoch = len(self.ds) // cfg.batch
-        if self.steps_per_epoch == 0:
-            raise SystemExit(f"train.py: {cfg.images}: {len(self.ds)} usable pairs < global batch {cfg.batch}")
-        self.g = 0
-        self.skips: dict[str, int] = dict(self.ds.skips)  # bad rows of the index (the same on every rank)
-        self.broken = 0  # images of THIS rank's shares that failed to decode (summed over ranks when logged)
-
-    def state_dict(self) -> dict:
-        return dict(g=self.g, broken=self.broken)
-
-    def load_state_dict(self, s: dict):
-        self.g, self.broken = int(s["g"]), int(s["broken"])
-
-    def __len__(self):
-        return 1 << 62
-
-    def __getitem__(self, g: int) -> dict:  # runs in a DataLoader worker
-        e, k = divmod(g, self.steps_per_epoch)
-        perm = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + e))
-        share = perm[k * self.B:(k + 1) * self.B][self.rank * self.b:(self.rank + 1) * self.b]
-        return self.ds.collate([self.ds[int(i)] for i in share])  # pixel_values (n, 3, S, S), captions, n_skipped
-
-    def __iter__(self):
-        from torch.utils.data import DataLoader
-        dl = DataLoader(self, batch_size=None, sampler=range(self.g, 1 << 62), num_workers=self.cfg.num_workers,
-                        collate_fn=_identity)
-        for item in dl:
-            self.g += 1
-            self.broken += item["n_skipped"]
-            ids, mask = self.tok(item["captions"], max_length=self.cfg.max_length)
-            yield dict(pixel_values=item["pixel_values"], input_ids=ids, attention_mask=mask,
-                       n_tokens=int(mask.sum()))
-
-
-def _identity(x):
-    return x
+def build_image_loader(cfg: TrainConfig, tokenizer, d: Dist) -> ImageBatches:
+    """Stage 4: this rank's share of uniform random global batches of image-caption pairs (data.ImageBatches)."""
+    if not cfg.images:
+        raise SystemExit("train.py: stage 4 needs --images (image-caption jsonl/parquet)")
+    try:
+        return ImageBatches(cfg.images, tokenizer, cfg.batch, cfg.max_length, cfg.seed, d.rank, d.world_size,
+                            image_size=cfg.image_size, num_workers=cfg.num_workers)
+    except DataError as e:
+        raise SystemExit(f"train.py: {e}") from None
 
 
 # ======================================================================================================================
@@ -467,8 +431,6 @@ def set_rng_state(s: dict):
 
 
 def save_checkpoint(ckdir: Path, step: int, model, opt, sched, loader, cfg: TrainConfig, d: Dist):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     final, tmp = ckdir / f"step_{step:08d}", ckdir / f"step_{step:08d}.tmp"
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -493,8 +455,6 @@ def save_checkpoint(ckdir: Path, step: int, model, opt, sched, loader, cfg: Trai
 
 
 def load_checkpoint(ckdir: Path, model, opt, sched, loader, cfg: TrainConfig, d: Dist) -> int:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     pointer = ckdir / "latest"
     if not pointer.exists():
         raise SystemExit(f"train.py: --resume but no checkpoint pointer {pointer}")
@@ -525,7 +485,6 @@ def load_checkpoint(ckdir: Path, model, opt, sched, loader, cfg: TrainConfig, d:
 
 def export_final(model, tokenizer, out_dir: Path, d: Dist):
     """Gather the full (unsharded) state dict and write the HF layout via JasperModel.save_pretrained (rank 0)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.main:
         model.save_pretrained(out_dir, tokenizer=tokenizer, state_dict=full)  # atomic (tmp dir, then rename)
@@ -558,21 +517,36 @@ class Logger:
 
 
 # ======================================================================================================================
-# 8. The training loop.
+# 8. The training loop, as named steps: set-up (output folder, seeds) -> state (model, optimizer, data, targets,
+#    resume) -> per step: one optimizer step -> logging -> checkpoint -> at the end: export (+ a quick score).
 # ======================================================================================================================
 
 def train(cfg: TrainConfig) -> dict:
     """Run one stage. Returns a summary dict (last step, last loss, export dir)."""
-    import losses as L
     d = setup_distributed(cfg.device)
     try:
-        return _train(cfg, d, L)
+        return _train(cfg, d)
     finally:
         if d.mesh is not None:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, d: Dist, L) -> dict:
+def _train(cfg: TrainConfig, d: Dist) -> dict:
+    run = build_state(cfg, d, *set_up(cfg, d))
+    resume_or_start(run)
+    data_iter = iter(run.loader)
+    while run.step < run.end:
+        loss_val, parts, gnorm, lr_now, n_tokens = optimizer_step(run, next(data_iter))
+        log_step(run, loss_val, parts, gnorm, lr_now, n_tokens)
+        if (cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or run.step == run.end:
+            run.last_ckpt = str(save_checkpoint(run.ckdir, run.step, run.model, run.opt, run.sched, run.loader,
+                                                cfg, d))
+            run.log.print(f"checkpoint {run.last_ckpt}")
+    return finish(run)
+
+
+def set_up(cfg: TrainConfig, d: Dist) -> tuple[Path, Path]:
+    """The output folder (refusing to overwrite another run's checkpoints), its config.json, and the seeds."""
     if cfg.batch % d.world_size:
         raise SystemExit(f"train.py: --batch {cfg.batch} is not divisible by the {d.world_size} ranks")
     out = Path(cfg.out)
@@ -587,8 +561,39 @@ def _train(cfg: TrainConfig, d: Dist, L) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    return out, ckdir
 
-    # --- model, trainable set, sharding, optimizer
+
+@dataclass
+class RunState:
+    """What the loop reads and updates: the sharded model, optimizer and schedule, the batch source and the teacher
+    targets, the heads that enter the losses, and the position (step, last checkpoint)."""
+    cfg: TrainConfig
+    d: Dist
+    out: Path
+    ckdir: Path
+    model: Any
+    tokenizer: Any
+    opt: torch.optim.Optimizer
+    sched: Any
+    train_params: list[torch.Tensor]
+    loader: Any                      # data.TrainLoader (stages 1-3) or data.ImageBatches (stage 4)
+    targets: TextTargets | None      # stages 1-3
+    heads: list[int]                 # FC1 alone in stages 1-2, every head from stage 3 on (sec. 3.1)
+    autocast: Any
+    n_train: int
+    n_all: int
+    n_tensors: int
+    step: int = 0
+    end: int = 0
+    loss: float = float("nan")
+    last_ckpt: str | None = None
+    log: Logger | None = None
+    clock: Any = None
+
+
+def build_state(cfg: TrainConfig, d: Dist, out: Path, ckdir: Path) -> RunState:
+    """Student, trainable set, FSDP2 sharding, AdamW + schedule, then the batch source and the teacher targets."""
     model = load_student(cfg)
     tokenizer = model.tokenizer
     trainable = set_trainable(model, cfg.stage)
@@ -600,8 +605,7 @@ def _train(cfg: TrainConfig, d: Dist, L) -> dict:
     opt = build_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     train_params = [p for p in model.parameters() if p.requires_grad]
-
-    # --- data and targets
+    targets = None
     if cfg.stage <= 3:
         loader = build_text_loader(cfg, tokenizer, d)
         targets = TextTargets(cfg)  # every batch's rows are verified against the cache by (row, hash)
@@ -609,96 +613,123 @@ def _train(cfg: TrainConfig, d: Dist, L) -> dict:
             raise SystemExit(f"train.py: teacher dim {targets.dim} != FC1 dim {dims[0]} of the student "
                              f"(heads {dims}); the cosine loss of eq. 1 needs them equal")
     else:
-        loader = ImageBatches(cfg, tokenizer, d)
+        loader = build_image_loader(cfg, tokenizer, d)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16,
                               enabled=cfg.dtype == "bf16" and d.mesh is None)  # FSDP runs use the MP policy
+    return RunState(cfg, d, out, ckdir, model, tokenizer, opt, sched, train_params, loader, targets,
+                    heads=dims[:1] if cfg.stage <= 2 else dims, autocast=autocast, n_train=n_train, n_all=n_all,
+                    n_tensors=len(trainable), end=min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps)
 
-    # --- resume
-    step = 0
-    resuming = cfg.resume and (ckdir / "latest").exists()  # --resume on a fresh --out starts at step 0 (so one
-    if resuming:                                             # command line serves every restart of a preempted job)
-        step = load_checkpoint(ckdir, model, opt, sched, loader, cfg, d)
+
+def resume_or_start(run: RunState) -> None:
+    """Continue from OUT/checkpoints/latest with --resume (a fresh --out starts at step 0, so one command line
+    serves every restart of a preempted job), open the metrics log and print the run's header."""
+    cfg, d, ckdir = run.cfg, run.d, run.ckdir
+    resuming = cfg.resume and (ckdir / "latest").exists()
+    if resuming:
+        run.step = load_checkpoint(ckdir, run.model, run.opt, run.sched, run.loader, cfg, d)
     elif cfg.resume and d.main:
         print(f"train.py: --resume but no checkpoint in {ckdir}: starting at step 0", flush=True)
-    log = Logger(out, d, step if resuming else None)
-    log.print(f"stage {cfg.stage} | {d.world_size} rank(s) on {d.device} | {cfg.dtype} | trainable "
-              f"{n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M params ({len(trainable)} tensors) | global batch "
-              f"{cfg.batch} | lr {cfg.lr:g} | steps {cfg.steps}" + (f" | resumed at step {step}" if step else ""))
-    start_step = step
-    data_iter = iter(loader)
-    heads = dims[:1] if cfg.stage <= 2 else dims  # stages 1-2 train/score FC1 only (sec. 3.1)
-    last_ckpt = str(ckdir / (ckdir / "latest").read_text().strip()) if (ckdir / "latest").exists() else None
-    t0, tok_window, t_window = time.time(), 0.0, time.time()
-    loss_val = float("nan")
+    run.log = Logger(run.out, d, run.step if resuming else None)
+    run.log.print(f"stage {cfg.stage} | {d.world_size} rank(s) on {d.device} | {cfg.dtype} | trainable "
+                  f"{run.n_train / 1e6:.2f}M of {run.n_all / 1e6:.2f}M params ({run.n_tensors} tensors) | global "
+                  f"batch {cfg.batch} | lr {cfg.lr:g} | steps {cfg.steps}"
+                  + (f" | resumed at step {run.step}" if run.step else ""))
+    run.last_ckpt = str(ckdir / (ckdir / "latest").read_text().strip()) if (ckdir / "latest").exists() else None
+    run.clock = Clock(start_step=run.step)
 
-    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    while step < end:
-        batch = next(data_iter)
-        # --- this rank's share: student vectors (with graphs) and teacher vectors (without)
-        with autocast:
-            if cfg.stage <= 3:
-                student_local, teacher_local, n_tokens = text_vectors(model, batch, targets, heads, d)
-            else:
-                student_local, teacher_local, n_tokens = image_vectors(model, batch, heads, cfg.micro_batch, d)
-        # --- the GLOBAL batch: student with gradients, teacher without
-        eq = cfg.stage <= 3  # text shares are equal; image shares may lose broken images
-        student = {D: gather_global(v, d, grad=True, equal=eq) for D, v in student_local.items()}  # (B, D)
+
+def global_vectors(run: RunState, batch) -> tuple[dict, Any, int]:
+    """Forward this rank's share, then gather the GLOBAL batch: student vectors with gradients, teacher without.
+    -> ({D: (B, D)}, teacher (B, Dt) or {D: (B, D)} in stage 4, this rank's real tokens)."""
+    cfg, d = run.cfg, run.d
+    with run.autocast:
         if cfg.stage <= 3:
-            teacher = gather_global(teacher_local, d, grad=False)  # (B, Dt)
+            student_local, teacher_local, n_tokens = text_vectors(run.model, batch, run.targets, run.heads, d)
         else:
-            teacher = {D: gather_global(v, d, grad=False, equal=False) for D, v in teacher_local.items()}
-        loss, parts = L.distill_loss(cfg.stage, student, teacher, weights=tuple(cfg.loss_weights), margin=cfg.margin)
-        loss_val = loss.item()  # identical on every rank (same gathered inputs, same maths)
-        if not math.isfinite(loss_val):
-            raise SystemExit(f"train.py: non-finite loss {loss_val} at step {step + 1} (parts {parts}); stopping. "
-                             f"Last good checkpoint: {last_ckpt or 'none'} (resume with --resume, e.g. with a "
-                             f"lower --lr)")
-        loss.backward()
-        gnorm = clip_grad_norm(train_params, cfg.grad_clip)
-        if not math.isfinite(gnorm):
-            raise SystemExit(f"train.py: non-finite gradient norm at step {step + 1}; stopping. Last good "
-                             f"checkpoint: {last_ckpt or 'none'}")
-        lr_now = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
+            student_local, teacher_local, n_tokens = image_vectors(run.model, batch, run.heads, cfg.micro_batch, d)
+    eq = cfg.stage <= 3  # text shares are equal; image shares may lose broken images
+    student = {D: gather_global(v, d, grad=True, equal=eq) for D, v in student_local.items()}  # (B, D)
+    if cfg.stage <= 3:
+        teacher = gather_global(teacher_local, d, grad=False)  # (B, Dt)
+    else:
+        teacher = {D: gather_global(v, d, grad=False, equal=False) for D, v in teacher_local.items()}
+    return student, teacher, n_tokens
 
-        # --- log
-        tokens = all_sum(n_tokens, d)
-        tok_window += tokens
-        now = time.time()
-        rec = dict(step=step, loss=loss_val, **{k: float(v) for k, v in parts.items()}, lr=lr_now, grad_norm=gnorm,
-                   tokens=int(tokens), elapsed_s=round(now - t0, 3))
-        skips = {k: v for k, v in loader.skips.items() if v}  # data.py's counts of rows left out
-        if cfg.stage == 4:
-            broken = int(all_sum(loader.broken, d))  # collective: every rank calls it every step
-            if broken:
-                skips["broken_image"] = broken
-        if skips:
-            rec["skips"] = skips
-        log.metrics(rec)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            rate = tok_window / max(1e-9, now - t_window)
-            eta = (now - t0) / max(1, step - start_step) * (cfg.steps - step)
-            comp = " ".join(f"{k} {float(v):.4g}" for k, v in parts.items() if k != "total")
-            log.print(f"step {step}/{cfg.steps} | loss {loss_val:.5g} | {comp} | lr {lr_now:.3g} | gnorm {gnorm:.3g} "
-                      f"| {rate:,.0f} tok/s | ETA {fmt_duration(eta)}" + (f" | skips {dict(skips)}" if skips else ""))
-            tok_window, t_window = 0.0, now
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end:
-            last_ckpt = str(save_checkpoint(ckdir, step, model, opt, sched, loader, cfg, d))
-            log.print(f"checkpoint {last_ckpt}")
 
-    summary = dict(step=step, loss=loss_val, checkpoint=last_ckpt)
-    if cfg.export and step == cfg.steps:
-        export_final(model, tokenizer, out / "final", d)
+def optimizer_step(run: RunState, batch) -> tuple[float, dict, float, float, int]:
+    """One optimizer step on one global batch: losses (eq. 4 per stage) -> backward -> clip -> AdamW -> schedule.
+    A non-finite loss or gradient norm stops the run naming the last good checkpoint."""
+    cfg = run.cfg
+    student, teacher, n_tokens = global_vectors(run, batch)
+    loss, parts = losses.distill_loss(cfg.stage, student, teacher, weights=tuple(cfg.loss_weights),
+                                      margin=cfg.margin)
+    loss_val = loss.item()  # identical on every rank (same gathered inputs, same maths)
+    if not math.isfinite(loss_val):
+        raise SystemExit(f"train.py: non-finite loss {loss_val} at step {run.step + 1} (parts {parts}); stopping. "
+                         f"Last good checkpoint: {run.last_ckpt or 'none'} (resume with --resume, e.g. with a "
+                         f"lower --lr)")
+    loss.backward()
+    gnorm = clip_grad_norm(run.train_params, cfg.grad_clip)
+    if not math.isfinite(gnorm):
+        raise SystemExit(f"train.py: non-finite gradient norm at step {run.step + 1}; stopping. Last good "
+                         f"checkpoint: {run.last_ckpt or 'none'}")
+    lr_now = run.opt.param_groups[0]["lr"]
+    run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.step += 1
+    return loss_val, parts, gnorm, lr_now, n_tokens
+
+
+@dataclass
+class Clock:
+    """Wall time and tokens since the last progress line, for the tok/s rate and the ETA."""
+    start_step: int
+    t0: float = dataclasses.field(default_factory=time.time)
+    tok_window: float = 0.0
+    t_window: float = dataclasses.field(default_factory=time.time)
+
+
+def log_step(run: RunState, loss_val: float, parts: dict, gnorm: float, lr_now: float, n_tokens: int) -> None:
+    """metrics.jsonl gets every step (loss parts per head, lr, grad norm, tokens, skips); stdout every log_every."""
+    cfg, d, clock, step = run.cfg, run.d, run.clock, run.step
+    tokens = all_sum(n_tokens, d)
+    clock.tok_window += tokens
+    now = time.time()
+    rec = dict(step=step, loss=loss_val, **{k: float(v) for k, v in parts.items()}, lr=lr_now, grad_norm=gnorm,
+               tokens=int(tokens), elapsed_s=round(now - clock.t0, 3))
+    skips = {k: v for k, v in run.loader.skips.items() if v}  # data.py's counts of rows left out
+    if cfg.stage == 4:
+        broken = int(all_sum(run.loader.broken, d))  # collective: every rank calls it every step
+        if broken:
+            skips["broken_image"] = broken
+    if skips:
+        rec["skips"] = skips
+    run.log.metrics(rec)
+    if step % cfg.log_every == 0 or step == cfg.steps:
+        rate = clock.tok_window / max(1e-9, now - clock.t_window)
+        eta = (now - clock.t0) / max(1, step - clock.start_step) * (cfg.steps - step)
+        comp = " ".join(f"{k} {float(v):.4g}" for k, v in parts.items() if k != "total")
+        run.log.print(f"step {step}/{cfg.steps} | loss {loss_val:.5g} | {comp} | lr {lr_now:.3g} | gnorm "
+                      f"{gnorm:.3g} | {rate:,.0f} tok/s | ETA {fmt_duration(eta)}"
+                      + (f" | skips {dict(skips)}" if skips else ""))
+        clock.tok_window, clock.t_window = 0.0, now
+    run.loss = loss_val
+
+
+def finish(run: RunState) -> dict:
+    """The HF-layout export of a completed stage (and, with --eval-data, its STSBenchmark dev score)."""
+    cfg, d, out = run.cfg, run.d, run.out
+    summary = dict(step=run.step, loss=run.loss, checkpoint=run.last_ckpt)
+    if cfg.export and run.step == cfg.steps:
+        export_final(run.model, run.tokenizer, out / "final", d)
         summary["export"] = str(out / "final")
-        log.print(f"exported {out / 'final'}")
+        run.log.print(f"exported {out / 'final'}")
         if cfg.eval_data and d.main:
-            import eval as E
-            score = E.quick_eval(E.load_encoder(out / "final"), cfg.eval_data)
+            score = quick_eval(load_encoder(out / "final"), cfg.eval_data)
             summary["stsb_dev"] = score
-            log.print(f"STSBenchmark dev spearman {score:.4f}")
+            run.log.print(f"STSBenchmark dev spearman {score:.4f}")
     return summary
 
 
@@ -741,265 +772,8 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     return float(norm)
 
 
-# ======================================================================================================================
-# 9. Presets: a preset is a set of config values (PRESETS) plus, if it needs more than one `train()` call, a small
-#    orchestration function (PRESET_RUNNERS). Without a runner, the preset's values simply configure one stage.
-# ======================================================================================================================
-
-PRESETS: dict[str, dict[str, Any]] = {}
-PRESET_RUNNERS: dict[str, Any] = {}
-
-# ==== presets: `python train.py --preset demo` (the offline demo, README) ====
-# `python train.py --preset demo`: the whole method, offline, on a laptop CPU, in under 20 minutes (issue 9).
-#   data.py build over <data>/text (the real shared text) -> all-MiniLM-L6-v2 teacher cache (teachers.py) -> a small
-#   random-init Qwen2 student -> stages 1, 2, 3 through train() above (the real trainer path) -> eval.py on STS tasks
-#   at every head dim for teacher and student -> one table, results.json, loss-curve and score-vs-dim PNGs.
-# Design and measured figures: docs/demo.md. The student (why each choice, measured on the prototype
-# bench/demo_prototype.py):
-#   - Qwen2 architecture (bidirectional, RoPE, SwiGLU, GQA), 4 layers of width 384 (6 query / 2 key-value heads,
-#     SwiGLU width 1536): ~8.7M body parameters, the most a 2-core CPU trains ~1,500 steps of in ~12 minutes.
-#   - the teacher's WordPiece vocabulary (30,522) with the teacher's input embeddings copied in, LN(word + type_0) as
-#     BERT's embedding layer computes them without the position term (RoPE replaces it): a random embedding table
-#     cannot be learnt from ~70k texts in minutes. The tokenizer is MiniLM's tokenizer.json.
-#   - o_proj and down_proj start at zero, so every residual branch starts as the identity and the untrained student
-#     is a bag of (copied) word embeddings: a sensible starting point, and what makes stage 1 meaningful.
-#   - heads (FC1..FC4) = 384 / 256 / 128 / 64: FC1 must equal the teacher width for the cosine loss (eq. 1); the
-#     Matryoshka heads halve down to 64 as the paper's 1024 -> 512 -> 256 halves, below the 384-d teacher.
-#   - texts cut at 32 tokens (teacher cache too, so the target describes the text the student sees), bf16 autocast,
-#     global batch 64, AdamW with warmup + cosine per stage.
-# Stages 1-3 keep the paper's trainable sets exactly (train.set_trainable): 1 = FC1 only (a linear probe on the
-# bag-of-embeddings student), 2 = FC1 + the last 3 of 4 layers, 3 = everything with FC2-4 in the losses. What
-# differs from the paper is the student's starting point (random body, identity residuals, copied embeddings
-# instead of stella), the loss weights (below) and the scale: steps, lr (5e-4: a random body needs more than the
-# paper's 1e-4 fine-tuning rates), batch, text length.
-import dataclasses as _dc  # noqa: E402
-
-DEMO_TASKS = ("STSBenchmark", "STS12", "STS13", "BIOSSES")
-DEMO_HEAD_DIMS = (384, 256, 128, 64)
-DEMO_STUDENT = dict(num_hidden_layers=4, hidden_size=384, intermediate_size=1536, num_attention_heads=6,
-                    num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=512)
-DEMO_STAGE_SHARE = (0.07, 0.60, 0.33)   # of --steps, per stage (stage 2 gains the most per step, see docs/demo.md)
-DEMO_STAGE_LR_MULT = (4.0, 1.0, 0.6)    # x --lr: stage 1 trains a linear head only (larger steps are safe there);
-                                        # stage 3 restarts the schedule on an already trained body: gentler
-DEMO_DATA = dict(passage_ratio=0.85, split_ratio=1.0, min_sentences=1, max_sentences=2)  # see docs/demo.md
-DEMO_CACHE_DTYPE = torch.bfloat16       # teacher for the cache: bf16 vs fp32 vectors agree to cos >= 0.9999
-DEMO_EVAL_MAX_LENGTH = 64               # the student is evaluated on up to 64 tokens (trained on 32; RoPE extends:
-                                        # BIOSSES +0.05, STSBenchmark +0.002 over cutting at 32)
-
-# Loss weights (lambda1, lambda2, lambda3) = (10, 12.5, 1.25), the paper's lambda2 and lambda3 / 16: the paper's
-# (10, 200, 20) suit a student that starts as stella, close to its teachers; this one starts far away (FC1 cosine
-# loss 0.52 after stage 1), and there the full-vector target of eq. 1 carries most of the signal. Measured after
-# stage 2 (105 + 900 steps, bench/RESULTS.md), STSBenchmark test: 0.7361 / 0.7466 / 0.7539 / 0.7593 at lambda2 =
-# 1000 / 200 / 50 / 12.5 (lambda3 = lambda2 / 10), the similarity and ranking losses themselves ending no higher.
-PRESETS["demo"] = dict(out="runs/demo", max_length=32, batch=64, micro_batch=64, lr=5e-4, steps=1500,
-                       warmup_ratio=0.05, dtype="bf16", ckpt_every=0, keep_ckpts=1, log_every=100, eval_data=None,
-                       loss_weights=[10.0, 12.5, 1.25])
-
-
-def make_demo_student(teacher_dir, head_dims=DEMO_HEAD_DIMS, max_length: int = 32, seed: int = 0,
-                      **overrides):
-    """The demo's random-init Qwen2 student on the teacher's WordPiece vocabulary (see the notes above)."""
-    import model as M
-    tok = M.TextTokenizer.from_pretrained(teacher_dir, max_length=max_length)
-    text = M.Qwen2Config(vocab_size=tok.vocab_size, causal=False, **{**DEMO_STUDENT, **overrides})
-    torch.manual_seed(seed)
-    student = M.JasperModel(M.JasperConfig(text=text, head_dims=tuple(head_dims), max_length=max_length))
-    st = M.read_safetensors(teacher_dir)
-    pre = "bert." if any(k.startswith("bert.embeddings.") for k in st) else ""
-    word = st[pre + "embeddings.word_embeddings.weight"].float()  # (V, H)
-    if tuple(word.shape) != tuple(student.model.embed_tokens.weight.shape):
-        raise SystemExit(f"train.py demo: teacher embeddings {tuple(word.shape)} do not fit the student "
-                         f"{tuple(student.model.embed_tokens.weight.shape)} (vocabulary / width)")
-    emb = torch.nn.functional.layer_norm(word + st[pre + "embeddings.token_type_embeddings.weight"][0].float(),
-                                         (word.shape[1],), st[pre + "embeddings.LayerNorm.weight"].float(),
-                                         st[pre + "embeddings.LayerNorm.bias"].float(), eps=1e-12)
-    with torch.no_grad():
-        student.model.embed_tokens.weight.copy_(emb)
-        for layer in student.model.layers:  # identity residual branches at init
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-    student.tokenizer = tok
-    return student
-
-
-class _Truncated:
-    """The teacher at smaller dims by truncation + renormalisation (MiniLM has no Matryoshka heads): the reference
-    for how much the student's learnt FC2-4 heads lose relative to its FC1."""
-
-    uses_instructions = False
-
-    def __init__(self, teacher, dims):
-        self.t, self.dims, self.name, self._vec = teacher, tuple(dims), getattr(teacher, "name", "teacher"), {}
-
-    def encode(self, texts, dim=None, instruction=None, batch_size=32, show_progress=None):
-        todo = list(dict.fromkeys(t for t in texts if t not in self._vec))  # the teacher runs once per text
-        if todo:
-            self._vec.update(zip(todo, self.t.encode(todo, batch_size=batch_size, show_progress=False)))
-        v = torch.stack([self._vec[t] for t in texts])  # (N, 384) normalised
-        return torch.nn.functional.normalize(v[:, :dim or self.dims[0]], dim=-1)
-
-
-def _demo_eval(encoder, tasks, data_dir, dims, engine: str, split: str | None) -> dict[str, dict[int, float]]:
-    import eval as E
-    cache = E.EmbeddingCache(encoder, batch_size=128, show_progress=False)
-    rep = E.evaluate(cache, list(tasks), data_dir=data_dir, dims=list(dims), instructions="none", engine=engine,
-                     split=split)
-    return {t: {int(d): r["main_score"] for d, r in per.items()} for t, per in rep["results"].items()}
-
-
-def _demo_plots(out: Path, stage_dirs: list[Path], results: dict, dims, split: str) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    paths = []
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-    offset = 0
-    for k, sd in enumerate(stage_dirs, start=1):
-        recs = [json.loads(ln) for ln in (sd / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        x = [offset + r["step"] for r in recs]
-        ax[0].plot(x, [r["loss"] for r in recs], lw=0.6, label=f"stage {k} total")
-        for key in sorted(k2 for k2 in recs[0] if k2.endswith(".cos")):
-            ax[1].plot(x, [r[key] for r in recs], lw=0.6, label=f"stage {k} {key}")
-        offset = x[-1]
-        for a in ax:
-            a.axvline(offset, color="grey", lw=0.5, ls=":")
-    ax[0].set(xlabel="optimizer step (stages back to back)", ylabel="loss (eq. 4)", yscale="log",
-              title="training loss")
-    ax[1].set(xlabel="optimizer step", ylabel="1 - cos(student FC1, teacher)", title="cosine loss (eq. 1)")
-    for a in ax:
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "loss_curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, (task, per) in enumerate(results["student"].items()):
-        c = f"C{i}"
-        ax.plot(dims, [per[d] for d in dims], "o-", color=c, label=f"{task} student")
-        ax.plot(dims, [results["teacher"][task][d] for d in dims], "x--", color=c, lw=0.8,
-                label=f"{task} teacher (truncated below {dims[0]})")
-    ax.set(xscale="log", xlabel="embedding dim (head FC1..FC4)", ylabel="cosine Spearman",
-           title=f"score vs dim ({split} split)")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xticks(list(dims), [str(d) for d in dims])
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "score_vs_dim.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
-
-
-def run_demo(cfg: TrainConfig, *, n_texts: int | None = None, tasks=DEMO_TASKS, engine: str = "builtin",
-             split: str | None = None, untrained: bool = True, plots: bool = True) -> dict:
-    """The demo preset: data -> teacher cache -> student -> stages 1-3 (train()) -> evaluation table and plots.
-    `cfg` carries the preset's values (and any CLI overrides: --out, --steps, --lr, --batch, --eval-data = the
-    shared data dir, --seed). The keyword arguments are for the test's shortened run."""
-    import data as D
-    import eval as E
-    import teachers as T
-    t_start = time.time()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(cfg.eval_data) if cfg.eval_data else D.default_data_dir()
-    if not (data_dir / "text").is_dir():
-        raise SystemExit(f"train.py demo: no text folder under the data dir {data_dir} (the shared data: "
-                         f"text/passages.jsonl, text/short.jsonl and sts/...); pass --eval-data DIR or set "
-                         f"JASPER_DATA_DIR")
-    times: dict[str, float] = {}
-
-    def say(msg):
-        print(f"[demo {fmt_duration(time.time() - t_start)}] {msg}", flush=True)
-
-    # 1. training texts: the paper's recipe (data.py) with every passage split into 1-2 sentence pieces
-    t0 = time.time()
-    meta = D.build(out / "data", data_dir=data_dir, n_texts=n_texts, seed=cfg.seed, progress=False, **DEMO_DATA)
-    texts = out / "data" / "texts.jsonl"
-    times["data"] = time.time() - t0
-    say(f"data: {meta['n_texts']:,} texts {meta['stats']['texts']} -> {texts}")
-
-    # 2. teacher cache (a rerun over the same texts reuses finished shards)
-    t0 = time.time()
-    tdir = T.minilm_path()
-    teacher = T.BertTeacher(tdir, max_length=cfg.max_length, dtype=DEMO_CACHE_DTYPE)
-    say(f"teacher cache: all-MiniLM-L6-v2 ({tdir}), {cfg.max_length} tokens, {DEMO_CACHE_DTYPE} ...")
-    T.build_cache([teacher], texts, out / "cache", batch_size=256)
-    del teacher
-    times["teacher_cache"] = time.time() - t0
-    say(f"teacher cache done in {fmt_duration(times['teacher_cache'])}")
-
-    # 3. the student, saved as stage 0 (train() loads --init from a directory)
-    init = out / "init"
-    make_demo_student(tdir, max_length=cfg.max_length, seed=cfg.seed).save_pretrained(init)
-
-    # 4. stages 1-3 through the real trainer
-    steps = [max(1, round(cfg.steps * s)) for s in DEMO_STAGE_SHARE]
-    prev, stage_dirs, t_train = init, [], time.time()
-    for k in (1, 2, 3):
-        sd = out / f"stage{k}"
-        shutil.rmtree(sd, ignore_errors=True)  # the demo's own output of an earlier run
-        scfg = _dc.replace(cfg, preset=None, config=None, stage=k, init=str(prev), init_format="jasper", out=str(sd),
-                           texts=str(texts), teacher_cache=str(out / "cache"), teacher=[], steps=steps[k - 1],
-                           lr=cfg.lr * DEMO_STAGE_LR_MULT[k - 1], seed=cfg.seed + k, eval_data=None, resume=False,
-                           export=True, stop_at=None)
-        t0 = time.time()
-        train(scfg)
-        times[f"stage{k}"] = time.time() - t0
-        say(f"stage {k} done: {steps[k - 1]} steps in {fmt_duration(times[f'stage{k}'])}")
-        prev = sd / "final"
-        stage_dirs.append(sd)
-    times["train"] = time.time() - t_train
-
-    # 5. evaluation: teacher (fp32, its own 256-token limit; truncated below 384) vs student at every head
-    t0 = time.time()
-    dims = list(DEMO_HEAD_DIMS)
-    student = E.load_encoder(prev, max_length=DEMO_EVAL_MAX_LENGTH)  # a JasperModel; encodes all heads at once
-    n_params = sum(p.numel() for p in student.parameters())
-    say(f"evaluating teacher and student on {', '.join(tasks)} ({split or 'test'} split) at dims {dims} ...")
-    results = {"teacher": _demo_eval(_Truncated(E.load_encoder(tdir), dims), tasks, data_dir, dims, engine, split),
-               "student": _demo_eval(student, tasks, data_dir, dims, engine, split)}
-    if untrained:
-        results["untrained"] = _demo_eval(E.load_encoder(init, max_length=DEMO_EVAL_MAX_LENGTH), tasks, data_dir,
-                                          dims, engine, split)
-    times["eval"] = time.time() - t0
-    times["total"] = time.time() - t_start
-
-    # 6. report: one table (teacher vs student per task and dim), results.json, results.md, two PNGs
-    cols = [c for c in ("teacher", "student", "untrained") if c in results]
-    lines = ["| task | dim | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
-    for task in tasks:
-        for d in dims:
-            lines.append(f"| {task} | {d} | " + " | ".join(f"{results[c][task][d]:.4f}" for c in cols) + " |")
-    lines += ["", f"teacher: all-MiniLM-L6-v2, fp32 (at dims below {dims[0]}: its first d coordinates, "
-                  f"renormalised); student: {n_params / 1e6:.1f}M-parameter Qwen2 trained on {meta['n_texts']:,} "
-                  f"texts cut at {cfg.max_length} tokens; untrained: the same student before stage 1",
-              f"metric: cosine Spearman, {split or 'test'} split (eval.py, {engine} engine, no instructions)",
-              f"time: data {times['data']:.0f}s | teacher cache {fmt_duration(times['teacher_cache'])} | training "
-              f"{fmt_duration(times['train'])} (stages 1/2/3: {steps[0]}/{steps[1]}/{steps[2]} steps in "
-              + "/".join(f"{times[f'stage{k}']:.0f}" for k in (1, 2, 3)) + f" s) | eval "
-              f"{fmt_duration(times['eval'])} | total {fmt_duration(times['total'])}"]
-    table = "\n".join(lines)
-    print("\n" + table, flush=True)
-    report = dict(results=results, times=times, steps=steps, n_texts=meta["n_texts"], table=table,
-                  student=str(prev), untrained=str(init), config=dataclasses.asdict(cfg))
-    atomic_write(out / "results.json", json.dumps(report, indent=1) + "\n")
-    atomic_write(out / "results.md", table + "\n")
-    if plots:
-        for p in _demo_plots(out, stage_dirs, results, dims, split or "test"):
-            say(f"wrote {p}")
-    return report
-
-
-PRESET_RUNNERS["demo"] = run_demo
-# ==== end presets ====
-
-
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(argv)
-    if cfg.preset in PRESET_RUNNERS:
-        return PRESET_RUNNERS[cfg.preset](cfg)
-    return train(cfg)
+    return train(parse_config(argv))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Vision tower forward throughput (images/s): model.SiglipVisionEncoder vs transformers' SiglipVisionModel.
+"""Vision tower forward throughput (images/s): vision.SiglipVisionEncoder vs transformers' SiglipVisionModel.
 
 Same weights (ours loaded from the transformers model's state dict), same inputs, inference mode, timed interleaved
 (ours, theirs, ours, ...) so that load from other processes hits both alike; the median of the repeats is reported.
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import model  # noqa: E402
+import vision  # noqa: E402
+from checkpoints import load_state_strict  # noqa: E402
 
 CONFIGS = {
     # google/siglip-base-patch16-224 vision tower: 86M params, 196 patches
@@ -63,8 +64,8 @@ def main() -> None:
     hcfg = HFConfig(**CONFIGS[args.config], vision_use_head=False, attn_implementation="sdpa")
     torch.manual_seed(0)
     theirs = SiglipVisionModel(hcfg).to(device, dtype).eval()
-    ours = model.SiglipVisionEncoder(model.SiglipVisionConfig.from_hf(hcfg.to_dict()))
-    model.load_state_strict(ours, theirs.state_dict())
+    ours = vision.SiglipVisionEncoder(vision.SiglipVisionConfig.from_hf(hcfg.to_dict()))
+    load_state_strict(ours, theirs.state_dict())
     ours = ours.to(device, dtype).eval()
     S = hcfg.image_size
     x = torch.randn(args.batch, 3, S, S, generator=torch.Generator().manual_seed(1)).to(device, dtype)

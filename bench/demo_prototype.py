@@ -1,9 +1,9 @@
-"""Prototype for the demo preset: find a configuration that trains a small Qwen2-architecture
+"""Prototype for the demo (demo.py): find a configuration that trains a small Qwen2-architecture
 student from all-MiniLM-L6-v2 in <= 20 min on 2 CPU cores with STSBenchmark test Spearman >= 0.75.
 
-A minimal loop over the project's public APIs (data.build, teachers.build_cache/TeacherCache, model.JasperModel,
+A minimal loop over the project's public APIs (data.build, teacher_cache.build_cache/TeacherCache, model.JasperModel,
 losses.distill_loss, train.set_trainable/build_optimizer/lr_factor, eval.quick_eval). It is NOT the demo itself
-(that is `python train.py --preset demo`); it exists to measure per-step CPU cost and scores of candidate settings.
+(that is `python demo.py`); it exists to measure per-step CPU cost and scores of candidate settings.
 
 Costs are reported as CPU seconds (user+sys of this process, OMP_WAIT_POLICY=PASSIVE so that spinning threads do
 not count) because the machine is shared while this was written; an unloaded 2-core machine runs at about
@@ -31,6 +31,8 @@ import data as D  # noqa: E402
 import eval as E  # noqa: E402
 import losses as L  # noqa: E402
 import model as M  # noqa: E402
+from checkpoints import read_safetensors  # noqa: E402
+import teacher_cache as TC  # noqa: E402
 import teachers as T  # noqa: E402
 import train as TR  # noqa: E402
 
@@ -52,7 +54,7 @@ def make_student(layers=4, hidden=384, inter=1536, heads=6, kv=2, head_dims=(384
                          rope_theta=10000.0, max_position_embeddings=512, causal=False)
     torch.manual_seed(seed)
     m = M.JasperModel(M.JasperConfig(text=text, head_dims=head_dims, max_length=max_length))
-    st = M.read_safetensors(tdir)
+    st = read_safetensors(tdir)
     pre = "bert." if any(k.startswith("bert.") for k in st) else ""
     w = st[pre + "embeddings.word_embeddings.weight"].float()
     if emb == "ln":  # the teacher's layer-0 input without the position term: LN(word + token_type[0])
@@ -116,8 +118,8 @@ def cmd_data(a):
 def cmd_cache(a):
     t0, w0 = cpu_s(), time.time()
     teacher = T.BertTeacher(T.minilm_path(), max_length=a.max_length, dtype=getattr(torch, a.teacher_dtype))
-    T.build_cache([teacher], Path(a.work) / "data" / "texts.jsonl", Path(a.work) / "cache", batch_size=256)
-    n = T.TeacherCache(Path(a.work) / "cache").n_rows
+    TC.build_cache([teacher], Path(a.work) / "data" / "texts.jsonl", Path(a.work) / "cache", batch_size=256)
+    n = TC.TeacherCache(Path(a.work) / "cache").n_rows
     c = cpu_s() - t0
     print(f"cache: {n} texts, cpu {c:.1f}s ({n / c:.0f} texts per cpu-s), wall {time.time() - w0:.1f}s")
 
@@ -134,7 +136,7 @@ def cmd_train(a):
     m = make_student(layers=a.layers, inter=a.inter, heads=a.heads, kv=a.kv, emb=a.emb, zero_out=not a.no_zero,
                      head_dims=tuple(a.dims), max_length=a.max_length, seed=a.seed)
     print("params", sum(p.numel() for p in m.parameters()), "untrained", scores(m, splits=("dev",)), flush=True)
-    cache = T.TeacherCache(work / "cache")
+    cache = TC.TeacherCache(work / "cache")
     loader = D.TrainLoader(work / "data" / "texts.jsonl", m.tokenizer, global_batch=a.batch,
                            max_length=a.max_length, seed=a.seed, micro_batch=a.batch)
     it = iter(loader)

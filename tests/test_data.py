@@ -16,15 +16,15 @@ import torch
 
 import data
 from data import DataError, TrainLoader, text_hash
+from model import TextTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tokenizer():
     """The real all-MiniLM-L6-v2 WordPiece tokenizer (the demo student's vocabulary) through model.TextTokenizer."""
-    import model
     import teachers
-    return model.TextTokenizer.from_pretrained(teachers.minilm_path() / "tokenizer.json", max_length=512)
+    return TextTokenizer.from_pretrained(teachers.minilm_path() / "tokenizer.json", max_length=512)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,5 +1,5 @@
 """data.ImageCaptionDataset (stage 4): Infinity-MM-like jsonl rows and parquet rows with image bytes, decoded by
-model.preprocess_images in DataLoader workers; broken images skipped and counted, or a clear error."""
+vision.preprocess_images in DataLoader workers; broken images skipped and counted, or a clear error."""
 import io
 import json
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import vision
 from data import DataError, ImageCaptionDataset
 
 skdata = pytest.importorskip("skimage.data")  # real photographs (requirements-test.txt)
@@ -51,7 +52,6 @@ def _infinity_mm_row(i, image, caption):
 
 
 def test_jsonl_infinity_mm_layout_with_broken_images(images_dir, tmp_path):
-    import model
     rows = [_infinity_mm_row(i, f"images/{n}.jpg", c) for i, (n, c) in enumerate(PHOTOS.items())]
     rows.insert(2, _infinity_mm_row(90, "images/truncated.jpg", "broken"))
     rows.insert(4, _infinity_mm_row(91, "images/not_an_image.jpg", "broken"))
@@ -69,20 +69,19 @@ def test_jsonl_infinity_mm_layout_with_broken_images(images_dir, tmp_path):
     assert caps == list(PHOTOS.values())
     pv = torch.cat([b["pixel_values"] for b in batches])
     assert pv.shape == (5, 3, 64, 64) and pv.dtype == torch.float32
-    ref, _, _ = model.preprocess_images([images_dir / "images" / "chelsea.jpg"], size=64)
+    ref, _, _ = vision.preprocess_images([images_dir / "images" / "chelsea.jpg"], size=64)
     assert torch.equal(pv[1], ref[0])  # same pixels as model.py's own preprocessing
     with pytest.raises(DataError, match=r"captions.jsonl:9: malformed json"):
         ImageCaptionDataset(p, image_size=64, on_error="raise")
 
 
 def test_broken_image_raise_names_row_and_file(images_dir, tmp_path):
-    import model
     p = tmp_path / "c.jsonl"
     img = str(images_dir / "images" / "truncated.jpg")
     p.write_text(json.dumps({"image": str(images_dir / "images" / "coffee.jpg"), "caption": "coffee"}) + "\n"
                  + json.dumps({"image": img, "caption": "broken"}) + "\n")
     ds = ImageCaptionDataset(p, image_size=32, on_error="raise")
-    with pytest.raises(model.ImageError, match=r"c.jsonl row 1 \(image .*truncated.jpg\)"):
+    with pytest.raises(vision.ImageError, match=r"c.jsonl row 1 \(image .*truncated.jpg\)"):
         ds.collate([ds[0], ds[1]])
 
 

@@ -1,7 +1,7 @@
-"""The demo preset (issue 9): a shortened `python train.py --preset demo` end to end on the real shared text and
-the real all-MiniLM-L6-v2 teacher: data.py build -> teacher cache -> stages 1-3 through train() -> eval.py.
+"""The demo (issue 9): a shortened `python demo.py` end to end on the real shared text and the real all-MiniLM-L6-v2
+teacher: data.py build -> teacher cache -> stages 1-3 through train.train() -> eval.py.
 
-The full preset (~1,400 steps, ~70k texts) is the README's command; here the same code path runs on 2,000 texts
+The full demo (~1,500 steps, ~70k texts) is the README's command; here the same code path runs on 2,000 texts
 for 100 steps and must beat the untrained student of the same shape (same init: copied teacher embeddings,
 identity residual branches) on STSBenchmark dev by a clear margin.
 """
@@ -12,19 +12,21 @@ import json
 import pytest
 import torch
 
-import train as TR
+import demo as DM
+import model as M
+import teachers as T
+from checkpoints import read_safetensors
+from teacher_cache import TeacherCache
 
 
 def test_demo_student_init_is_a_bag_of_teacher_embeddings():
     """Identity residual branches (o_proj/down_proj = 0) + copied LN(word + type_0) embeddings: the untrained body
     returns RMSNorm of the copied embedding of each token, whatever its neighbours."""
-    import model as M
-    import teachers as T
     tdir = T.minilm_path()
-    s = TR.make_demo_student(tdir, max_length=32)
+    s = DM.make_demo_student(tdir, max_length=32)
     assert isinstance(s.model, M.Qwen2Encoder) and len(s.model.layers) == 4 and s.config.head_dims == (384, 256,
                                                                                                          128, 64)
-    st = M.read_safetensors(tdir)
+    st = read_safetensors(tdir)
     pre = "bert." if any(k.startswith("bert.embeddings.") for k in st) else ""
     word = st[pre + "embeddings.word_embeddings.weight"]
     ref = torch.nn.functional.layer_norm(word + st[pre + "embeddings.token_type_embeddings.weight"][0], (384,),
@@ -40,21 +42,19 @@ def test_demo_student_init_is_a_bag_of_teacher_embeddings():
 
 
 @pytest.mark.slow
-def test_demo_shortened_preset_end_to_end(tmp_path, data_dir, capsys):
+def test_demo_shortened_end_to_end(tmp_path, data_dir, capsys):
     out = tmp_path / "demo"
-    cfg = TR.parse_config(["--preset", "demo", "--out", str(out), "--eval-data", str(data_dir), "--steps", "100",
-                           "--log-every", "50"])
-    assert (cfg.max_length, cfg.batch, cfg.lr, cfg.dtype) == (32, 64, 5e-4, "bf16")  # the preset's values
-    rep = TR.run_demo(cfg, n_texts=2000, tasks=("STSBenchmark",), split="dev")
+    cfg = DM.parse_args(["--out", str(out), "--eval-data", str(data_dir), "--steps", "100", "--log-every", "50"])
+    assert (cfg.max_length, cfg.batch, cfg.lr, cfg.dtype) == (32, 64, 5e-4, "bf16")  # the demo's values
+    rep = DM.run_demo(cfg, n_texts=2000, tasks=("STSBenchmark",), split="dev")
     printed = capsys.readouterr().out
 
     # the real pipeline ran: texts, a verified cache over exactly those rows, three stages, exports
     assert rep["n_texts"] == 2000
-    import teachers as T
-    cache = T.TeacherCache(out / "cache")
+    cache = TeacherCache(out / "cache")
     cache.check(n_rows=2000, dim=384)
     cache.verify_texts(out / "data" / "texts.jsonl")
-    assert rep["steps"] == [max(1, round(100 * f)) for f in TR.DEMO_STAGE_SHARE] and sum(rep["steps"]) == 100
+    assert rep["steps"] == [max(1, round(100 * f)) for f in DM.DEMO_STAGE_SHARE] and sum(rep["steps"]) == 100
     for k, n in zip((1, 2, 3), rep["steps"]):
         recs = [json.loads(ln) for ln in (out / f"stage{k}" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in recs] == list(range(1, n + 1))

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
+from checkpoints import CheckpointError, resolve_checkpoint
 
 CFG = dict(model_type="qwen2", vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
            num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -41,7 +42,7 @@ def test_missing_key(good, tmp_path):
     state = load_file(str(d / "model.safetensors"))
     del state["layers.1.mlp.up_proj.weight"]
     bad = write_ckpt(tmp_path / "bad", state)
-    with pytest.raises(M.CheckpointError, match=r"missing key\(s\): layers\.1\.mlp\.up_proj\.weight \(24, 16\)"):
+    with pytest.raises(CheckpointError, match=r"missing key\(s\): layers\.1\.mlp\.up_proj\.weight \(24, 16\)"):
         M.Qwen2Encoder.from_pretrained(bad)
 
 
@@ -50,7 +51,7 @@ def test_extra_key(good, tmp_path):
     state = load_file(str(d / "model.safetensors"))
     state["layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(4)
     bad = write_ckpt(tmp_path / "bad", state)
-    with pytest.raises(M.CheckpointError, match=r"unexpected key\(s\): layers\.0\.self_attn\.rotary_emb\.inv_freq \(4\)"):
+    with pytest.raises(CheckpointError, match=r"unexpected key\(s\): layers\.0\.self_attn\.rotary_emb\.inv_freq \(4\)"):
         M.Qwen2Encoder.from_pretrained(bad)
 
 
@@ -59,7 +60,7 @@ def test_wrong_shape(good, tmp_path):
     state = load_file(str(d / "model.safetensors"))
     state["layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 16)
     bad = write_ckpt(tmp_path / "bad", state)
-    with pytest.raises(M.CheckpointError, match=r"layers\.0\.self_attn\.k_proj\.weight checkpoint \(16, 16\) vs "
+    with pytest.raises(CheckpointError, match=r"layers\.0\.self_attn\.k_proj\.weight checkpoint \(16, 16\) vs "
                                                 r"model \(8, 16\)"):
         M.Qwen2Encoder.from_pretrained(bad)
 
@@ -72,7 +73,7 @@ def test_truncated_safetensors(good, tmp_path, keep):
     bad = write_ckpt(tmp_path / "bad", {})
     n = keep if isinstance(keep, int) else int(len(raw) * keep)
     (bad / "model.safetensors").write_bytes(raw[:n])
-    with pytest.raises(M.CheckpointError, match=r"bad/model\.safetensors.*truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=r"bad/model\.safetensors.*truncated or corrupt"):
         M.Qwen2Encoder.from_pretrained(bad)
 
 
@@ -82,27 +83,27 @@ def test_config_missing_field(good, field):
     cfg = dict(CFG)
     del cfg[field]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(M.CheckpointError, match=rf"config\.json: missing required field\(s\) \['{field}'\]"):
+    with pytest.raises(CheckpointError, match=rf"config\.json: missing required field\(s\) \['{field}'\]"):
         M.Qwen2Encoder.from_pretrained(d)
 
 
 def test_config_wrong_model_type_and_activation(good):
     d, _ = good
     (d / "config.json").write_text(json.dumps({**CFG, "model_type": "bert"}))
-    with pytest.raises(M.CheckpointError, match="model_type 'bert' is not supported"):
+    with pytest.raises(CheckpointError, match="model_type 'bert' is not supported"):
         M.Qwen2Encoder.from_pretrained(d)
     (d / "config.json").write_text(json.dumps({**CFG, "hidden_act": "gelu"}))
-    with pytest.raises(M.CheckpointError, match="hidden_act 'gelu'"):
+    with pytest.raises(CheckpointError, match="hidden_act 'gelu'"):
         M.Qwen2Encoder.from_pretrained(d)
 
 
 def test_no_weights_and_no_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(CFG))
-    with pytest.raises(M.CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
         M.Qwen2Encoder.from_pretrained(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(M.CheckpointError, match="empty/config.json: file not found"):
+    with pytest.raises(CheckpointError, match="empty/config.json: file not found"):
         M.Qwen2Encoder.from_pretrained(empty)
 
 
@@ -122,7 +123,7 @@ def test_sharded_checkpoint_and_missing_shard(good, tmp_path):
     back = M.Qwen2Encoder.from_pretrained(sh)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in enc.state_dict().items())
     (sh / names[1]).unlink()
-    with pytest.raises(M.CheckpointError, match="model-00002-of-00002.safetensors: safetensors file not found"):
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: safetensors file not found"):
         M.Qwen2Encoder.from_pretrained(sh)
 
 
@@ -133,16 +134,16 @@ def test_prefix_detection_and_explicit_prefix(good, tmp_path):
                          {"lm_head.weight": torch.zeros(50, 16)})
     back = M.Qwen2Encoder.from_pretrained(wrapped)  # auto-detects "model.", ignores lm_head outside the prefix
     assert torch.equal(back.norm.weight, enc.norm.weight)
-    with pytest.raises(M.CheckpointError, match="missing key"):
+    with pytest.raises(CheckpointError, match="missing key"):
         M.Qwen2Encoder.from_pretrained(wrapped, prefix="")  # the explicit bare prefix sees no body keys
     junk = write_ckpt(tmp_path / "junk", {"foo.weight": torch.zeros(2)})
-    with pytest.raises(M.CheckpointError, match="no 'embed_tokens.weight' or 'model.embed_tokens.weight' key"):
+    with pytest.raises(CheckpointError, match="no 'embed_tokens.weight' or 'model.embed_tokens.weight' key"):
         M.Qwen2Encoder.from_pretrained(junk)
 
 
 def test_unreachable_hub_id_names_the_source():
-    with pytest.raises(M.CheckpointError, match="'no-such-owner/no-such-model' is not a local directory"):
-        M.resolve_checkpoint("no-such-owner/no-such-model")
+    with pytest.raises(CheckpointError, match="'no-such-owner/no-such-model' is not a local directory"):
+        resolve_checkpoint("no-such-owner/no-such-model")
 
 
 def test_jasper_checkpoint_errors_name_keys(tmp_path):
@@ -153,18 +154,18 @@ def test_jasper_checkpoint_errors_name_keys(tmp_path):
     state = load_file(str(tmp_path / "ok" / "model.safetensors"))
     state["vector_linear_8.weight"] = torch.zeros(8, 12)
     save_file(state, str(tmp_path / "ok" / "model.safetensors"))
-    with pytest.raises(M.CheckpointError, match=r"vector_linear_8\.weight checkpoint \(8, 12\) vs model \(8, 16\)"):
+    with pytest.raises(CheckpointError, match=r"vector_linear_8\.weight checkpoint \(8, 12\) vs model \(8, 16\)"):
         M.JasperModel.from_pretrained(tmp_path / "ok")
 
 
 def test_jasper_from_pretrained_on_a_stella_layout_points_to_from_stella(good):
     d, _ = good
-    with pytest.raises(M.CheckpointError, match="use JasperModel.from_stella"):
+    with pytest.raises(CheckpointError, match="use JasperModel.from_stella"):
         M.JasperModel.from_pretrained(d)
 
 
 def test_sliding_window_configs():
-    with pytest.raises(M.CheckpointError, match="sliding-window attention layers are not supported"):
+    with pytest.raises(CheckpointError, match="sliding-window attention layers are not supported"):
         M.Qwen2Config.from_hf({**CFG, "use_sliding_window": True, "sliding_window": 8})
     mis = M.Qwen2Config.from_hf({**CFG, "model_type": "mistral", "sliding_window": 8, "causal": True})
     assert mis.attention_bias is False and mis.sliding_window == 8

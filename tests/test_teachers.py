@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import teacher_cache as TC
 import teachers as T
 from data import text_hash
 
@@ -146,7 +147,8 @@ def _build(tmp, texts, teachers, **kw):
     inp = tmp / "texts.jsonl"
     if not inp.exists():
         _write_texts(inp, texts)
-    return T.build_cache(teachers, inp, tmp / "cache", batch_size=8, shard_size=16, show_progress=False, **kw)
+    return TC.build_cache(teachers, inp, tmp / "cache", batch_size=8, shard_size=16, show_progress=False,
+                          load=T.load_teacher, **kw)
 
 
 def _files(d: Path) -> dict:
@@ -163,7 +165,7 @@ def built_cache(tmp_path_factory, cache_texts, two_teachers):
 
 def test_cache_round_trip(built_cache, cache_texts, two_teachers):
     man = built_cache / "cache" / "manifest.json"
-    c = T.TeacherCache(man.parent)
+    c = TC.TeacherCache(man.parent)
     assert c.n_rows == 50 and c.dim == 768 and c.teachers == ["all-MiniLM-L6-v2", "minilm-q"]
     c.check(teachers=["all-MiniLM-L6-v2", "minilm-q"], n_rows=50, dim=768)
     m = json.loads(man.read_text())
@@ -188,7 +190,7 @@ def test_cache_resume_after_kill_equals_uninterrupted(tmp_path, cache_texts, min
 
     part = tmp_path / "part"
     part.mkdir()
-    real_write = T.atomic_write
+    real_write = TC.atomic_write
     calls = {"n": 0}
 
     def dying_write(path, data):
@@ -200,14 +202,14 @@ def test_cache_resume_after_kill_equals_uninterrupted(tmp_path, cache_texts, min
             raise KeyboardInterrupt("simulated kill")
         real_write(path, data)
 
-    monkeypatch.setattr(T, "atomic_write", dying_write)
+    monkeypatch.setattr(TC, "atomic_write", dying_write)
     with pytest.raises(KeyboardInterrupt):
         _build(part, cache_texts, [minilm])
-    monkeypatch.setattr(T, "atomic_write", real_write)
+    monkeypatch.setattr(TC, "atomic_write", real_write)
     cdir = part / "cache"
     assert not (cdir / "manifest.json").exists()
-    with pytest.raises(T.CacheError, match="no manifest"):
-        T.TeacherCache(cdir)
+    with pytest.raises(TC.CacheError, match="no manifest"):
+        TC.TeacherCache(cdir)
     tdir = next(p for p in cdir.iterdir() if p.is_dir())
     assert (tdir / "shard_00001.f32").is_file() and not (tdir / "shard_00001.json").exists()
     # also a truncated data file for shard 2 without sidecar (as a non-atomic writer would leave): must be redone
@@ -231,7 +233,7 @@ def test_cache_resume_after_kill_equals_uninterrupted(tmp_path, cache_texts, min
     for m in (ma, mb):
         m.pop("created_utc"), m["input"].pop("path")
     assert ma == mb
-    assert torch.equal(T.TeacherCache(cdir).targets(np.arange(50)), T.TeacherCache(full / "cache").targets(
+    assert torch.equal(TC.TeacherCache(cdir).targets(np.arange(50)), TC.TeacherCache(full / "cache").targets(
         np.arange(50)))
 
 
@@ -245,10 +247,10 @@ def test_cache_refuses_changed_text(built_cache, tmp_path, cache_texts):
     texts = list(cache_texts)
     texts[7] = texts[7] + " (edited)"
     _write_texts(d / "texts.jsonl", texts)
-    c = T.TeacherCache(d / "cache")
-    with pytest.raises(T.CacheError, match=r"row 7\b.*row_hashes|row_hashes.*row 7\b"):
+    c = TC.TeacherCache(d / "cache")
+    with pytest.raises(TC.CacheError, match=r"row 7\b.*row_hashes|row_hashes.*row 7\b"):
         c.verify_texts(d / "texts.jsonl")
-    with pytest.raises(T.CacheError, match=r"row 7\b"):
+    with pytest.raises(TC.CacheError, match=r"row 7\b"):
         c.targets([1, 7], hashes=[text_hash(texts[1]), text_hash(texts[7])])
     # a texts.jsonl whose stored hash no longer matches its text is refused at read time
     lines = (d / "texts.jsonl").read_text().splitlines()
@@ -256,12 +258,12 @@ def test_cache_refuses_changed_text(built_cache, tmp_path, cache_texts):
     obj["text"] += "!"
     lines[3] = json.dumps(obj)
     (d / "texts.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(T.CacheError, match=r"texts.jsonl:4: row 3"):
-        T.read_cache_input(d / "texts.jsonl")
+    with pytest.raises(TC.CacheError, match=r"texts.jsonl:4: row 3"):
+        TC.read_cache_input(d / "texts.jsonl")
     # building into the same folder from changed texts is refused too
-    with pytest.raises(T.CacheError, match="different texts"):
-        T.build_cache(["all-MiniLM-L6-v2"], _w(d, texts), d / "cache",
-                      show_progress=False, shard_size=16)
+    with pytest.raises(TC.CacheError, match="different texts"):
+        TC.build_cache(["all-MiniLM-L6-v2"], _w(d, texts), d / "cache",
+                       show_progress=False, shard_size=16, load=T.load_teacher)
 
 
 def _w(d, texts):
@@ -275,32 +277,32 @@ def test_cache_refuses_reordered_rows(built_cache, tmp_path, cache_texts):
     texts = list(cache_texts)
     texts[10], texts[11] = texts[11], texts[10]
     _write_texts(d / "texts.jsonl", texts)  # ids rewritten 0..N-1, hashes consistent: only the order changed
-    c = T.TeacherCache(d / "cache")
-    with pytest.raises(T.CacheError, match=r"row 10\b"):
+    c = TC.TeacherCache(d / "cache")
+    with pytest.raises(TC.CacheError, match=r"row 10\b"):
         c.verify_texts(d / "texts.jsonl")
-    with pytest.raises(T.CacheError, match=r"row 11\b"):
+    with pytest.raises(TC.CacheError, match=r"row 11\b"):
         c.targets(torch.tensor([11]), hashes=[text_hash(texts[11])])
     # ids out of order in the file itself
     lines = (built_cache / "texts.jsonl").read_text().splitlines()
     lines[4], lines[5] = lines[5], lines[4]
     (d / "swapped.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(T.CacheError, match=r"swapped.jsonl:5: id 5 but this is row 4"):
+    with pytest.raises(TC.CacheError, match=r"swapped.jsonl:5: id 5 but this is row 4"):
         c.verify_texts(d / "swapped.jsonl")
 
 
 def test_cache_refuses_wrong_dim_missing_teacher_row_count(built_cache):
-    c = T.TeacherCache(built_cache / "cache")
-    with pytest.raises(T.CacheError, match="dim 768.*expects 12288"):
+    c = TC.TeacherCache(built_cache / "cache")
+    with pytest.raises(TC.CacheError, match="dim 768.*expects 12288"):
         c.check(dim=12288)
-    with pytest.raises(T.CacheError, match=r"\['stella'\] missing"):
+    with pytest.raises(TC.CacheError, match=r"\['stella'\] missing"):
         c.check(teachers=["all-MiniLM-L6-v2", "stella"])
-    with pytest.raises(T.CacheError, match="in this order"):
+    with pytest.raises(TC.CacheError, match="in this order"):
         c.check(teachers=["minilm-q", "all-MiniLM-L6-v2"])
-    with pytest.raises(T.CacheError, match="50 rows but the training texts have 51"):
+    with pytest.raises(TC.CacheError, match="50 rows but the training texts have 51"):
         c.check(n_rows=51)
-    with pytest.raises(T.CacheError, match="row 50 out of range"):
+    with pytest.raises(TC.CacheError, match="row 50 out of range"):
         c.targets([0, 50])
-    with pytest.raises(T.CacheError, match="51 rows|50 rows"):
+    with pytest.raises(TC.CacheError, match="51 rows|50 rows"):
         p = built_cache / "more.jsonl"
         _write_texts(p, [json.loads(x)["text"] for x in (built_cache / "texts.jsonl").read_text().splitlines()]
                      + ["one more"])
@@ -312,19 +314,19 @@ def test_cache_refuses_truncated_or_tampered_files(built_cache, tmp_path):
     shard = sorted((d / "cache").glob("t1_*/shard_00002.f32"))[0]
     data = shard.read_bytes()
     shard.write_bytes(data[:-4])
-    with pytest.raises(T.CacheError, match=rf"{shard.name}: teacher minilm-q rows \[32, 48\).*truncated"):
-        T.TeacherCache(d / "cache")
+    with pytest.raises(TC.CacheError, match=rf"{shard.name}: teacher minilm-q rows \[32, 48\).*truncated"):
+        TC.TeacherCache(d / "cache")
     shard.write_bytes(data)
-    T.TeacherCache(d / "cache")
+    TC.TeacherCache(d / "cache")
     hf = d / "cache" / "row_hashes.bin"
     h = bytearray(hf.read_bytes())
     h[8 * 20] ^= 1
     hf.write_bytes(bytes(h))
-    with pytest.raises(T.CacheError, match="row_hashes.bin: content does not match"):
-        T.TeacherCache(d / "cache")
+    with pytest.raises(TC.CacheError, match="row_hashes.bin: content does not match"):
+        TC.TeacherCache(d / "cache")
     hf.write_bytes(bytes(h[:-8]))
-    with pytest.raises(T.CacheError, match="row_hashes.bin: expected 400 bytes"):
-        T.TeacherCache(d / "cache")
+    with pytest.raises(TC.CacheError, match="row_hashes.bin: expected 400 bytes"):
+        TC.TeacherCache(d / "cache")
 
 
 @pytest.mark.slow
@@ -340,8 +342,8 @@ def test_cache_cli_and_torchrun(built_cache, tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 1/2" in r.stderr and "wrote" in r.stderr
-    a = T.TeacherCache(out)
-    b = T.TeacherCache(built_cache / "cache")
+    a = TC.TeacherCache(out)
+    b = TC.TeacherCache(built_cache / "cache")
     assert a.teachers[0] == b.teachers[0] and a.dim == b.dim
     assert torch.equal(a.targets(np.arange(50)), b.targets(np.arange(50)))
     r = subprocess.run([sys.executable, str(ROOT / "teachers.py"), "verify", "--cache", str(out), "--input",

@@ -10,6 +10,7 @@ import json
 import pytest
 
 import model as M
+from checkpoints import CheckpointError
 from common import package_dir
 
 transformers = pytest.importorskip("transformers")
@@ -114,8 +115,8 @@ def test_image_tokens_added_for_qwen_only(qwen_dir, bert_dir, tmp_path):
 
 
 def test_missing_or_bad_tokenizer_file(tmp_path):
-    with pytest.raises(M.CheckpointError, match="tokenizer.json not found"):
+    with pytest.raises(CheckpointError, match="tokenizer.json not found"):
         M.TextTokenizer.from_pretrained(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(M.CheckpointError, match="not a valid tokenizer.json"):
+    with pytest.raises(CheckpointError, match="not a valid tokenizer.json"):
         M.TextTokenizer.from_pretrained(tmp_path)

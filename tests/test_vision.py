@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import model
-from model import (CheckpointError, ImageError, SiglipVisionConfig, SiglipVisionEncoder, image_placeholder_ids,
-                   load_image, pool_image_features, preprocess_images, splice_image_features)
+from checkpoints import CheckpointError, checkpoint_keys
+from vision import (IMG_END_ID, IMG_START_ID, IMG_TOKEN_ID, NUM_IMAGE_TOKENS, ImageError, SiglipVisionConfig,
+                    SiglipVisionEncoder, load_image, pool_image_features, preprocess_images, splice_image_features)
 
 transformers = pytest.importorskip("transformers")
 from transformers import SiglipConfig, SiglipModel, SiglipVisionModel  # noqa: E402
@@ -70,7 +70,7 @@ def _hf_out(vision_model, x):
 
 def test_full_siglip_checkpoint_parity(full_siglip):
     d, ref, shape = full_siglip
-    keys = model._checkpoint_keys(d)
+    keys = checkpoint_keys(d)
     assert any(k.startswith("text_model.") for k in keys) and any(k.startswith("vision_model.head.") for k in keys)
     enc = SiglipVisionEncoder.from_pretrained(d).eval()
     assert enc.config == SiglipVisionConfig(**SHAPES[shape])
@@ -106,7 +106,7 @@ def test_jasper_layout_checkpoint_parity(tmp_path, vision_prefix):
     cfg = {"model_type": "jasper_vl", "num_img_tokens": 300, "text_config": {"model_type": "qwen2"},
            "vision_config": {k: v for k, v in SHAPES["h64-p7"].items()} | {"model_type": "siglip_vision_model"}}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert SiglipVisionEncoder.detect_prefix(model._checkpoint_keys(tmp_path)) == vision_prefix
+    assert SiglipVisionEncoder.detect_prefix(checkpoint_keys(tmp_path)) == vision_prefix
     enc = SiglipVisionEncoder.from_pretrained(tmp_path).eval()
     x = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(6))
     assert rel_err(enc(x), _hf_out(ref, x)) <= 1e-5
@@ -247,6 +247,13 @@ def test_pool_matches_direct_computation():
     small = torch.randn(3, 16, 64, generator=g)
     want_small = _avg_matrix(16, 5) @ small.double().numpy() @ _avg_matrix(64, 24).T
     assert np.abs(pool_image_features(small, 5, 24).double().numpy() - want_small).max() < 1e-6
+
+
+def image_placeholder_ids(num_image_tokens: int = NUM_IMAGE_TOKENS, start_id: int = IMG_START_ID,
+                          token_id: int = IMG_TOKEN_ID, end_id: int = IMG_END_ID) -> list[int]:
+    """The ids that stand for one image in a text: <|jasper_img_start|> <|jasper_img_token|> x K <|jasper_img_end|>
+    (what JasperModel.image_prompt_ids returns for the released layout)."""
+    return [start_id] + [token_id] * num_image_tokens + [end_id]
 
 
 def test_splice_positions_and_gradient():

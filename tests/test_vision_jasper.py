@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import model as M
+import vision as V
 from common import bidirectional_mask, qwen_tokenizer_dir as qwen_tok_dir
 
 transformers = pytest.importorskip("transformers")
@@ -74,6 +75,11 @@ def photos():
     return [Image.fromarray(skd.astronaut()), Image.fromarray(skd.camera()), Image.fromarray(skd.coffee())]
 
 
+
+def _image_prompt() -> list[int]:
+    """One image in a text, released layout: <|jasper_img_start|> <|jasper_img_token|> x 300 <|jasper_img_end|>."""
+    return [V.IMG_START_ID] + [V.IMG_TOKEN_ID] * V.NUM_IMAGE_TOKENS + [V.IMG_END_ID]
+
 def reference_vectors(refs, student, ids, mask, pixel_values):
     """The released forward, rebuilt from transformers / sentence-transformers pieces."""
     _, qwen, dense, _, hf_vision = refs
@@ -96,17 +102,17 @@ def test_from_stella_loads_the_siglip_tower(refs, student):
     assert set(ours) == {k for k in hf if not k.startswith("head.")}
     assert all(torch.equal(ours[k], hf[k]) for k in ours)
     assert student.init_report["vision"] == str(refs[3])
-    assert student.config.vision == M.SiglipVisionConfig(**VISION)
+    assert student.config.vision == V.SiglipVisionConfig(**VISION)
 
 
 def test_image_forward_matches_reference_pipeline(refs, student, photos):
     """Mixed batch: a text-only row, an image-only row, and text + image + text (image in the middle)."""
     tok = student.tokenizer
-    img = M.image_placeholder_ids()
+    img = _image_prompt()
     a, b = tok.encode_ids(["A man is playing a guitar.", "a photo of"])
     rows = [a, img, b + img + a]
     ids, mask = tok.pad(rows)
-    pixel_values, kept, _ = M.preprocess_images(photos[:2], size=VISION["image_size"])
+    pixel_values, kept, _ = V.preprocess_images(photos[:2], size=VISION["image_size"])
     want = reference_vectors(refs, student, ids, mask, pixel_values)
     with torch.no_grad():
         got = student(ids, mask, pixel_values=pixel_values)
@@ -151,8 +157,8 @@ def test_encode_images_and_image_text_pairs(student, photos, tmp_path):
         assert vecs.shape == (3, D) and vecs.dtype == torch.float32
         torch.testing.assert_close(vecs.norm(dim=-1), torch.ones(3))
     # = forward on the image block, in input order (batches of 2 over 3 images)
-    ids = torch.tensor([M.image_placeholder_ids()] * 3)
-    px, _, _ = M.preprocess_images(inputs, size=VISION["image_size"])
+    ids = torch.tensor([_image_prompt()] * 3)
+    px, _, _ = V.preprocess_images(inputs, size=VISION["image_size"])
     with torch.no_grad():
         want = student(ids, torch.ones_like(ids), pixel_values=px)[32]
     torch.testing.assert_close(student.encode(images=inputs, dim=32, batch_size=2), want, rtol=1e-5, atol=1e-6)
@@ -160,7 +166,7 @@ def test_encode_images_and_image_text_pairs(student, photos, tmp_path):
     texts = ["an astronaut", "a cameraman with a tripod on a lawn", "a cup of coffee"]
     inst = "Retrieve semantically similar text."
     pairs = student.encode(texts, dim=32, images=inputs, instruction=inst, batch_size=2)
-    seqs = [M.image_placeholder_ids() + t for t in student.tokenizer.encode_ids(texts, inst)]
+    seqs = [_image_prompt() + t for t in student.tokenizer.encode_ids(texts, inst)]
     ids2, mask2 = student.tokenizer.pad(seqs)
     with torch.no_grad():
         want2 = student(ids2, mask2, pixel_values=px)[32]
@@ -168,7 +174,7 @@ def test_encode_images_and_image_text_pairs(student, photos, tmp_path):
     assert (pairs * want).sum(-1).max() < 0.9999                      # the text changes the vector
     with pytest.raises(ValueError, match="one text per image"):
         student.encode(texts[:2], images=inputs)
-    with pytest.raises(M.ImageError, match="nothing.png"):
+    with pytest.raises(V.ImageError, match="nothing.png"):
         student.encode(images=[photos[0], tmp_path / "nothing.png"])
 
 
@@ -194,8 +200,8 @@ def test_released_layout_and_export_roundtrip(refs, student, photos, tmp_path):
     loaded = M.JasperModel.from_pretrained(released).eval()
     exported = M.JasperModel.from_pretrained(student.save_pretrained(tmp_path / "export")).eval()
     assert json.loads((tmp_path / "export" / "config.json").read_text())["vision_config"]["vision_use_head"] is False
-    ids = torch.tensor([M.image_placeholder_ids()] * 2)
-    px, _, _ = M.preprocess_images(photos[:2], size=VISION["image_size"])
+    ids = torch.tensor([_image_prompt()] * 2)
+    px, _, _ = V.preprocess_images(photos[:2], size=VISION["image_size"])
     with torch.no_grad():
         want = student(ids, torch.ones_like(ids), pixel_values=px)
         for m in (loaded, exported):
@@ -212,7 +218,7 @@ def test_full_size_student_parameter_count_on_meta():
     1,977,901,680 parameters (~2.0B; the paper's '~1.9B' rounds down); the tower alone 412,987,248 (~400M)."""
     text = M.Qwen2Config(vocab_size=151649, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2)
-    vision = M.SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+    vision = V.SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
                                   num_attention_heads=16, image_size=384, patch_size=14)
     with torch.device("meta"):
         m = M.JasperModel(M.JasperConfig(text=text, vision=vision))

@@ -15,6 +15,12 @@ from pathlib import Path
 import torch
 from common import qwen_tokenizer_dir
 
+import data
+import model as M
+import teachers
+from teacher_cache import build_cache
+from vision import IMG_END_ID, IMG_START_ID, IMG_TOKEN_ID, SiglipVisionConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_DIM = 384  # all-MiniLM-L6-v2
 HEADS = (TEACHER_DIM, 64, 32, 16)
@@ -26,35 +32,32 @@ def make_tiny_jasper(out: Path, layers: int = 4, vision: bool = True, seed: int 
                      intermediate: int = 64, heads: int = 4, kv_heads: int = 2, head_dims=HEADS) -> Path:
     """A tiny random JasperModel (real Qwen tokenizer, bidirectional Qwen2 body, optional tiny SigLIP tower whose
     4 patches pool into 4 image tokens) written with save_pretrained: a valid --init for train.py."""
-    import model as M
     torch.manual_seed(seed)
     tok = M.TextTokenizer.from_pretrained(qwen_tokenizer_dir(), max_length=64)
     text = M.Qwen2Config(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          head_dim=None, rope_theta=10000.0,
                          rms_norm_eps=1e-6, max_position_embeddings=512, attention_bias=True, causal=False)
-    vis = (M.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=28, patch_size=14) if vision else None)
-    ids = tok.image_token_ids or (151646, 151647, 151648)
+    vis = (SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=28, patch_size=14) if vision else None)
+    ids = tok.image_token_ids or (IMG_START_ID, IMG_TOKEN_ID, IMG_END_ID)
     cfg = M.JasperConfig(text=text, vision=vis, head_dims=tuple(head_dims), img_start_token_id=ids[0],
                          img_token_id=ids[1], img_end_token_id=ids[2], num_image_tokens=4, max_length=64)
     m = M.JasperModel(cfg)
     m.model.init_weights()
-    if m.vision_model is not None and hasattr(m.vision_model, "init_weights"):
+    if m.vision_model is not None:
         m.vision_model.init_weights()
     m.save_pretrained(out, tokenizer=tok)
     return out
 
 
 def make_texts(out: Path, n: int = 256, seed: int = 0) -> Path:
-    import data
     data.build(out, n_texts=n, seed=seed, progress=False)
     return out / "texts.jsonl"
 
 
 def make_cache(texts: Path, out: Path) -> Path:
-    import teachers
-    teachers.build_cache(["minilm@max_length=64"], texts, out, batch_size=64, show_progress=False)
+    build_cache(["minilm@max_length=64"], texts, out, batch_size=64, show_progress=False, load=teachers.load_teacher)
     return out
 
 

@@ -1,0 +1,340 @@
+"""Checkpoints on disk: everything the project reads or writes as files, and nothing else.
+
+Reading: safetensors checkpoints (one file or shards + index), strict key/shape loading into meta-built modules
+(gpt-fast style: mmap + assign, no random init first), JSON files with one-line errors, and the sentence-transformers
+`2_Dense_{D}` head folders of stella. Writing: `atomic_write` for single files and `atomic_dir` for whole folders
+(the HF layout of an exported student), so a kill at any moment never leaves a half-written file behind.
+Folder layouts: docs/checkpoints.md.
+
+This is the bottom module of the project: every other file imports it and it imports no project file. That is why
+the two small console helpers every stage needs (`progress` and `fmt_duration`) live at its end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint loading: real safetensors files, strict key/shape checks, meta-device construction + assign.
+# ---------------------------------------------------------------------------------------------------------------------
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded as asked: the message names the file, key(s) and shapes involved."""
+
+
+def resolve_checkpoint(src: str | os.PathLike) -> Path:
+    """`src` is a local directory (used as is) or a hub id (downloaded with huggingface_hub when online)."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{src}: expected a checkpoint directory, found a file")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(src)))
+    except Exception as e:  # offline, unknown repo, no permission, ...
+        raise CheckpointError(
+            f"{src!r} is not a local directory and could not be fetched from the hugging face hub "
+            f"({type(e).__name__}: {e})") from e
+
+
+def _safetensors_keys(file: Path) -> list[str]:
+    from safetensors import safe_open
+
+    if not file.is_file():
+        raise CheckpointError(f"{file}: safetensors file not found")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _keys_by_file(ckpt_dir: Path) -> dict[str, list[str]]:
+    """{file name: tensor names} of a checkpoint directory, read from the index (shards) or the single file's
+    header; no tensor data is read."""
+    index = ckpt_dir / "model.safetensors.index.json"
+    single = ckpt_dir / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except Exception as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        by_file: dict[str, list[str]] = {}
+        for key, fname in weight_map.items():
+            by_file.setdefault(fname, []).append(key)
+        return by_file
+    if single.is_file():
+        return {single.name: _safetensors_keys(single)}
+    raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def checkpoint_keys(ckpt_dir: str | os.PathLike) -> list[str]:
+    """Tensor names of a checkpoint directory without reading any tensor data (to find a prefix first)."""
+    return [k for keys in _keys_by_file(Path(ckpt_dir)).values() for k in keys]
+
+
+def read_safetensors(ckpt_dir: str | os.PathLike, prefix_filter: str | Sequence[str] | None = None) -> dict[str, Tensor]:
+    """All tensors of a checkpoint directory: `model.safetensors`, or shards listed by `model.safetensors.index.json`.
+
+    `prefix_filter` (a prefix or several) keeps only matching keys; the others are never read from disk.
+    A missing, truncated or corrupt file raises CheckpointError naming the file.
+    """
+    from safetensors import safe_open
+
+    ckpt_dir = Path(ckpt_dir)
+    prefixes = (prefix_filter,) if isinstance(prefix_filter, str) else tuple(prefix_filter or ())
+    state: dict[str, Tensor] = {}
+    for fname, keys in _keys_by_file(ckpt_dir).items():
+        file = ckpt_dir / fname
+        present = set(_safetensors_keys(file))
+        absent = [k for k in keys if k not in present]
+        if absent:
+            raise CheckpointError(f"{file}: keys listed in model.safetensors.index.json but missing from the file: "
+                                  f"{absent[:10]}")
+        wanted = [k for k in keys if not prefixes or k.startswith(prefixes)]
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for k in wanted:  # memory-mapped: only the wanted tensors are read from disk
+                    state[k] = f.get_tensor(k)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{file}: failed reading tensor data (truncated or corrupt?): {e}") from e
+    return state
+
+
+def read_weights(ckpt: str | os.PathLike, prefix_filter: str | None = None) -> dict[str, Tensor]:
+    """safetensors (single or sharded) via read_safetensors; a lone pytorch_model.bin (older sentence-transformers
+    exports) as the fallback, read with weights_only=True so that the pickle can run no code."""
+    ckpt = Path(ckpt)
+    if (ckpt / "model.safetensors").is_file() or (ckpt / "model.safetensors.index.json").is_file():
+        return read_safetensors(ckpt, prefix_filter)
+    binf = ckpt / "pytorch_model.bin"
+    if binf.is_file():
+        try:
+            sd = torch.load(binf, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"{binf}: unreadable ({e})") from e
+        return {k: v for k, v in sd.items() if prefix_filter is None or k.startswith(prefix_filter)}
+    raise CheckpointError(f"{ckpt}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def fmt_shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def load_state_strict(module: nn.Module, state: dict[str, Tensor], prefix: str = "", what: str = "") -> None:
+    """Load the keys of `state` under `prefix` (stripped) into `module`, requiring exactly the module's keys.
+
+    Missing keys, unexpected keys and shape mismatches raise CheckpointError listing them (with shapes). Tensors are
+    cast to the dtype of the module's own parameter/buffer (build the module in the dtype you want, e.g. on meta) and
+    loaded with assign=True, so a meta-device module gets real storage without a random init first. Non-persistent
+    buffers (the RoPE frequencies) are rebuilt afterwards on the parameters' device.
+    """
+    what = what or type(module).__name__
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = module.state_dict()
+    missing = [k for k in own if k not in sub]
+    unexpected = [k for k in sub if k not in own]
+    bad_shape = [k for k in own if k in sub and tuple(sub[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad_shape:
+        lines = [f"cannot load {what} (key prefix {prefix!r}):"]
+        if missing:
+            lines.append(f"  {len(missing)} missing key(s): " + ", ".join(
+                f"{prefix}{k} {fmt_shape(own[k])}" for k in missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected key(s): " + ", ".join(
+                f"{prefix}{k} {fmt_shape(sub[k])}" for k in unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+        if bad_shape:
+            lines.append("  shape mismatch: " + ", ".join(
+                f"{prefix}{k} checkpoint {fmt_shape(sub[k])} vs model {fmt_shape(own[k])}" for k in bad_shape[:20]))
+        raise CheckpointError("\n".join(lines))
+    casted = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in sub.items()}
+    module.load_state_dict(casted, strict=True, assign=True)
+    for m in module.modules():
+        if hasattr(m, "reset_nonpersistent_buffers"):
+            m.reset_nonpersistent_buffers()
+    still_meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"cannot load {what}: tensors left without data after loading: {still_meta[:10]}")
+
+
+def read_json(path: str | os.PathLike, what: str = "", error: type[Exception] = CheckpointError) -> dict:
+    """A JSON file (config.json, a manifest, a --config file); a missing or malformed file raises `error` (the
+    caller's own exception type) naming the file and, when given, `what` the file is for."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: file not found{f' ({what})' if what else ''}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sentence-transformers layout: stella ships its Matryoshka heads as `2_Dense_{D}/` folders beside the Qwen2 body
+# (docs/checkpoints.md). The student copies FC2 / FC4 from them (docs/model.md); the stella teacher uses one.
+# ---------------------------------------------------------------------------------------------------------------------
+def read_dense_folder(folder: Path) -> tuple[Tensor, Tensor | None]:
+    """A sentence-transformers Dense module folder (`2_Dense_{D}`): config.json + model.safetensors (or .bin)."""
+    cfg = read_json(folder / "config.json")
+    act = cfg.get("activation_function", "torch.nn.modules.linear.Identity")
+    if not act.endswith("Identity"):
+        raise CheckpointError(f"{folder}/config.json: activation {act!r} is not supported (Identity only)")
+    state = read_weights(folder)
+    if "linear.weight" not in state:
+        raise CheckpointError(f"{folder}: no 'linear.weight' key (found {sorted(state)[:6]})")
+    w, b = state["linear.weight"], state.get("linear.bias")
+    if tuple(w.shape) != (cfg["out_features"], cfg["in_features"]):
+        raise CheckpointError(f"{folder}: linear.weight {fmt_shape(w)} does not match config "
+                              f"({cfg['out_features']}, {cfg['in_features']})")
+    return w, b
+
+
+def stella_dense_folders(path: Path) -> dict[int, Path]:
+    """{D: folder} for the `2_Dense_{D}` folders of a stella checkpoint (`2_Dense` alone is D = 1024 in stella)."""
+    found: dict[int, Path] = {}
+    for f in sorted(Path(path).glob("2_Dense*")):
+        if not f.is_dir() or not (f / "config.json").is_file():
+            continue
+        found.setdefault(int(read_json(f / "config.json")["out_features"]), f)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing: a file or a whole folder appears complete or not at all (a kill never leaves a short file).
+# ---------------------------------------------------------------------------------------------------------------------
+def atomic_write(path: str | os.PathLike, data: bytes | memoryview | str | Callable[[Path], None]) -> None:
+    """Write `path` so that a kill at any moment leaves the old file or the complete new one, never a short one.
+
+    The bytes (or text, utf-8; or whatever `data(tmp_path)` writes) go to a hidden sibling `.NAME.tmp<pid>`, are
+    fsync'ed, then `os.replace`d over `path` (atomic on POSIX). A killed writer leaves at most a *.tmp* file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_dir(out_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Write a whole folder atomically: `fill(tmp)` writes into a hidden temporary sibling directory, which is then
+    renamed over `out_dir` (the old folder, if any, is moved aside first and removed after). A kill leaves either
+    the old folder or the new one complete, plus at most a hidden `.NAME.tmp-*` / `.NAME.old-*` sibling."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        fill(tmp)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save_hf_checkpoint(out_dir: str | os.PathLike, config: dict, state: dict[str, Tensor], tokenizer=None,
+                       max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """The Hugging Face layout, written atomically (atomic_dir): config.json, model.safetensors (or shards
+    `model-0000K-of-0000N.safetensors` of at most `max_shard_bytes` + model.safetensors.index.json, the layout
+    read_safetensors reads back) and, when a tokenizer is given, its tokenizer.json (`tokenizer.save(dir)`)."""
+    from safetensors.torch import save_file  # the one runtime writer of safetensors
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        shards: list[dict[str, Tensor]] = [{}]
+        size = 0
+        for k, v in state.items():  # greedy, in key order: a shard closes when the next tensor would overflow it
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, sh in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(sh, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in sh})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+
+    return atomic_dir(out_dir, fill)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Console helpers. They sit in this bottom module only because every stage (data build, teacher cache, encoding,
+# training, the demo) needs them and any other home would make an import circle.
+# ---------------------------------------------------------------------------------------------------------------------
+LOG_FILE_INTERVAL_S = 30.0  # a progress line every 30 s when stderr is a log file, not a terminal
+
+
+class _LineWriter:
+    """stderr for tqdm when it is not a terminal: each refresh becomes one newline-terminated line (tqdm redraws
+    with carriage returns, which turn a log file into one endless line)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        s = s.strip("\r\n ")
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True):
+    """A tqdm bar on stderr with count, rate and ETA: `for x in progress(xs, desc=...)` or `bar = progress(total=n)`
+    then `bar.update(k)` and `bar.close()`. On a terminal it redraws in place; in a log file it writes one line
+    every LOG_FILE_INTERVAL_S seconds (and a last one when done)."""
+    from tqdm import tqdm  # tqdm comes with huggingface-hub; imported here so that `import checkpoints` stays light
+
+    tty = sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, unit_scale=False,
+                file=sys.stderr if tty else _LineWriter(sys.stderr), mininterval=0.1 if tty else LOG_FILE_INTERVAL_S,
+                maxinterval=LOG_FILE_INTERVAL_S * 2, dynamic_ncols=tty, ncols=None if tty else 100)
+
+
+def fmt_duration(s: float) -> str:
+    """12s, 3m05s, 1h02m."""
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")

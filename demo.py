@@ -1,0 +1,302 @@
+"""The offline demo: the whole method of arXiv 2412.19048 (stages 1-3) on a 2-core CPU in about 15 minutes, with
+real weights, real text and real evaluation, and nothing else.
+
+    python demo.py                              # writes runs/demo/: results.json, results.md, two PNGs
+    python demo.py --out DIR --eval-data DATA --steps N --lr X --batch B --seed S   # and any train.py flag
+
+Every flag of train.py is accepted and overrides the demo's value (DEMO_CONFIG); the stage, --init, --texts and
+--teacher-cache of each stage are the demo's own. Design, figures and the deviations from the paper: docs/demo.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from checkpoints import atomic_write, fmt_duration, read_safetensors
+from data import build, default_data_dir, read_jsonl
+from eval import EmbeddingCache, evaluate, load_encoder
+from model import JasperConfig, JasperModel, Qwen2Config, TextTokenizer
+from teacher_cache import build_cache
+from teachers import BertTeacher, minilm_path
+from train import TrainConfig, parse_config, train
+
+#   data.py build over <data>/text (the real shared text) -> all-MiniLM-L6-v2 teacher cache (teachers.py) -> a small
+#   random-init Qwen2 student -> stages 1, 2, 3 through train.train() (the real trainer path) -> eval.py on STS tasks
+#   at every head dim for teacher and student -> one table, results.json, loss-curve and score-vs-dim PNGs.
+# Design and measured figures: docs/demo.md. The student (why each choice, measured on the prototype
+# bench/demo_prototype.py):
+#   - Qwen2 architecture (bidirectional, RoPE, SwiGLU, GQA), 4 layers of width 384 (6 query / 2 key-value heads,
+#     SwiGLU width 1536): ~8.7M body parameters, the most a 2-core CPU trains ~1,500 steps of in ~12 minutes.
+#   - the teacher's WordPiece vocabulary (30,522) with the teacher's input embeddings copied in, LN(word + type_0) as
+#     BERT's embedding layer computes them without the position term (RoPE replaces it): a random embedding table
+#     cannot be learnt from ~70k texts in minutes. The tokenizer is MiniLM's tokenizer.json.
+#   - o_proj and down_proj start at zero, so every residual branch starts as the identity and the untrained student
+#     is a bag of (copied) word embeddings: a sensible starting point, and what makes stage 1 meaningful.
+#   - heads (FC1..FC4) = 384 / 256 / 128 / 64: FC1 must equal the teacher width for the cosine loss (eq. 1); the
+#     Matryoshka heads halve down to 64 as the paper's 1024 -> 512 -> 256 halves, below the 384-d teacher.
+#   - texts cut at 32 tokens (teacher cache too, so the target describes the text the student sees), bf16 autocast,
+#     global batch 64, AdamW with warmup + cosine per stage.
+# Stages 1-3 keep the paper's trainable sets exactly (train.set_trainable): 1 = FC1 only (a linear probe on the
+# bag-of-embeddings student), 2 = FC1 + the last 3 of 4 layers, 3 = everything with FC2-4 in the losses. What
+# differs from the paper is the student's starting point (random body, identity residuals, copied embeddings
+# instead of stella), the loss weights (below) and the scale: steps, lr (5e-4: a random body needs more than the
+# paper's 1e-4 fine-tuning rates), batch, text length.
+
+
+DEMO_TASKS = ("STSBenchmark", "STS12", "STS13", "BIOSSES")
+DEMO_HEAD_DIMS = (384, 256, 128, 64)
+DEMO_STUDENT = dict(num_hidden_layers=4, hidden_size=384, intermediate_size=1536, num_attention_heads=6,
+                    num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=512)
+DEMO_STAGE_SHARE = (0.07, 0.60, 0.33)   # of --steps, per stage (stage 2 gains the most per step, see docs/demo.md)
+DEMO_STAGE_LR_MULT = (4.0, 1.0, 0.6)    # x --lr: stage 1 trains a linear head only (larger steps are safe there);
+                                        # stage 3 restarts the schedule on an already trained body: gentler
+DEMO_DATA = dict(passage_ratio=0.85, split_ratio=1.0, min_sentences=1, max_sentences=2)  # see docs/demo.md
+DEMO_CACHE_DTYPE = torch.bfloat16       # teacher for the cache: bf16 vs fp32 vectors agree to cos >= 0.9999
+DEMO_EVAL_MAX_LENGTH = 64               # the student is evaluated on up to 64 tokens (trained on 32; RoPE extends:
+                                        # BIOSSES +0.05, STSBenchmark +0.002 over cutting at 32)
+
+# Loss weights (lambda1, lambda2, lambda3) = (10, 12.5, 1.25), the paper's lambda2 and lambda3 / 16: the paper's
+# (10, 200, 20) suit a student that starts as stella, close to its teachers; this one starts far away (FC1 cosine
+# loss 0.52 after stage 1), and there the full-vector target of eq. 1 carries most of the signal. Measured after
+# stage 2 (105 + 900 steps, bench/RESULTS.md), STSBenchmark test: 0.7361 / 0.7466 / 0.7539 / 0.7593 at lambda2 =
+# 1000 / 200 / 50 / 12.5 (lambda3 = lambda2 / 10), the similarity and ranking losses themselves ending no higher.
+# Precedence: train.py's defaults < DEMO_CONFIG < --config file < command-line flags.
+DEMO_CONFIG = dict(out="runs/demo", max_length=32, batch=64, micro_batch=64, lr=5e-4, steps=1500,
+                       warmup_ratio=0.05, dtype="bf16", ckpt_every=0, keep_ckpts=1, log_every=100, eval_data=None,
+                       loss_weights=[10.0, 12.5, 1.25])
+
+
+def make_demo_student(teacher_dir, head_dims=DEMO_HEAD_DIMS, max_length: int = 32, seed: int = 0,
+                      **overrides):
+    """The demo's random-init Qwen2 student on the teacher's WordPiece vocabulary (see the notes above)."""
+    tok = TextTokenizer.from_pretrained(teacher_dir, max_length=max_length)
+    text = Qwen2Config(vocab_size=tok.vocab_size, causal=False, **{**DEMO_STUDENT, **overrides})
+    torch.manual_seed(seed)
+    student = JasperModel(JasperConfig(text=text, head_dims=tuple(head_dims), max_length=max_length))
+    st = read_safetensors(teacher_dir)
+    pre = "bert." if any(k.startswith("bert.embeddings.") for k in st) else ""
+    word = st[pre + "embeddings.word_embeddings.weight"].float()  # (V, H)
+    if tuple(word.shape) != tuple(student.model.embed_tokens.weight.shape):
+        raise SystemExit(f"demo.py: teacher embeddings {tuple(word.shape)} do not fit the student "
+                         f"{tuple(student.model.embed_tokens.weight.shape)} (vocabulary / width)")
+    emb = torch.nn.functional.layer_norm(word + st[pre + "embeddings.token_type_embeddings.weight"][0].float(),
+                                         (word.shape[1],), st[pre + "embeddings.LayerNorm.weight"].float(),
+                                         st[pre + "embeddings.LayerNorm.bias"].float(), eps=1e-12)
+    with torch.no_grad():
+        student.model.embed_tokens.weight.copy_(emb)
+        for layer in student.model.layers:  # identity residual branches at init
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    student.tokenizer = tok
+    return student
+
+
+class _Truncated:
+    """The teacher at smaller dims by truncation + renormalisation (MiniLM has no Matryoshka heads): the reference
+    for how much the student's learnt FC2-4 heads lose relative to its FC1."""
+
+    uses_instructions = False
+
+    def __init__(self, teacher, dims):
+        self.t, self.dims, self.name, self._vec = teacher, tuple(dims), getattr(teacher, "name", "teacher"), {}
+
+    def encode(self, texts, dim=None, instruction=None, batch_size=32, show_progress=None):
+        todo = list(dict.fromkeys(t for t in texts if t not in self._vec))  # the teacher runs once per text
+        if todo:
+            self._vec.update(zip(todo, self.t.encode(todo, batch_size=batch_size, show_progress=False)))
+        v = torch.stack([self._vec[t] for t in texts])  # (N, 384) normalised
+        return torch.nn.functional.normalize(v[:, :dim or self.dims[0]], dim=-1)
+
+
+def _demo_eval(encoder, tasks, data_dir, dims, engine: str, split: str | None) -> dict[str, dict[int, float]]:
+    cache = EmbeddingCache(encoder, batch_size=128, show_progress=False)
+    rep = evaluate(cache, list(tasks), data_dir=data_dir, dims=list(dims), instructions="none", engine=engine,
+                     split=split)
+    return {t: {int(d): r["main_score"] for d, r in per.items()} for t, per in rep["results"].items()}
+
+
+def _demo_plots(out: Path, stage_dirs: list[Path], results: dict, dims, split: str) -> list[Path]:
+    import matplotlib  # optional and slow to import: only the plots need it (as in eval.plot_dims)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    paths = []
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    offset = 0
+    for k, sd in enumerate(stage_dirs, start=1):
+        recs = [row for _, row in read_jsonl(sd / "metrics.jsonl")]
+        x = [offset + r["step"] for r in recs]
+        ax[0].plot(x, [r["loss"] for r in recs], lw=0.6, label=f"stage {k} total")
+        for key in sorted(k2 for k2 in recs[0] if k2.endswith(".cos")):
+            ax[1].plot(x, [r[key] for r in recs], lw=0.6, label=f"stage {k} {key}")
+        offset = x[-1]
+        for a in ax:
+            a.axvline(offset, color="grey", lw=0.5, ls=":")
+    ax[0].set(xlabel="optimizer step (stages back to back)", ylabel="loss (eq. 4)", yscale="log",
+              title="training loss")
+    ax[1].set(xlabel="optimizer step", ylabel="1 - cos(student FC1, teacher)", title="cosine loss (eq. 1)")
+    for a in ax:
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "loss_curves.png")
+    atomic_write(paths[-1], lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, (task, per) in enumerate(results["student"].items()):
+        c = f"C{i}"
+        ax.plot(dims, [per[d] for d in dims], "o-", color=c, label=f"{task} student")
+        ax.plot(dims, [results["teacher"][task][d] for d in dims], "x--", color=c, lw=0.8,
+                label=f"{task} teacher (truncated below {dims[0]})")
+    ax.set(xscale="log", xlabel="embedding dim (head FC1..FC4)", ylabel="cosine Spearman",
+           title=f"score vs dim ({split} split)")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(list(dims), [str(d) for d in dims])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "score_vs_dim.png")
+    atomic_write(paths[-1], lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+    return paths
+
+
+class _Say:
+    """The demo's progress lines: `[demo 3m05s] message` on stdout, time since the start."""
+
+    def __init__(self):
+        self.t_start = time.time()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[demo {fmt_duration(time.time() - self.t_start)}] {msg}", flush=True)
+
+
+def _demo_data_dir(cfg: TrainConfig) -> Path:
+    data_dir = Path(cfg.eval_data) if cfg.eval_data else default_data_dir()
+    if not (data_dir / "text").is_dir():
+        raise SystemExit(f"demo.py: no text folder under the data dir {data_dir} (the shared data: "
+                         f"text/passages.jsonl, text/short.jsonl and sts/...); pass --eval-data DIR or set "
+                         f"JASPER_DATA_DIR")
+    return data_dir
+
+
+def _demo_texts_and_cache(cfg: TrainConfig, out: Path, data_dir: Path, n_texts: int | None, times: dict,
+                          say: _Say) -> tuple[dict, Path, Path]:
+    """Steps 1-2: the training texts (data.py's recipe, every passage split into 1-2 sentence pieces) and the
+    MiniLM teacher cache over them (a rerun over the same texts reuses finished shards)."""
+    t0 = time.time()
+    meta = build(out / "data", data_dir=data_dir, n_texts=n_texts, seed=cfg.seed, progress=False, **DEMO_DATA)
+    texts = out / "data" / "texts.jsonl"
+    times["data"] = time.time() - t0
+    say(f"data: {meta['n_texts']:,} texts {meta['stats']['texts']} -> {texts}")
+    t0 = time.time()
+    tdir = minilm_path()
+    teacher = BertTeacher(tdir, max_length=cfg.max_length, dtype=DEMO_CACHE_DTYPE)
+    say(f"teacher cache: all-MiniLM-L6-v2 ({tdir}), {cfg.max_length} tokens, {DEMO_CACHE_DTYPE} ...")
+    build_cache([teacher], texts, out / "cache", batch_size=256)
+    del teacher
+    times["teacher_cache"] = time.time() - t0
+    say(f"teacher cache done in {fmt_duration(times['teacher_cache'])}")
+    return meta, texts, tdir
+
+
+def _demo_train(cfg: TrainConfig, out: Path, texts: Path, init: Path, times: dict, say: _Say
+                ) -> tuple[list[int], list[Path]]:
+    """Step 4: stages 1-3 through the real trainer, each starting from the previous stage's export."""
+    steps = [max(1, round(cfg.steps * s)) for s in DEMO_STAGE_SHARE]
+    prev, stage_dirs, t_train = init, [], time.time()
+    for k in (1, 2, 3):
+        sd = out / f"stage{k}"
+        shutil.rmtree(sd, ignore_errors=True)  # the demo's own output of an earlier run
+        scfg = dataclasses.replace(cfg, config=None, stage=k, init=str(prev), init_format="jasper", out=str(sd),
+                                   texts=str(texts), teacher_cache=str(out / "cache"), teacher=[], steps=steps[k - 1],
+                                   lr=cfg.lr * DEMO_STAGE_LR_MULT[k - 1], seed=cfg.seed + k, eval_data=None,
+                                   resume=False, export=True, stop_at=None)
+        t0 = time.time()
+        train(scfg)
+        times[f"stage{k}"] = time.time() - t0
+        say(f"stage {k} done: {steps[k - 1]} steps in {fmt_duration(times[f'stage{k}'])}")
+        prev = sd / "final"
+        stage_dirs.append(sd)
+    times["train"] = time.time() - t_train
+    return steps, stage_dirs
+
+
+def _demo_table(results: dict, tasks, dims, cfg: TrainConfig, n_params: int, n_texts: int, steps: list[int],
+                times: dict, engine: str, split: str | None) -> str:
+    """Step 6: one markdown table (teacher vs student per task and dim) and what was measured how."""
+    cols = [c for c in ("teacher", "student", "untrained") if c in results]
+    lines = ["| task | dim | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+    for task in tasks:
+        for d in dims:
+            lines.append(f"| {task} | {d} | " + " | ".join(f"{results[c][task][d]:.4f}" for c in cols) + " |")
+    lines += ["", f"teacher: all-MiniLM-L6-v2, fp32 (at dims below {dims[0]}: its first d coordinates, "
+                  f"renormalised); student: {n_params / 1e6:.1f}M-parameter Qwen2 trained on {n_texts:,} "
+                  f"texts cut at {cfg.max_length} tokens; untrained: the same student before stage 1",
+              f"metric: cosine Spearman, {split or 'test'} split (eval.py, {engine} engine, no instructions)",
+              f"time: data {times['data']:.0f}s | teacher cache {fmt_duration(times['teacher_cache'])} | training "
+              f"{fmt_duration(times['train'])} (stages 1/2/3: {steps[0]}/{steps[1]}/{steps[2]} steps in "
+              + "/".join(f"{times[f'stage{k}']:.0f}" for k in (1, 2, 3)) + f" s) | eval "
+              f"{fmt_duration(times['eval'])} | total {fmt_duration(times['total'])}"]
+    return "\n".join(lines)
+
+
+def run_demo(cfg: TrainConfig, *, n_texts: int | None = None, tasks=DEMO_TASKS, engine: str = "builtin",
+             split: str | None = None, untrained: bool = True, plots: bool = True) -> dict:
+    """The demo: data -> teacher cache -> student -> stages 1-3 (train.train) -> evaluation table and plots.
+    `cfg` carries DEMO_CONFIG (and any CLI overrides: --out, --steps, --lr, --batch, --eval-data = the shared data
+    dir, --seed). The keyword arguments are for the test's shortened run."""
+    say, times = _Say(), {}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = _demo_data_dir(cfg)
+    meta, texts, tdir = _demo_texts_and_cache(cfg, out, data_dir, n_texts, times, say)
+
+    # 3. the student, saved as stage 0 (train() loads --init from a directory); 4. stages 1-3
+    init = out / "init"
+    make_demo_student(tdir, max_length=cfg.max_length, seed=cfg.seed).save_pretrained(init)
+    steps, stage_dirs = _demo_train(cfg, out, texts, init, times, say)
+    prev = stage_dirs[-1] / "final"
+
+    # 5. evaluation: teacher (fp32, its own 256-token limit; truncated below 384) vs student at every head
+    t0 = time.time()
+    dims = list(DEMO_HEAD_DIMS)
+    student = load_encoder(prev, max_length=DEMO_EVAL_MAX_LENGTH)  # a JasperModel; encodes all heads at once
+    n_params = sum(p.numel() for p in student.parameters())
+    say(f"evaluating teacher and student on {', '.join(tasks)} ({split or 'test'} split) at dims {dims} ...")
+    results = {"teacher": _demo_eval(_Truncated(load_encoder(tdir), dims), tasks, data_dir, dims, engine, split),
+               "student": _demo_eval(student, tasks, data_dir, dims, engine, split)}
+    if untrained:
+        results["untrained"] = _demo_eval(load_encoder(init, max_length=DEMO_EVAL_MAX_LENGTH), tasks, data_dir,
+                                          dims, engine, split)
+    times["eval"] = time.time() - t0
+    times["total"] = time.time() - say.t_start
+
+    # 6. report: one table, results.json, results.md, two PNGs
+    table = _demo_table(results, tasks, dims, cfg, n_params, meta["n_texts"], steps, times, engine, split)
+    print("\n" + table, flush=True)
+    report = dict(results=results, times=times, steps=steps, n_texts=meta["n_texts"], table=table,
+                  student=str(prev), untrained=str(init), config=dataclasses.asdict(cfg))
+    atomic_write(out / "results.json", json.dumps(report, indent=1) + "\n")
+    atomic_write(out / "results.md", table + "\n")
+    if plots:
+        for p in _demo_plots(out, stage_dirs, results, dims, split or "test"):
+            say(f"wrote {p}")
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """train.py's flags (all of them: `python demo.py --help`) over the demo's values."""
+    return parse_config(argv, defaults=DEMO_CONFIG, prog="demo.py", description=__doc__)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_demo(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
