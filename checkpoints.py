@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 
@@ -40,7 +42,7 @@ def resolve_checkpoint(src: str | os.PathLike) -> Path:
     if path.exists():
         raise CheckpointError(f"{src}: expected a checkpoint directory, found a file")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # only for hub ids (online); slow to import
 
         return Path(snapshot_download(str(src)))
     except Exception as e:  # offline, unknown repo, no permission, ...
@@ -50,8 +52,6 @@ def resolve_checkpoint(src: str | os.PathLike) -> Path:
 
 
 def _safetensors_keys(file: Path) -> list[str]:
-    from safetensors import safe_open
-
     if not file.is_file():
         raise CheckpointError(f"{file}: safetensors file not found")
     try:
@@ -91,8 +91,6 @@ def read_safetensors(ckpt_dir: str | os.PathLike, prefix_filter: str | Sequence[
     `prefix_filter` (a prefix or several) keeps only matching keys; the others are never read from disk.
     A missing, truncated or corrupt file raises CheckpointError naming the file.
     """
-    from safetensors import safe_open
-
     ckpt_dir = Path(ckpt_dir)
     prefixes = (prefix_filter,) if isinstance(prefix_filter, str) else tuple(prefix_filter or ())
     state: dict[str, Tensor] = {}
@@ -182,6 +180,16 @@ def read_json(path: str | os.PathLike, what: str = "", error: type[Exception] = 
         raise error(f"{path}: invalid JSON ({e})") from e
 
 
+def read_config(cfg: dict | str | os.PathLike) -> tuple[str, dict]:
+    """(where, config dict) of a config given as a dict, a config.json file or its directory; `where` names the
+    file (or "config dict") for the caller's error messages."""
+    if isinstance(cfg, dict):
+        return "config dict", cfg
+    p = Path(cfg)
+    p = p / "config.json" if p.is_dir() else p
+    return str(p), read_json(p)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # sentence-transformers layout: stella ships its Matryoshka heads as `2_Dense_{D}/` folders beside the Qwen2 body
 # (docs/checkpoints.md). The student copies FC2 / FC4 from them (docs/model.md); the stella teacher uses one.
@@ -265,8 +273,6 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: dict, state: dict[str
     """The Hugging Face layout, written atomically (atomic_dir): config.json, model.safetensors (or shards
     `model-0000K-of-0000N.safetensors` of at most `max_shard_bytes` + model.safetensors.index.json, the layout
     read_safetensors reads back) and, when a tokenizer is given, its tokenizer.json (`tokenizer.save(dir)`)."""
-    from safetensors.torch import save_file  # the one runtime writer of safetensors
-
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
     def fill(tmp: Path) -> None:
@@ -324,7 +330,7 @@ def progress(iterable=None, total: int | None = None, desc: str = "", unit: str 
     """A tqdm bar on stderr with count, rate and ETA: `for x in progress(xs, desc=...)` or `bar = progress(total=n)`
     then `bar.update(k)` and `bar.close()`. On a terminal it redraws in place; in a log file it writes one line
     every LOG_FILE_INTERVAL_S seconds (and a last one when done)."""
-    from tqdm import tqdm  # tqdm comes with huggingface-hub; imported here so that `import checkpoints` stays light
+    from tqdm import tqdm  # installed with huggingface-hub; imported on first use, `import checkpoints` stays light
 
     tty = sys.stderr.isatty()
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, unit_scale=False,

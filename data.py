@@ -114,7 +114,7 @@ def _hub_files(spec: str) -> tuple[list[str], str | None]:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise DataError(f"hub dataset {repo} ({pattern}): HF_HUB_OFFLINE is set (offline), the hub cannot be reached; {hint}")
     try:
-        from huggingface_hub import HfFileSystem
+        from huggingface_hub import HfFileSystem  # hub datasets only (online)
         files = sorted(HfFileSystem().glob(f"datasets/{repo}/{pattern}"))
     except Exception as exc:  # network errors come in many types (requests, httpx, OSError, hub errors)
         raise DataError(f"hub dataset {repo} ({pattern}): cannot list files ({type(exc).__name__}: {exc}); "
@@ -323,7 +323,7 @@ def _iter_txt(fobj, name: str, max_chars: int, on_error: str, skips: Counter | N
 def _iter_parquet(src, name: str, field: str, max_chars: int, on_error: str, skips: Counter | None,
                   default_source: str) -> Iterator[Record]:
     """Parquet, streamed batch by batch (pyarrow iter_batches): never the whole file in memory."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional (parquet inputs only) and slow to import
     try:
         pf = pq.ParquetFile(src)
     except Exception as exc:
@@ -373,7 +373,7 @@ def iter_records(spec: str | Path, field: str = "text", *, on_error: str = "skip
     spec = str(spec)
     if _is_hub_spec(spec):
         files, preset_field = _hub_files(spec)
-        from huggingface_hub import HfFileSystem
+        from huggingface_hub import HfFileSystem  # hub datasets only (online)
         fs = HfFileSystem()
         use_field = preset_field if (preset_field and field == "text") else field
         for path in files:
@@ -938,7 +938,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.skips: Counter = Counter()
         self._fh, self._fh_pid, self._rg_cache = None, None, None
         if self.path.suffix == ".parquet":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # optional (parquet inputs only) and slow to import
             md = pq.ParquetFile(self.path).metadata
             sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
             self._rg_starts = np.cumsum([0] + sizes)
@@ -979,7 +979,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             line = int(self._lines[i])
             self._fh.seek(self._offsets[line])
             return json.loads(self._fh.read(self._offsets[line + 1] - self._offsets[line]).decode("utf-8"))
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional (parquet inputs only) and slow to import
         g = int(np.searchsorted(self._rg_starts, i, side="right") - 1)
         if self._rg_cache is None or self._rg_cache[0] != g:
             self._rg_cache = (g, pq.ParquetFile(self.path).read_row_group(g).to_pylist())

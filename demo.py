@@ -143,10 +143,7 @@ def _demo_plots(out: Path, stage_dirs: list[Path], results: dict, dims, split: s
     ax[1].set(xlabel="optimizer step", ylabel="1 - cos(student FC1, teacher)", title="cosine loss (eq. 1)")
     for a in ax:
         a.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "loss_curves.png")
-    atomic_write(paths[-1], lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
+    paths.append(_save_png(fig, out / "loss_curves.png"))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (task, per) in enumerate(results["student"].items()):
         c = f"C{i}"
@@ -158,11 +155,16 @@ def _demo_plots(out: Path, stage_dirs: list[Path], results: dict, dims, split: s
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks(list(dims), [str(d) for d in dims])
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "score_vs_dim.png")
-    atomic_write(paths[-1], lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
+    paths.append(_save_png(fig, out / "score_vs_dim.png"))
     return paths
+
+
+def _save_png(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt  # optional and slow to import (see _demo_plots)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+    return path
 
 
 class _Say:

@@ -509,7 +509,8 @@ def quick_eval(encoder, data_dir, task: str = "STSBenchmark", split: str = "dev"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# mteb path
+# mteb path. mteb and datasets are imported inside the functions that use them: importing them takes seconds and
+# pulls in sklearn/scipy, which the built-in engine (quick_eval during training, the demo) never needs.
 # ---------------------------------------------------------------------------------------------------------------
 def get_mteb_task(name: str):
     import mteb

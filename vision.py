@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from checkpoints import (CheckpointError, checkpoint_keys, load_state_strict, read_json, read_safetensors,
+from checkpoints import (CheckpointError, checkpoint_keys, load_state_strict, read_config, read_safetensors,
                          resolve_checkpoint)
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -89,11 +89,7 @@ class SiglipVisionConfig:
         `vision_config` is used), a released-Jasper / exported student (model_type 'jasper_vl' / ours, its
         `vision_config`), or a bare vision config (model_type 'siglip_vision_model'). Missing fields take
         transformers' defaults, exactly as transformers would read the same file."""
-        where = "config dict"
-        if not isinstance(cfg, dict):
-            p = Path(cfg)
-            p = p / "config.json" if p.is_dir() else p
-            where, cfg = str(p), read_json(p)
+        where, cfg = read_config(cfg)
         if cfg.get("model_type") != "siglip_vision_model" and "vision_config" in cfg:
             if not isinstance(cfg["vision_config"], dict):
                 raise CheckpointError(f"{where}: vision_config is {cfg['vision_config']!r}, not a SigLIP vision config")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import teacher_cache as TC
 import teachers as T
+from model import pad_ids
 from data import text_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,12 +83,12 @@ def test_bert_pooling_options(tmp_path, minilm):
     t = T.load_teacher(str(d))
     assert t.pooling == "cls" and t.normalize is False
     texts = ["a cat sat on the mat", "quantum chromodynamics is hard"]
-    ids, mask = T._pad(t.tokenizer.encode_ids(texts), t.pad_id)
+    ids, mask = pad_ids(t.tokenizer.encode_ids(texts), t.pad_id)
     h = t.module(ids, mask)
     assert torch.allclose(t.encode(texts), h[:, 0], atol=1e-6)
     assert not torch.allclose(t.encode(texts).norm(dim=-1), torch.ones(2), atol=1e-3)
     # mean pooling of the stock model equals a hand-written masked mean of the same hidden states
-    ids, mask = T._pad(minilm.tokenizer.encode_ids(texts), minilm.pad_id)
+    ids, mask = pad_ids(minilm.tokenizer.encode_ids(texts), minilm.pad_id)
     h = minilm.module(ids, mask)
     m = mask.unsqueeze(-1).float()
     assert torch.allclose(minilm.encode(texts), F.normalize((h * m).sum(1) / m.sum(1), dim=-1), atol=1e-6)

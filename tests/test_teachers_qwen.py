@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import teachers as T
+from model import pad_ids
 
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
@@ -93,7 +94,7 @@ def test_stella_matches_transformers_qwen2_bidirectional(stella_dir):
     assert T.detect_family(d) == "stella"
     # body vs transformers Qwen2Model with a non-causal mask, on a padded batch
     ids = [tok.encode(x).ids for x in TEXTS]
-    input_ids, mask = T._pad(ids, 0)
+    input_ids, mask = pad_ids(ids, 0)
     body = t.module["body"]
     assert body.config.causal is False and body.config.attention_bias is True
     with torch.no_grad():
@@ -209,7 +210,7 @@ def test_nvembed_body_matches_transformers_mistral_bidirectional(nvembed_dir):
     assert isinstance(t, T.NVEmbedTeacher) and t.dim == H and T.detect_family(d) == "nvembed"
     ours = t.module["embedding_model"]
     assert ours.config.attention_bias is False and ours.config.causal is False
-    ids, mask = T._pad([tok.encode(x).ids for x in TEXTS], 2)
+    ids, mask = pad_ids([tok.encode(x).ids for x in TEXTS], 2)
     with torch.no_grad():
         ref = body(input_ids=ids, attention_mask=bidirectional_mask(mask)).last_hidden_state
     h = ours(input_ids=ids, attention_mask=mask)
@@ -236,7 +237,7 @@ def test_nvembed_encode_end_to_end(nvembed_dir):
         prefix = f"Instruct: {instruction}\nQuery: " if instruction else ""
         ids = [tok.encode(prefix + x + "</s>").ids for x in TEXTS]
         assert all(x[0] == 1 and x[-1] == 2 for x in ids)  # BOS from the tokenizer, EOS appended
-        input_ids, mask = T._pad(ids, 2)
+        input_ids, mask = pad_ids(ids, 2)
         pool_mask = mask.clone()
         n_instr = len(tok.encode(prefix, add_special_tokens=False).ids) if instruction else 0
         if instruction:
