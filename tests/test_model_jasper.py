@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import model as M
 from common import bidirectional_mask, minilm_dir, qwen_tokenizer_dir as qwen_tok_dir
 
@@ -93,11 +94,9 @@ def test_save_load_roundtrip_and_atomic(stella_like, tmp_path, monkeypatch):
         torch.testing.assert_close(back.encode(texts, dim=D), student.encode(texts, dim=D), rtol=0, atol=0)
     assert back.tokenizer.image_token_ids == (151646, 151647, 151648)
     # a failure in the middle of writing leaves the previous export intact and no temp dirs behind
-    import safetensors.torch
-
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(checkpoints, "save_file", boom)  # checkpoints.save_hf_checkpoint writes the safetensors
     with pytest.raises(OSError, match="disk full"):
         student.save_pretrained(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
