@@ -29,8 +29,10 @@ from vision import (IMG_END_ID, IMG_START_ID, IMG_TOKEN_ID, NUM_IMAGE_TOKENS, Si
                     jasper_vision_state, pool_image_features, preprocess_images, splice_image_features)
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Qwen2 (and Mistral) decoder body used as a (by default bidirectional) text encoder (sec. 2.1;
-# docs/model.md).
+# Qwen2 (and Qwen3, Mistral) decoder body used as a (by default bidirectional) text encoder (sec. 2.1;
+# docs/model.md). The three differ only in switches of one config: Qwen2 has q/k/v biases; Mistral has none; Qwen3
+# has none and adds a per-head RMSNorm on queries and keys (`q_norm`, `k_norm`, over head_dim, before RoPE) and
+# states head_dim explicitly.
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class Qwen2Config:
@@ -44,9 +46,10 @@ class Qwen2Config:
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
-    attention_bias: bool = True           # q/k/v bias: True for Qwen2, False for Mistral
+    attention_bias: bool = True           # q/k/v bias: True for Qwen2, False for Mistral and Qwen3
     causal: bool = False                  # False = bidirectional (Jasper / stella / NV-Embed default)
-    model_type: str = "qwen2"
+    model_type: str = "qwen2"             # "qwen2" | "qwen3" | "mistral"
+    qk_norm: bool = False                 # Qwen3: RMSNorm(head_dim) on every query and key head before RoPE
     sliding_window: int | None = None     # Mistral's window: only matters for causal inputs longer than it
 
     def __post_init__(self):
@@ -62,11 +65,18 @@ class Qwen2Config:
 
     @classmethod
     def from_hf(cls, cfg: dict | str | os.PathLike, **overrides) -> "Qwen2Config":
-        """From a Hugging Face config.json (a dict, the file, or its directory); model_type qwen2 or mistral."""
+        """From a Hugging Face config.json (a dict, the file, or its directory); model_type qwen2, qwen3 or mistral.
+
+        `causal` comes from our own `causal` key or transformers' `is_causal`; when neither is present the body is
+        bidirectional (the student's and stella's convention). Callers that must mirror transformers exactly (a
+        sentence-transformers teacher) pass `causal=` themselves: transformers runs a decoder config without
+        `is_causal` causally.
+        """
         where, cfg = read_config(cfg)
         mt = cfg.get("model_type")
-        if mt not in ("qwen2", "mistral"):
-            raise CheckpointError(f"{where}: model_type {mt!r} is not supported (expected 'qwen2' or 'mistral')")
+        if mt not in ("qwen2", "qwen3", "mistral"):
+            raise CheckpointError(f"{where}: model_type {mt!r} is not supported (expected 'qwen2', 'qwen3' or "
+                                  f"'mistral')")
         missing = [k for k in cls._REQUIRED if k not in cfg]
         if missing:
             raise CheckpointError(f"{where}: missing required field(s) {missing}")
@@ -84,17 +94,19 @@ class Qwen2Config:
             intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=cfg["num_attention_heads"],
             num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            head_dim=cfg.get("head_dim"), rope_theta=float(theta), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            # transformers' Qwen3Config defaults head_dim to 128 (not hidden / heads) when config.json omits it
+            head_dim=cfg.get("head_dim") or (128 if mt == "qwen3" else None), rope_theta=float(theta),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             max_position_embeddings=cfg.get("max_position_embeddings", 32768),
             attention_bias=cfg.get("attention_bias", mt == "qwen2"),
-            causal=cfg.get("causal", cfg.get("is_causal", False)), model_type=mt,
+            causal=cfg.get("causal", cfg.get("is_causal", False)), model_type=mt, qk_norm=mt == "qwen3",
             sliding_window=cfg.get("sliding_window") if mt == "mistral" else None)
         kw.update(overrides)
         return cls(**kw)
 
     def to_hf(self) -> dict:
-        """A config.json dict that transformers' Qwen2Model / MistralModel accepts (plus our `causal` flag)."""
-        arch = "Qwen2Model" if self.model_type == "qwen2" else "MistralModel"
+        """A config.json dict that transformers' Qwen2Model / Qwen3Model / MistralModel accepts (plus our `causal`)."""
+        arch = {"qwen2": "Qwen2Model", "qwen3": "Qwen3Model", "mistral": "MistralModel"}[self.model_type]
         d = {
             "architectures": [arch], "model_type": self.model_type, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
@@ -103,8 +115,9 @@ class Qwen2Config:
             "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
             "hidden_act": "silu", "tie_word_embeddings": False, "causal": self.causal,
         }
-        if self.model_type == "mistral":
+        if self.model_type in ("mistral", "qwen3"):
             d["attention_bias"] = self.attention_bias  # qwen2 configs have no such field (bias always on)
+        if self.model_type == "mistral":
             d["sliding_window"] = self.sliding_window
         return d
 
@@ -135,12 +148,21 @@ class Qwen2Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        # Qwen2 / Mistral never put a bias on o_proj; Qwen3 ties it to attention_bias (False in every release)
+        o_bias = cfg.attention_bias and cfg.model_type == "qwen3"
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=o_bias)
+        if cfg.qk_norm:  # Qwen3: keys `self_attn.q_norm.weight`, `self_attn.k_norm.weight`, each (head_dim,)
+            self.q_norm = Qwen2RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = Qwen2RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, nkv, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)    # (B, T, nkv, hd)
+        if self.qk_norm:  # Qwen3: normalise each head's vector over hd, before RoPE (RoPE keeps its norm anyway)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                               # (B, nh|nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, nkv, T, hd)
         q = q * cos + rotate_half(q) * sin  # RoPE; cos/sin (T, hd) broadcast over batch and heads
         k = k * cos + rotate_half(k) * sin
@@ -177,9 +199,11 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2Encoder(nn.Module):
-    """Qwen2Model (or MistralModel with attention_bias=False) as an encoder: (input_ids, mask) -> (B, T, H).
+    """Qwen2Model (or Qwen3Model with qk_norm, MistralModel with attention_bias=False) as an encoder:
+    (input_ids, mask) -> (B, T, H).
 
-    Module names equal the checkpoint keys of transformers' Qwen2Model, so a checkpoint loads with at most a prefix.
+    Module names equal the checkpoint keys of transformers' Qwen2Model / Qwen3Model, so a checkpoint loads with at
+    most a prefix.
     Build it on the meta device (`with torch.device("meta"): Qwen2Encoder(cfg)`) and load with `load_state_strict`
     to avoid allocating a random init; the RoPE table is a non-persistent buffer rebuilt after loading.
     """
@@ -244,7 +268,11 @@ class Qwen2Encoder(nn.Module):
         mask = keep[:, None, None, :]                                         # (B, 1, 1, T) key padding
         if causal:
             tri = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()
-            mask = mask & tri                                                 # (B, 1, T, T)
+            # causal + LEFT padding: a padding query before the first real token would see no key at all; some SDPA
+            # kernels return NaN for such a row, and NaN values leak through masked keys (0 * NaN) into real tokens
+            # of the next layer. Letting every query see itself keeps them finite and changes no real token.
+            eye = torch.eye(T, dtype=torch.bool, device=keep.device)
+            mask = (mask & tri) | eye                                         # (B, 1, T, T)
         return mask, False
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
