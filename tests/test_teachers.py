@@ -333,7 +333,8 @@ def test_cache_refuses_truncated_or_tampered_files(built_cache, tmp_path):
 @pytest.mark.slow
 def test_cache_cli_and_torchrun(built_cache, tmp_path):
     """`python teachers.py encode` under torchrun with 2 ranks (gloo): each rank encodes its shards, rank 0 writes the
-    manifest; the vectors are byte-identical to the single-process cache."""
+    manifest; the vectors equal the single-process cache's up to fp32 rounding (the workers run 1 thread, the
+    in-process cache whatever pytest runs with, and a matmul's summation order depends on the thread count)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "tr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -346,7 +347,7 @@ def test_cache_cli_and_torchrun(built_cache, tmp_path):
     a = TC.TeacherCache(out)
     b = TC.TeacherCache(built_cache / "cache")
     assert a.teachers[0] == b.teachers[0] and a.dim == b.dim
-    assert torch.equal(a.targets(np.arange(50)), b.targets(np.arange(50)))
+    torch.testing.assert_close(a.targets(np.arange(50)), b.targets(np.arange(50)), rtol=1e-5, atol=1e-6)
     r = subprocess.run([sys.executable, str(ROOT / "teachers.py"), "verify", "--cache", str(out), "--input",
                         str(built_cache / "texts.jsonl")], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "ok: 50 rows" in r.stdout, r.stderr[-2000:]
