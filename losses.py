@@ -25,9 +25,10 @@ pairs: we return 0 (the authors' `.mean()` of an empty tensor would be NaN).
 The authors materialise the P x P difference matrix (about 17e9 entries at m = 512).  Here nothing P x P is ever
 allocated: the (m, m) Gram matrices come from torch, the pair vectors x, y (P,) go to one of three exact engines
 that return the loss AND dL/dx in one pass, and autograd's matmul takes dL/dx back to S:
-  * "sort"    (CPU and GPU default): O(P log^2 P) time, O(P) memory, exact (fp64 sums, integer counts);
-  * "triton"  fused Triton kernel, O(P^2) compare-and-add work in O(P) memory, deterministic (no atomics);
-  * "chunked" the same algorithm as the kernel in plain torch, O(P x block) memory (a readable mirror of it).
+  * "sort"    (CPU default, GPU beyond m = 488): O(P log^2 P) time, O(P) memory, exact (fp64 sums, integer counts);
+  * "triton"  (GPU default up to m = 488) fused Triton kernel, O(P^2) compare-and-add work in O(P) memory,
+              deterministic (no atomics);
+  * "chunked" the kernel's sum in plain torch, O(P x block) memory (a readable mirror of it).
 `resim_loss_reference` is the materialising version (for tests and benchmarks only).
 
 Differences from the authors' code, all deliberate: ties are skipped by default (flag above); the Gram matrices are
@@ -36,6 +37,7 @@ Matryoshka prefixes of one vector (their MRL code); see `distill_loss` for how h
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -61,6 +63,9 @@ def _check_pair(s: Tensor, t: Tensor, same_dim: bool, fn: str) -> None:
     if s.dim() != 2 or t.dim() != 2:
         raise ValueError(f"losses.{fn}: expected (m, d) student and (m, D) teacher, got {tuple(s.shape)} and "
                          f"{tuple(t.shape)}")
+    if s.device != t.device:
+        raise ValueError(f"losses.{fn}: student is on {s.device} but teacher is on {t.device} (move the teacher "
+                         f"vectors to the student's device)")
     if s.shape[0] != t.shape[0]:
         raise ValueError(f"losses.{fn}: student has {s.shape[0]} rows, teacher {t.shape[0]} (they must be the same "
                          f"texts in the same order)")
@@ -138,6 +143,21 @@ def resim_loss_reference(s: Tensor, t: Tensor, margin: float = 0.015, ties: str 
 # ---------------------------------------------------------------------------------------------------------------------
 # Exact O(P log^2 P) engine: dominance counting over the teacher order with a dyadic decomposition.
 # ---------------------------------------------------------------------------------------------------------------------
+def _teacher_order(y: Tensor, ties: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The teacher order of the pairs, shared by the sort engine and the kernel.
+
+    pos2pair (P,): the stable ascending sort of y (position -> pair index).  Per position, the pairs ranked below
+    it are the positions [0, k1) and the pairs ranked above it [k2, P):
+      authors: k1 = pos, k2 = pos + 1 (a strict order, ties broken by pair index);
+      skip:    k1 = first position of the tie group, k2 = one past its last (tied pairs are not ordered)."""
+    y_sorted, pos2pair = torch.sort(y, stable=True)          # (P,), (P,)
+    if ties == "authors":
+        k1 = torch.arange(y.shape[0], device=y.device)
+        return pos2pair, k1, k1 + 1
+    return (pos2pair, torch.searchsorted(y_sorted, y_sorted, right=False),
+            torch.searchsorted(y_sorted, y_sorted, right=True))
+
+
 def _resim_sort(x: Tensor, y: Tensor, margin: float, ties: str) -> tuple[Tensor, Tensor]:
     """Loss sum (fp64 scalar) and per-pair count gradient (fp64 (P,)), both NOT yet divided by N.
 
@@ -161,14 +181,8 @@ def _resim_sort(x: Tensor, y: Tensor, margin: float, ties: str) -> tuple[Tensor,
     marg = float(torch.tensor(margin, dtype=torch.float32))  # the margin as an fp32 reference sees it (all engines)
     # teacher order; from here on every per-pair array is indexed by position (queries then hit the dyadic blocks in
     # increasing order, which keeps the binary searches cache-friendly), and mapped back to pairs at the end
-    y_sorted, pos2pair = torch.sort(y, stable=True)          # (P,), (P,): pos -> pair index
+    pos2pair, k1, k2 = _teacher_order(y, ties)
     arangeP = torch.arange(P, device=dev)
-    if ties == "authors":
-        k1 = arangeP                                         # below a: positions [0, pos(a))
-        k2 = arangeP + 1                                     # above c: positions [pos(c)+1, P)
-    else:
-        k1 = torch.searchsorted(y_sorted, y_sorted, right=False)  # first position of the tie group
-        k2 = torch.searchsorted(y_sorted, y_sorted, right=True)   # one past its last position
     # student values as ranks
     x_pos = xd[pos2pair]                                     # (P,) student value at each position
     x_sorted, rank2pos = torch.sort(x_pos)
@@ -245,46 +259,82 @@ def _resim_chunked(x: Tensor, y: Tensor, margin: float, ties: str, block: int | 
 # ---------------------------------------------------------------------------------------------------------------------
 # Fused Triton kernel (forward and backward in one pass)
 # ---------------------------------------------------------------------------------------------------------------------
+def _teacher_keys(y: Tensor, ties: str) -> Tensor:
+    """(P,) int32 key per pair such that  a above b  <=>  key_a > key_b  (and a below b <=> key_a < key_b).
+
+    The sort engine's teacher order in pair order: authors: key = pos(a) (a strict order, ties broken by pair index);
+    skip: key = first position of a's tie group, so tied pairs get equal keys and compare neither way.  The kernel
+    then needs one integer compare per orientation instead of the float compares plus the tie logic."""
+    pos2pair, k1, _ = _teacher_order(y, ties)
+    key = torch.empty(y.shape[0], dtype=torch.int32, device=y.device)
+    key[pos2pair] = k1.to(torch.int32)
+    return key
+
+
 if triton is not None:
     @triton.jit
-    def _resim_kernel(x_ptr, y_ptr, loss_ptr, grad_ptr, P, margin,
-                      AUTHORS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-        """One program owns BLOCK_A pairs `a` and loops over all pairs `b` in tiles of BLOCK_B.
+    def _resim_kernel(x_ptr, key_ptr, loss_ptr, grad_ptr, P, chunk, margin,
+                      BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+        """Program (i, s) owns the BLOCK_A pairs a of block i and the pairs b of chunk s, [s*chunk, (s+1)*chunk).
 
-        For every (a, b) tile it evaluates both orientations of eq. 3:
-          a above b: h = x_b - x_a + margin  -> loss_a += max(h, 0),  grad_a -= [h > 0]
-          a below b: h = x_a - x_b + margin  ->                        grad_a += [h > 0]
-        so each ordered pair of pairs enters the loss once (through its upper pair) and each program writes only its
-        own rows of loss/grad: no atomics, results independent of scheduling.  Inputs may be bf16 or fp32; they are
-        upcast after loading and everything accumulates in fp32 (counts are exact integers up to 2^24 > P).
+        Math (eq. 3, both orientations of every (a, b), with d = x_b - x_a and the teacher keys k of _teacher_keys):
+          a above b (k_a > k_b):  h = d + margin;  loss_a += max(h, 0);  grad_a -= [h > 0]
+          a below b (k_a < k_b):  the hinge of (b above a) is x_a - x_b + margin > 0 <=> d < margin;  grad_a += 1
+        so each ordered pair of pairs enters the loss once (through its upper pair a), and
+          sum_a loss_a = sum_{a > b} relu(x_b - x_a + margin),   grad_a = N dL/dx_a   (module docstring, eq. 3).
+        fp32 rounding: sign(fl(margin - d)) = sign(margin - d), so `d < margin` is exactly the reference's
+        `(x_a - x_b) + margin > 0`, and h is the reference's `(x_b - x_a) + margin`.
+
+        Why it is lean: every (a, b) element accumulates into its own register (loss fp32, count int32) and the tile
+        is reduced over b once, after the loop: no cross-lane shuffle or barrier inside the loop (~12 SASS
+        instructions per element: 2 FADD, 2 FSETP, 2 ISETP, 1 FSEL + 1 FADD for the loss, ~4 for the count).
+        Padded b lanes load x = NaN, which makes both hinge tests false: no per-element mask.
+        Determinism: no atomics; program (i, s) writes row s of its own (n_split, P) partial sums, which the host
+        sums in a fixed order.  Counts are exact integers; the loss partials are fp32 sums of <= chunk terms.
         """
-        pid = tl.program_id(0)
-        ia = pid * BLOCK_A + tl.arange(0, BLOCK_A)                       # (BA,)
+        pid_a = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        ia = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)                     # (BA,)
         ma = ia < P
-        xa = tl.load(x_ptr + ia, mask=ma, other=0.0).to(tl.float32)
-        ya = tl.load(y_ptr + ia, mask=ma, other=0.0).to(tl.float32)
-        loss_acc = tl.zeros([BLOCK_A], dtype=tl.float32)
-        grad_acc = tl.zeros([BLOCK_A], dtype=tl.float32)
-        for b0 in range(0, P, BLOCK_B):
-            ib = b0 + tl.arange(0, BLOCK_B)                              # (BB,)
-            mb = ib < P
-            xb = tl.load(x_ptr + ib, mask=mb, other=0.0).to(tl.float32)
-            yb = tl.load(y_ptr + ib, mask=mb, other=0.0).to(tl.float32)
-            valid = ma[:, None] & mb[None, :]                            # (BA, BB)
-            above = ya[:, None] > yb[None, :]
-            below = ya[:, None] < yb[None, :]
-            if AUTHORS:
-                tie = ya[:, None] == yb[None, :]
-                above = above | (tie & (ia[:, None] > ib[None, :]))
-                below = below | (tie & (ia[:, None] < ib[None, :]))
-            h_ab = (xb[None, :] - xa[:, None]) + margin
-            h_ba = (xa[:, None] - xb[None, :]) + margin
-            act_ab = valid & above & (h_ab > 0.0)
-            act_ba = valid & below & (h_ba > 0.0)
-            loss_acc += tl.sum(tl.where(act_ab, h_ab, 0.0), axis=1)
-            grad_acc += tl.sum(act_ba.to(tl.float32) - act_ab.to(tl.float32), axis=1)
-        tl.store(loss_ptr + ia, loss_acc, mask=ma)
-        tl.store(grad_ptr + ia, grad_acc, mask=ma)
+        xa = tl.load(x_ptr + ia, mask=ma, other=0.0).to(tl.float32)[:, None]   # (BA, 1)
+        ka = tl.load(key_ptr + ia, mask=ma, other=0)[:, None]                  # (BA, 1)
+        loss_acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+        grad_acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.int32)
+        b_lo = pid_s * chunk
+        b_hi = tl.minimum(b_lo + chunk, P)
+        for b0 in range(b_lo, b_hi, BLOCK_B):
+            ib = b0 + tl.arange(0, BLOCK_B)                                  # (BB,)
+            mb = ib < b_hi
+            xb = tl.load(x_ptr + ib, mask=mb, other=float("nan")).to(tl.float32)[None, :]  # (1, BB)
+            kb = tl.load(key_ptr + ib, mask=mb, other=0)[None, :]                        # (1, BB)
+            d = xb - xa                                                      # (BA, BB)
+            h = d + margin
+            up = (ka > kb) & (h > 0.0)      # a above b, hinge active
+            dn = (ka < kb) & (d < margin)   # a below b, hinge of (b above a) active
+            loss_acc += tl.where(up, h, 0.0)
+            grad_acc += tl.where(up, -1, tl.where(dn, 1, 0))
+        row = pid_s * P + ia
+        tl.store(loss_ptr + row, tl.sum(loss_acc, axis=1), mask=ma)
+        tl.store(grad_ptr + row, tl.sum(grad_acc, axis=1), mask=ma)
+
+
+# CUDA launch shape.  Tile (BLOCK_A, BLOCK_B) = (64, 64) with 8 warps: 16 (a, b) elements per thread (one b, 16
+# rows a), i.e. 32 accumulator registers; the kernel compiles to 80 registers, no spills, ~12 SASS instructions per
+# element on sm_80 and sm_90.  (64, 128) puts 32 elements in each thread and needs ~190 registers.
+# tests/test_kernel_compile.py compiles every launch variant for both targets; bench/kernel_stats.py prints the figures.
+CUDA_TILES = (64, 64, 8)           # BLOCK_A, BLOCK_B, num_warps
+# Split the b range until the grid has at least this many programs: 4 per SM of an H100/H200 (132 SMs), so the last
+# wave is short.  m = 128 (P = 8128) has only 127 blocks of a; it gets 5 chunks (635 programs), m = 90 gets 9 (567).
+# The split depends on P and the tiles only, never on the device, so results are the same bits on every GPU.
+TARGET_PROGRAMS = 4 * 132
+
+
+def _resim_split(P: int, block_a: int, block_b: int) -> tuple[int, int]:
+    """(n_split, chunk): the b range [0, P) cut into n_split chunks of `chunk` pairs (a multiple of block_b)."""
+    n_a, n_b = triton.cdiv(P, block_a), triton.cdiv(P, block_b)
+    per = triton.cdiv(n_b, min(n_b, max(1, triton.cdiv(TARGET_PROGRAMS, n_a))))   # b tiles per chunk
+    chunk = per * block_b
+    return triton.cdiv(P, chunk), chunk
 
 
 def _interpreting() -> bool:
@@ -296,38 +346,73 @@ def triton_available(device: torch.device | str) -> bool:
     return triton is not None and (torch.device(device).type == "cuda" or _interpreting())
 
 
-def _resim_triton(x: Tensor, y: Tensor, margin: float, ties: str, block_a: int | None = None,
-                  block_b: int | None = None) -> tuple[Tensor, Tensor]:
+def _resim_triton(x: Tensor, y: Tensor, margin: float, ties: str,
+                  tiles: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """Loss sum (fp64 scalar) and count gradient (fp64 (P,)), not divided by N, from the fused kernel.
+
+    tiles = (BLOCK_A, BLOCK_B, num_warps); default CUDA_TILES on CUDA, one big tile under the interpreter (its
+    programs run one after another in numpy, so few large tiles are fastest there)."""
     if not triton_available(x.device):
         raise RuntimeError("losses: impl='triton' needs a CUDA device or TRITON_INTERPRET=1 set before triton is "
                            f"imported (tensor on {x.device}, triton {'missing' if triton is None else 'present'})")
+    if y.device != x.device:
+        raise ValueError(f"losses: student pairs are on {x.device} but teacher pairs are on {y.device}")
     P = x.shape[0]
-    x, y = x.contiguous(), y.contiguous()  # the interpreter silently misreads strided inputs
-    if block_a is None or block_b is None:
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    x = x.contiguous()  # the interpreter silently misreads strided inputs
+    key = _teacher_keys(y, ties)                                           # (P,) int32
+    if tiles is None:
         if x.device.type == "cuda":
-            ba, bb = 64, 128
-        else:  # interpreter: programs run one after another, so few big tiles (<= 2^20 elements each)
-            ba = bb = min(1024, triton.next_power_of_2(max(P, 16)))
-        block_a, block_b = block_a or ba, block_b or bb
-    loss_rows = torch.empty(P, dtype=torch.float32, device=x.device)
-    grad = torch.empty(P, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(P, block_a),)
-    _resim_kernel[grid](x, y, loss_rows, grad, P, float(torch.tensor(margin, dtype=torch.float32)),
-                        AUTHORS=ties == "authors", BLOCK_A=block_a, BLOCK_B=block_b)
-    return loss_rows.double().sum(), grad.double()
+            tiles = CUDA_TILES
+        else:
+            b = min(1024, triton.next_power_of_2(max(P, 16)))
+            tiles = (b, b, 4)
+    block_a, block_b, num_warps = tiles
+    n_split, chunk = _resim_split(P, block_a, block_b)
+    loss_part = torch.empty(n_split, P, dtype=torch.float32, device=x.device)   # row s: sums over chunk s
+    grad_part = torch.empty(n_split, P, dtype=torch.int32, device=x.device)
+    grid = (triton.cdiv(P, block_a), n_split)
+    # launch on x's device, not on whatever device is current (a rank may hold tensors on cuda:k, k != current)
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        _resim_kernel[grid](x, key, loss_part, grad_part, P, chunk, float(torch.tensor(margin, dtype=torch.float32)),
+                            BLOCK_A=block_a, BLOCK_B=block_b, num_warps=num_warps)
+    # the second, deterministic step: fixed-order fp64 sums over the chunks (no atomics anywhere)
+    return loss_part.double().sum(), grad_part.sum(0, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Dispatch + autograd
 # ---------------------------------------------------------------------------------------------------------------------
+# `auto` on CUDA, from a cost model (P = m (m - 1) / 2 pairs; to be replaced by what `bench/bench_losses.py --device
+# cuda` measures, which prints this model next to the measured times):
+#   kernel: P^2 (a, b) elements at ~12 SASS instructions each (bench/kernel_stats.py); an SM issues 4 warp
+#           instructions (128 lanes) per clock, so an H100 SXM (132 SMs, 1.98 GHz) retires 132 x 128 / 12 x 1.98e9
+#           = 2.8e12 elements/s at best; we count half of that:            T_kernel = P^2 / 1.4e12 s.
+#   sort:   ceil(log2 P) levels; each is ~40 small torch ops (~6 us each while the GPU is launch-bound, 240 us) plus a
+#           radix sort, gathers and searchsorted over P entries (~3 ns per entry):
+#                                                                           T_sort = ceil(log2 P) (240e-6 + 3e-9 P) s.
+#   m = 128 (P = 8,128):    kernel 0.05 ms, sort 3.4 ms;   m = 400 (P = 79,800):  4.5 ms vs 8.2 ms;
+#   m = 512 (P = 130,816):  12.2 ms vs 10.8 ms;             equal at P ~ 119,000: the kernel up to m = 488.
+KERNEL_ELEMS_PER_S = 1.4e12
+SORT_LEVEL_S, SORT_ENTRY_S = 240e-6, 3e-9
+
+
+def resim_cost_model(P: int) -> tuple[float, float]:
+    """Estimated seconds (kernel, sort engine) for P pairs on an H100-class GPU: the model behind `auto`."""
+    return P * P / KERNEL_ELEMS_PER_S, max(1, (P - 1).bit_length()) * (SORT_LEVEL_S + SORT_ENTRY_S * P)
+
+
+def auto_engine(P: int, device_type: str) -> str:
+    """The engine impl="auto" runs for P pairs on a device of this type ("cuda", "cpu", ...)."""
+    if device_type == "cuda" and triton is not None:
+        t_kernel, t_sort = resim_cost_model(P)
+        return "triton" if t_kernel < t_sort else "sort"
+    return "sort"  # elsewhere the kernel would only run interpreted
+
+
 def _pick_impl(impl: str, x: Tensor) -> str:
-    if impl != "auto":
-        return impl
-    # GPU: the kernel is cheap while P^2 compare-adds are (m <= 512 -> P^2 <= 1.7e10); beyond, the O(P log^2 P) sort
-    # engine wins on operation count.  The crossover is NOT measured yet (no GPU was lent): see bench/RESULTS.md.
-    if x.device.type == "cuda" and triton is not None and x.shape[0] <= 130_816:
-        return "triton"
-    return "sort"
+    return auto_engine(x.shape[0], x.device.type) if impl == "auto" else impl
 
 
 class _ResimPairs(torch.autograd.Function):
@@ -365,6 +450,8 @@ def resim_pairs(x: Tensor, y: Tensor, margin: float = 0.015, ties: str = "skip",
     if x.shape != y.shape or x.dim() != 1:
         raise ValueError(f"losses.resim_pairs: x and y must be (P,) vectors of one length, got {tuple(x.shape)} "
                          f"and {tuple(y.shape)}")
+    if x.device != y.device:
+        raise ValueError(f"losses.resim_pairs: student pairs are on {x.device} but teacher pairs are on {y.device}")
     return _ResimPairs.apply(x, y.detach(), float(margin), ties, _pick_impl(impl, x))
 
 
@@ -372,9 +459,9 @@ def resim_loss(s: Tensor, t: Tensor, margin: float = 0.015, ties: str = "skip", 
     """eq. 3, exact, without anything P x P.  s (m, d) student, t (m, D) teacher (L2-normalised rows) -> fp32 scalar.
 
     ties: "skip" (paper) or "authors" (their code's labelling, see the module docstring).
-    impl: "auto" (sort engine on the CPU; Triton kernel on CUDA up to m ~ 512, sort beyond), "sort", "triton",
-    "chunked", or "reference" (materialising; memory O(P^2)).  Every engine computes the same function; gradients
-    flow to s only (the loss is piecewise constant in t).
+    impl: "auto" (sort engine on the CPU; on CUDA the Triton kernel up to m = 488, the sort engine beyond: see
+    resim_cost_model), "sort", "triton", "chunked", or "reference" (materialising; memory O(P^2)).  Every engine
+    computes the same function; gradients flow to s only (the loss is piecewise constant in t).
     """
     _check_pair(s, t, False, "resim_loss")
     if impl == "reference":

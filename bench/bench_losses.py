@@ -2,17 +2,23 @@
 
     .venv/bin/python bench/bench_losses.py                       # m = 64 .. 1024, CPU (or CUDA if present)
     .venv/bin/python bench/bench_losses.py --sizes 128 --impls sort,chunked --repeat 5
+    .venv/bin/python bench/bench_losses.py --device cuda --no-reference   # kernel vs sort: the measured crossover
 
 Each (engine, m) case runs in a fresh subprocess on the CPU, so its peak memory is the growth of the process's peak
 RSS (ru_maxrss) over the baseline measured just before the loss (inputs and imports excluded).  On CUDA the peak is
 torch.cuda.max_memory_allocated over the same baseline, and the Triton kernel's achieved fraction of the GPU's fp32
 peak is printed too (work counted as 8 fp32 operations per pair of pairs: 2 subtractions, 2 margin adds, 2 compares,
 2 accumulations).  The materialising reference is skipped where its (P, P) temporaries would not fit: that is printed.
+
+On CUDA the script also prints where the sort engine overtakes the Triton kernel (the crossover `impl="auto"` should
+use), measured from the two engines' times side by side, next to losses.resim_cost_model's prediction; the default
+CUDA sizes are dense around the model's crossover (m = 488).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -100,9 +106,43 @@ def _fmt_m(r):
     return f"{r['peak'] / 2**20:,.1f} MiB" if "peak" in r else "-"
 
 
+def print_crossover(rows) -> None:
+    """Kernel vs sort engine per m (measured, fwd+bwd) next to the cost model, and the measured crossover."""
+    import losses
+    t = {(m, impl): ours["time"] for m, _, impl, _, ours in rows if "time" in ours}
+    ms = sorted(m for m, impl in t if impl == "triton" and (m, "sort") in t)
+    if not ms:
+        print("# crossover: needs both triton and sort timings (--impls triton,sort)")
+        return
+    print("\n| m | P | kernel ms | sort ms | model kernel ms | model sort ms | faster (measured) | auto picks |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m in ms:
+        P = m * (m - 1) // 2
+        mk, msrt = losses.resim_cost_model(P)
+        fast = "triton" if t[m, "triton"] < t[m, "sort"] else "sort"
+        print(f"| {m} | {P:,} | {t[m, 'triton'] * 1e3:.3f} | {t[m, 'sort'] * 1e3:.3f} | {mk * 1e3:.3f} | "
+              f"{msrt * 1e3:.3f} | {fast} | {losses.auto_engine(P, 'cuda')} |")
+    # crossover: first m where sort wins after the kernel won; interpolate log(t_k / t_s) linearly in m between them
+    prev = None
+    for m in ms:
+        r = t[m, "triton"] / t[m, "sort"]
+        if r >= 1 and prev is not None and prev[1] < 1:
+            m0, r0 = prev
+            mx = m0 + (m - m0) * (-math.log(r0)) / (math.log(r) - math.log(r0))
+            print(f"# measured crossover: kernel faster up to m = {m0}, sort faster from m = {m} (interpolated "
+                  f"m ~ {mx:.0f}, P ~ {mx * (mx - 1) / 2:,.0f}); the cost model behind auto says m = 488")
+            return
+        prev = (m, r)
+    winner = "kernel" if t[ms[-1], "triton"] < t[ms[-1], "sort"] else "sort engine"
+    print(f"# measured crossover: not inside m = {ms[0]}..{ms[-1]} (the {winner} wins at m = {ms[-1]}); the cost "
+          f"model behind auto says m = 488")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="64,128,256,512,1024")
+    ap.add_argument("--sizes", default=None, help="batch sizes m (default 64,128,256,512,1024; on CUDA a denser "
+                                                  "grid up to 1024 for the crossover)")
+    ap.add_argument("--no-reference", action="store_true", help="skip the materialising reference")
     ap.add_argument("--impls", default=None, help="ours to compare with the reference (default: auto + the engines "
                                                   "that run on this device)")
     ap.add_argument("--dim", type=int, default=256, help="vector width (the Gram matmul is not the point here)")
@@ -139,15 +179,18 @@ def main() -> None:
     ref_max = (args.ref_max_gb * 2**30) if args.ref_max_gb else total / 2
     impls = args.impls.split(",") if args.impls else (
         ["triton", "sort"] if args.device == "cuda" else ["sort", "chunked"])
-    sizes = [int(v) for v in args.sizes.split(",")]
+    sizes = [int(v) for v in (args.sizes or ("64,90,128,192,256,320,384,448,512,576,640,768,1024"
+                                            if args.device == "cuda" else "64,128,256,512,1024")).split(",")]
     print(f"# resim_loss fwd+bwd, {where}, d={args.dim}, ties={args.ties}, median of {args.repeat}")
     print(f"# torch {torch.__version__}; auto picks: " + ", ".join(
-        f"m={m}: {losses._pick_impl('auto', torch.empty(m * (m - 1) // 2, device=args.device))}" for m in sizes))
+        f"m={m}: {losses.auto_engine(m * (m - 1) // 2, args.device)}" for m in sizes))
     rows = []
     for m in sizes:
         P = m * (m - 1) // 2
         est = REF_BYTES_PER_ENTRY * P * P
-        if est > ref_max:
+        if args.no_reference:
+            ref = {"error": "skipped (--no-reference)"}
+        elif est > ref_max:
             ref = {"error": f"skipped: needs ~{est / 2**30:,.0f} GiB for the (P, P) matrices"}
         else:
             ref = run_case("reference", m, args)
@@ -170,7 +213,7 @@ def main() -> None:
                 print("|---|---|---|---|---|---|---|---|---|---|")
             print(line, flush=True)
             for label, r in (("reference", ref), (impl, ours)):
-                if "error" in r and not (label == "reference" and impl != impls[0]):
+                if "error" in r and not (label == "reference" and (impl != impls[0] or args.no_reference)):
                     print(f"#   m={m} {label}: {r['error']}", flush=True)
     if args.device == "cuda":
         peak = next((v for k, v in FP32_PEAK_TFLOPS.items() if k in name), None)
@@ -181,6 +224,7 @@ def main() -> None:
                 tflops = 8 * P * P / ours["time"] / 1e12
                 frac = f"{tflops / peak:.1%}" if peak else "? (unknown device peak)"
                 print(f"#   m={m}: {ours['time'] * 1e3:.3f} ms, {tflops:.1f} TFLOP/s, {frac} of fp32 peak")
+        print_crossover(rows)
     else:
         print("\n# No GPU here: the Triton kernel only runs on CUDA (or under TRITON_INTERPRET=1, which is not a "
               "timing); rerun this script on a CUDA machine for its timings and fraction of fp32 peak.")

@@ -152,19 +152,86 @@ def test_resim_bf16_inputs(impl):
 
 
 def test_triton_kernel_bf16_pair_vectors_and_tiling():
-    """The kernel itself on bf16 (P,) inputs, several programs and a ragged last tile (P = 210, blocks 16 x 32)."""
+    """The kernel itself on bf16 (P,) inputs, several programs and a ragged last tile (P = 210, blocks 16 x 32:
+    14 blocks of a, the b range split in 7 chunks of 32)."""
     gen = torch.Generator().manual_seed(17)
     P = 210
     x = torch.randn(P, generator=gen).to(torch.bfloat16)
     y = torch.randn(P, generator=gen).to(torch.bfloat16)      # bf16 rounding makes teacher ties
     for ties in losses.TIES:
-        loss_sum, grad = losses._resim_triton(x, y, MARGIN, ties, block_a=16, block_b=32)
+        loss_sum, grad = losses._resim_triton(x, y, MARGIN, ties, tiles=(16, 32, 4))
         xo = x.double().requires_grad_()
         ref = _pairs_oracle(xo, y.double(), MARGIN, ties)
         (go,) = torch.autograd.grad(ref, xo)
         N = P * (P - 1) // 2
         assert float(loss_sum) / N == pytest.approx(float(ref), rel=1e-5)
         assert _rel(grad / N, go) <= 1e-6  # counts are exact
+
+
+@pytest.mark.parametrize("m,ties,tied", [(19, "skip", False), (19, "authors", True), (47, "authors", False),
+                                         (47, "skip", True), (90, "skip", True)])
+def test_triton_kernel_at_cuda_tiles(m, ties, tied):
+    """The kernel at the tiles and b-range split the CUDA launch uses (losses.CUDA_TILES), interpreted: loss and
+    counts against the sort engine and the float64 oracle, bitwise reproducible.  m = 19: 3 blocks of a, 3 chunks
+    of b, ragged; m = 47: 17 x 17; m = 90 (the paper's stage-4 batch): 63 blocks x 9 chunks."""
+    gen = torch.Generator().manual_seed(2000 + m)
+    P = m * (m - 1) // 2
+    x = torch.randn(P, generator=gen) * 0.05                  # spread ~ a few margins: many active hinges
+    y = torch.randn(P, generator=gen)
+    if tied:
+        y = (y * 3).round() / 3                               # heavy teacher ties
+        x[: P // 4] = x[P // 4: 2 * (P // 4)]                 # and duplicate student values
+    n_split, chunk = losses._resim_split(P, *losses.CUDA_TILES[:2])
+    assert n_split > 1 and P % losses.CUDA_TILES[1] != 0      # several chunks, ragged last tile
+    loss_sum, grad = losses._resim_triton(x, y, MARGIN, ties, tiles=losses.CUDA_TILES)
+    s_sum, s_grad = losses._resim_sort(x, y, MARGIN, ties)
+    assert torch.equal(grad, s_grad)                          # integer counts: exact
+    assert float(loss_sum) == pytest.approx(float(s_sum), rel=1e-6)
+    xo = x.double().requires_grad_()
+    ref = _pairs_oracle(xo, y.double(), MARGIN, ties)
+    (go,) = torch.autograd.grad(ref, xo)
+    N = P * (P - 1) // 2
+    assert float(loss_sum) / N == pytest.approx(float(ref), rel=1e-5)
+    assert _rel(grad / N, go) <= 1e-6
+    again = losses._resim_triton(x, y, MARGIN, ties, tiles=losses.CUDA_TILES)
+    assert torch.equal(again[0], loss_sum) and torch.equal(again[1], grad)
+
+
+def test_kernel_grid_split():
+    """The b-range split covers [0, P) with chunks of whole tiles, none empty, and fills an H100 at the paper's m."""
+    ba, bb, _ = losses.CUDA_TILES
+    for P in (1, 3, 63, 64, 65, 171, 1000, 4005, 8128, 32640, 130816, 523776):
+        n_split, chunk = losses._resim_split(P, ba, bb)
+        assert chunk % bb == 0 and (n_split - 1) * chunk < P <= n_split * chunk, (P, n_split, chunk)
+        n_a = -(-P // ba)
+        assert n_a * n_split >= min(losses.TARGET_PROGRAMS, n_a * -(-P // bb))  # enough programs, when possible
+    for m in (90, 128):
+        P = m * (m - 1) // 2
+        assert -(-P // ba) * losses._resim_split(P, ba, bb)[0] >= 132
+
+
+def test_auto_engine_follows_the_cost_model():
+    assert losses.auto_engine(8128, "cpu") == "sort"
+    for m in (3, 90, 128, 256, 488):
+        assert losses.auto_engine(m * (m - 1) // 2, "cuda") == "triton", m
+    for m in (489, 512, 1024):
+        assert losses.auto_engine(m * (m - 1) // 2, "cuda") == "sort", m
+    t_kernel, t_sort = losses.resim_cost_model(8128)
+    assert t_kernel < t_sort / 10                             # m = 128: the kernel by far
+
+
+def test_device_mismatch_names_both_devices():
+    s = torch.randn(5, 4)
+    t = torch.randn(5, 4, device="meta")                      # any other device: no GPU needed
+    for fn in (losses.cosine_loss, losses.similarity_loss, losses.resim_loss, losses.resim_loss_reference):
+        with pytest.raises(ValueError, match=r"student is on cpu but teacher is on meta"):
+            fn(s, t)
+    with pytest.raises(ValueError, match=r"student pairs are on cpu but teacher pairs are on meta"):
+        losses.resim_pairs(torch.randn(10), torch.randn(10, device="meta"))
+    with pytest.raises(ValueError, match=r"student pairs are on cpu but teacher pairs are on meta"):
+        losses._resim_triton(torch.randn(10), torch.randn(10, device="meta"), MARGIN, "skip")
+    with pytest.raises(ValueError, match=r"on cpu but teacher is on meta"):
+        losses.distill_loss(1, {4: s}, t)
 
 
 def test_chunked_small_blocks_and_determinism():
