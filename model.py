@@ -325,16 +325,75 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
     return (hidden.float() * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 
-def pad_ids(ids: Sequence[Sequence[int]], pad_id: int, pad_to: int | None = None) -> tuple[Tensor, Tensor]:
-    """Right-pad token id lists to the longest (or `pad_to`): input_ids (B, T) and attention_mask (B, T), int64,
-    mask 1 = real token. An empty list still gets one padded slot (T >= 1), so no batch has zero width."""
+def pad_ids(ids: Sequence[Sequence[int]], pad_id: int, pad_to: int | None = None,
+            left: bool = False) -> tuple[Tensor, Tensor]:
+    """Right-pad (or, `left=True`, left-pad) token id lists to the longest (or `pad_to`): input_ids (B, T) and
+    attention_mask (B, T), int64, mask 1 = real token. An empty list still gets one padded slot (T >= 1), so no
+    batch has zero width. Left padding is for decoder embedders read at their last position (Qwen3-Embedding)."""
     T = max([len(x) for x in ids] + [pad_to or 0, 1])
     input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), T), dtype=torch.long)
     for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
+        sl = slice(T - len(x), T) if left else slice(0, len(x))
+        input_ids[i, sl] = torch.as_tensor(x, dtype=torch.long)
+        mask[i, sl] = 1
     return input_ids, mask
+
+
+# Pooling as sentence-transformers' Pooling module defines it (the `pooling_mode` of a `1_Pooling/config.json`), so a
+# teacher read from any sentence-transformers folder gives that library's vectors. Masks may be right- or
+# left-padded (decoder embedders such as Qwen3-Embedding pad on the left so their last token sits at T-1).
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+
+
+def exclude_prompt(attention_mask: Tensor, prompt_length: int) -> Tensor:
+    """`include_prompt: false`: zero the first `prompt_length` real tokens of every row (the prompt, with the
+    tokenizer's leading special tokens such as [CLS]); a left-padded row's prompt starts after its padding."""
+    first = attention_mask.to(torch.int32).argmax(dim=1, keepdim=True)             # (B, 1) index of the 1st real token
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)     # (T,)
+    return attention_mask.masked_fill(pos < first + prompt_length, 0)
+
+
+def pool_tokens(hidden: Tensor, attention_mask: Tensor, modes: str | Sequence[str] = "mean",
+                prompt_length: int = 0) -> Tensor:
+    """(B, T, H) token states -> (B, H * len(modes)) fp32, the modes concatenated in order (as sentence-transformers).
+
+    cls:        the first real token (after the prompt when it is excluded), wherever padding is.
+    lasttoken:  the last real token: position T-1 under left padding, len-1 under right padding.
+    mean / mean_sqrt_len_tokens: masked sum / n or / sqrt(n).  max: masked max over tokens.
+    weightedmean: weights 1, 2, ... counted from the first real token (prompt tokens keep their positions' weights
+    out of the sum when excluded). A row with no token left to pool gives zeros (max: -inf), as the library does.
+    """
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    orig = attention_mask
+    mask = exclude_prompt(attention_mask, prompt_length) if prompt_length else attention_mask
+    h = hidden.float()                                                             # (B, T, H) fp32 accumulation
+    m = mask.to(h.dtype).unsqueeze(-1)                                             # (B, T, 1)
+    T = h.shape[1]
+    out = []
+    for mode in modes:
+        if mode == "cls":
+            first = mask.to(torch.int32).argmax(dim=1)                             # (B,)
+            out.append(h[torch.arange(h.shape[0], device=h.device), first])
+        elif mode == "lasttoken":
+            # the last 1 of each row, counted from the end; an all-zero row points at 0 (and yields 0 via the mask)
+            val, rev = mask.flip(1).max(dim=1)
+            rev = torch.where(val == 0, torch.full_like(rev, T - 1), rev)
+            idx = T - 1 - rev                                                      # (B,)
+            out.append((h * m)[torch.arange(h.shape[0], device=h.device), idx])
+        elif mode in ("mean", "mean_sqrt_len_tokens"):
+            n = m.sum(dim=1).clamp(min=1e-9)                                       # (B, 1)
+            out.append((h * m).sum(dim=1) / (n if mode == "mean" else n.sqrt()))
+        elif mode == "max":
+            out.append(h.masked_fill(m == 0, float("-inf")).max(dim=1).values)
+        elif mode == "weightedmean":
+            w = torch.arange(1, T + 1, device=h.device, dtype=h.dtype).view(1, -1, 1)
+            w = w - orig.to(torch.int32).argmax(dim=1).view(-1, 1, 1).to(h.dtype)  # 1 at the first real token
+            wm = m * w                                                             # (B, T, 1)
+            out.append((h * wm).sum(dim=1) / wm.sum(dim=1).clamp(min=1e-9))
+        else:
+            raise ValueError(f"pooling mode {mode!r} is not one of {POOLING_MODES}")
+    return torch.cat(out, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

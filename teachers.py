@@ -1,11 +1,13 @@
 """The teachers of multi-teacher distillation (arXiv 2412.19048, sec. 2.2): teacher models that turn texts into
 the target vectors the student learns from.
 
-Three teacher families, written directly in torch and loaded strictly from real safetensors checkpoints:
+Teacher families, written directly in torch and loaded strictly from real safetensors checkpoints:
 
-- `BertTeacher`: sentence-transformers BERT-family models (all-MiniLM-L6-v2, bge, e5, gte-base style): a BERT
-  encoder whose modules carry the Hugging Face key names, pooling read from `1_Pooling/config.json` (mean / cls),
-  optional L2 normalisation (`2_Normalize` in modules.json), max length from `sentence_bert_config.json`.
+- `SentenceTransformerTeacher`: any sentence-transformers folder or hub id whose Transformer module is a BERT,
+  Qwen2, Qwen3 or Mistral body (all-MiniLM-L6-v2, bge-*-en-v1.5, e5, gte-Qwen2-*-instruct, e5-mistral-7b-instruct,
+  Qwen3-Embedding-0.6B/4B/8B): modules.json -> body -> Pooling (mean / CLS / last token / max / weighted mean, as
+  `1_Pooling/config.json` says, `include_prompt` honoured) -> Dense (with its activation) -> Normalize, prompts from
+  `config_sentence_transformers.json`. `BertTeacher` is its BERT case (the demo's all-MiniLM-L6-v2 teacher).
 - `StellaTeacher` (stella_en_1.5B_v5): Qwen2 body (model.Qwen2Encoder, bidirectional) -> masked mean ->
   `2_Dense_{D}` Linear(1536, D) (D = 8192 by default, as in the paper) -> L2 normalise.
 - `NVEmbedTeacher` (NV-Embed-v2): Mistral body (model.Qwen2Encoder with attention_bias=False, causal=False), EOS
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from tokenizers import Tokenizer
 
 from checkpoints import load_state_strict, progress, read_json, read_safetensors, read_weights, resolve_checkpoint
-from model import Qwen2Config, Qwen2Encoder, TextTokenizer, mean_pool, pad_ids
+from model import POOLING_MODES, Qwen2Config, Qwen2Encoder, TextTokenizer, mean_pool, pad_ids, pool_tokens
 from teacher_cache import TeacherCache, build_cache
 
 # The paper concatenates NV-Embed-v2 (4096) then stella_en_1.5B_v5 (8192) = 12288 (sec. 2.2, "we concatenate the
@@ -113,6 +115,7 @@ class Teacher(abc.ABC):
     name: str = "teacher"
     dim: int = 0
     normalize: bool = True
+    padding_side: str = "right"  # "left" for decoder embedders whose tokenizer pads left (last-token pooling)
     spec: dict
 
     @abc.abstractmethod
@@ -147,7 +150,7 @@ class Teacher(abc.ABC):
         # constant target); the forward passes run under inference_mode.
         with torch.inference_mode():
             for idx in _length_sorted_batches([len(x) for x in ids], batch_size):
-                input_ids, mask = pad_ids([ids[i] for i in idx], self.pad_id)
+                input_ids, mask = pad_ids([ids[i] for i in idx], self.pad_id, left=self.padding_side == "left")
                 vec = self._embed(input_ids.to(dev), mask.to(dev), n_instr).float()  # (b, dim)
                 if self.normalize:
                     vec = F.normalize(vec, p=2, dim=-1)
@@ -325,102 +328,321 @@ class BertModel(nn.Module):
         return x
 
 
-class WordPieceTokenizer:
-    """`tokenizers.Tokenizer` from a BERT-family tokenizer.json: truncation to max_length, no padding (we pad per
-    length-sorted batch). Texts are stripped first, as sentence-transformers' Transformer.tokenize does."""
-
-    def __init__(self, path: Path, max_length: int):
-        path = Path(path)
-        if not path.is_file():
-            raise TeacherError(f"{path}: tokenizer.json not found")
-        self.tok = Tokenizer.from_file(str(path))
-        self.tok.no_padding()
-        self.tok.enable_truncation(max_length)
-        self.max_length = max_length
-        pad = self.tok.token_to_id("[PAD]")
-        self.pad_id = 0 if pad is None else pad
-
-    def encode_ids(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch([t.strip() for t in texts])]
+def load_bert_body(body_dir: Path, dtype: torch.dtype = torch.float32) -> BertModel:
+    """A BERT encoder from a Hugging Face folder (bare BertModel keys, or under a `bert.` wrapper prefix), strict."""
+    cfg = BertConfig.from_hf(body_dir / "config.json")
+    with torch.device("meta"):
+        module = BertModel(cfg).to(dtype)
+    state = read_weights(body_dir)
+    prefix = "bert." if any(k.startswith("bert.embeddings.") for k in state) else ""
+    # The pooler (`pooler.dense`) and the legacy `embeddings.position_ids` buffer are not used by sentence
+    # embeddings; every other key must match exactly.
+    state = {k: v for k, v in state.items() if k.startswith(prefix) and not k[len(prefix):].startswith(
+        ("pooler.", "embeddings.position_ids"))}
+    load_state_strict(module, state, prefix=prefix, what=f"BERT encoder from {body_dir}")
+    return module
 
 
-class BertTeacher(Teacher):
-    """sentence-transformers BERT-family model: BERT encoder -> Pooling (mean | cls) -> optional Normalize."""
+# =====================================================================================================================
+# Any sentence-transformers folder (all-MiniLM, bge, e5, gte-Qwen2-instruct, e5-mistral, Qwen3-Embedding, ...):
+#   modules.json -> Transformer (BERT | Qwen2 | Qwen3 | Mistral body) -> Pooling -> Dense* -> Normalize
+# read from the files sentence-transformers itself writes, so the vectors equal that library's (docs/teachers.md).
+# =====================================================================================================================
+ST_BODIES = ("bert", "qwen2", "qwen3", "mistral")
+ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+# Dense `activation_function` (a torch.nn class path) -> function. A config WITHOUT the key gets Tanh: that is
+# sentence-transformers' default (Dense(activation_function=nn.Tanh())), a known trap for hand-written folders.
+_ST_ACTIVATIONS = {"Identity": lambda x: x, "Tanh": torch.tanh, "ReLU": F.relu, "GELU": F.gelu,
+                   "Sigmoid": torch.sigmoid, "SiLU": F.silu, "Softplus": F.softplus}
+_LEGACY_POOLING_KEYS = {  # 1_Pooling/config.json written before sentence-transformers 5.x, in the library's order
+    "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken"}
 
-    def __init__(self, src: str | os.PathLike, normalize: bool | None = None, max_length: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
-                 prompt: str | None = None, name: str | None = None):
+
+@dataclass
+class STLayout:
+    """What a sentence-transformers folder asks for, read from its JSON files (no weights)."""
+    body_dir: Path                                  # the Transformer module's folder (path "" = the folder itself)
+    pooling: tuple[str, ...] = ("mean",)            # model.POOLING_MODES, concatenated in order
+    include_prompt: bool = True                     # False: prompt tokens are left out of the pooling
+    pool_dim: int | None = None                     # Pooling `embedding_dimension` (= the body's hidden size)
+    steps: list = dataclasses.field(default_factory=list)  # after pooling, in order: ("dense", dir) | ("normalize",)
+    prompts: dict = dataclasses.field(default_factory=dict)
+    default_prompt_name: str | None = None
+    max_seq_length: int | None = None
+    do_lower_case: bool = False
+    modules: list = dataclasses.field(default_factory=list)  # the module types, for the spec
+
+
+def read_pooling_config(file: Path) -> tuple[tuple[str, ...], bool, int | None]:
+    """(modes, include_prompt, embedding_dimension) of a `1_Pooling/config.json`, new (`pooling_mode`) or legacy
+    (`pooling_mode_*` booleans; none set means mean, as sentence-transformers reads it) format."""
+    pc = _read_json(file, "sentence-transformers Pooling config")
+    if "pooling_mode" in pc:
+        modes = pc["pooling_mode"]
+        modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    else:
+        modes = tuple(mode for k, mode in _LEGACY_POOLING_KEYS.items() if pc.get(k)) or ("mean",)
+    bad = [m for m in modes if m not in POOLING_MODES]
+    if bad:
+        raise TeacherError(f"{file}: pooling mode(s) {bad} not supported ({list(POOLING_MODES)})")
+    return modes, bool(pc.get("include_prompt", True)), pc.get("embedding_dimension", pc.get("word_embedding_dimension"))
+
+
+def read_st_layout(ckpt: Path) -> STLayout:
+    """Parse modules.json (+ sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/config.json).
+
+    A folder without modules.json is read as sentence-transformers reads it: the Transformer alone + mean pooling,
+    no Dense, no Normalize. A module type other than Transformer / Pooling / Dense / Normalize is refused, naming
+    the module and the file.
+    """
+    mf = ckpt / "modules.json"
+    lay = STLayout(body_dir=ckpt)
+    if not mf.is_file():
+        lay.modules = ["Transformer (no modules.json: sentence-transformers' fallback)", "Pooling(mean)"]
+    else:
+        mods = _read_json(mf, "sentence-transformers modules")
+        if not isinstance(mods, list) or not mods:
+            raise TeacherError(f"{mf}: expected a non-empty list of modules")
+        seen_pool = False
+        for i, m in enumerate(mods):
+            typ = str(m.get("type", ""))
+            kind = typ.rsplit(".", 1)[-1]
+            where = f"{mf}: module {m.get('idx', i)} {m.get('name', '')!r} ({typ}, path {m.get('path', '')!r})"
+            if kind not in ST_MODULES:
+                raise TeacherError(f"{where}: module type not supported (supported: {', '.join(ST_MODULES)})")
+            folder = ckpt / m.get("path", "")
+            if (i == 0) != (kind == "Transformer"):
+                raise TeacherError(f"{where}: the Transformer must be the first module and appear once")
+            if kind == "Transformer":
+                lay.body_dir = folder
+            elif kind == "Pooling":
+                if seen_pool:
+                    raise TeacherError(f"{where}: a second Pooling module is not supported")
+                seen_pool = True
+                lay.pooling, lay.include_prompt, lay.pool_dim = read_pooling_config(folder / "config.json")
+            elif not seen_pool:
+                raise TeacherError(f"{where}: {kind} before any Pooling module (token-level heads are not supported)")
+            else:
+                lay.steps.append(("dense", folder) if kind == "Dense" else ("normalize",))
+            lay.modules.append(kind)
+        if not seen_pool:
+            raise TeacherError(f"{mf}: no Pooling module (a token-level model, not a sentence embedder)")
+    sbc = lay.body_dir / "sentence_bert_config.json"
+    if not sbc.is_file():
+        sbc = ckpt / "sentence_bert_config.json"
+    if sbc.is_file():
+        s = _read_json(sbc)
+        lay.max_seq_length, lay.do_lower_case = s.get("max_seq_length"), bool(s.get("do_lower_case", False))
+        if "message" in (s.get("modality_config") or {}):
+            raise TeacherError(f"{sbc}: modality_config lists 'message': sentence-transformers renders every text "
+                               "through the tokenizer's chat template for this folder, which this teacher does not "
+                               "do; remove the 'message' entry to encode plain text")
+    cst = ckpt / "config_sentence_transformers.json"
+    if cst.is_file():
+        c = _read_json(cst)
+        lay.prompts = {k: v for k, v in (c.get("prompts") or {}).items() if isinstance(v, str)}
+        lay.default_prompt_name = c.get("default_prompt_name")
+        if lay.default_prompt_name and lay.default_prompt_name not in lay.prompts:
+            raise TeacherError(f"{cst}: default_prompt_name {lay.default_prompt_name!r} is not among the prompts "
+                               f"{sorted(lay.prompts)}")
+    return lay
+
+
+class STDense(nn.Module):
+    """sentence-transformers Dense: y = act(linear(x)) (+ x or residual(x) when `use_residual`); keys
+    `linear.weight`, `linear.bias`, `residual.weight` as in the folder's model.safetensors."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        cfgf = folder / "config.json"
+        cfg = _read_json(cfgf, "sentence-transformers Dense config")
+        act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+        if not str(act).startswith("torch.") or act.rsplit(".", 1)[-1] not in _ST_ACTIVATIONS:
+            raise TeacherError(f"{cfgf}: activation_function {act!r} not supported ({sorted(_ST_ACTIVATIONS)})")
+        for k, default in (("module_input_name", "sentence_embedding"), ("module_output_name", None)):
+            if cfg.get(k, default) not in (default, "sentence_embedding"):
+                raise TeacherError(f"{cfgf}: {k} {cfg[k]!r}: only the sentence embedding can be projected")
+        self.act_name = act.rsplit(".", 1)[-1]
+        self.act = _ST_ACTIVATIONS[self.act_name]
+        self.in_features, self.out_features = int(cfg["in_features"]), int(cfg["out_features"])
+        self.use_residual = bool(cfg.get("use_residual", False))
+        self.linear = nn.Linear(self.in_features, self.out_features, bias=cfg.get("bias", True))
+        if self.use_residual and self.in_features != self.out_features:
+            self.residual = nn.Linear(self.in_features, self.out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.act(self.linear(x))                                              # (B, out)
+        if self.use_residual:
+            y = y + (self.residual(x) if hasattr(self, "residual") else x)
+        return y
+
+    @classmethod
+    def load(cls, folder: Path, dtype: torch.dtype) -> "STDense":
+        with torch.device("meta"):
+            d = cls(folder).to(dtype)
+        load_state_strict(d, read_weights(folder), what=f"sentence-transformers Dense {folder}")
+        return d
+
+
+class SentenceTransformerTeacher(Teacher):
+    """Any sentence-transformers folder or hub id whose Transformer is BERT, Qwen2, Qwen3 or Mistral.
+
+    Tokenisation as the library's Transformer module: the folder's tokenizer.json (its own special tokens, e.g.
+    Qwen3-Embedding's trailing <|endoftext|>), truncation to `max_seq_length`, the tokenizer's padding side
+    (left for Qwen3-Embedding, so its last token sits at T-1), a prompt prepended as text. Attention of a decoder body
+    follows config.json as transformers does: `is_causal: false` is bidirectional, anything else causal (the spec
+    option `causal=` overrides). Then Pooling (prompt tokens excluded when `include_prompt` is false), the Dense
+    modules and Normalize in modules.json order; `dim=N` keeps the first N dims (Matryoshka) and renormalises.
+    Prompt: `prompt_name` (a key of config_sentence_transformers.json's prompts) or a literal `prompt`; default
+    the folder's default_prompt_name (none for most models: documents / passages). `encode(instruction=...)` uses
+    the instruction as a literal prompt for that call.
+    """
+
+    def __init__(self, src: str | os.PathLike, prompt_name: str | None = None, prompt: str | None = None,
+                 dim: int | None = None, normalize: bool | None = None, max_length: int | None = None,
+                 causal: bool | None = None, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device | None = None, name: str | None = None):
         ckpt = resolve_checkpoint(src)
         self.ckpt = ckpt
-        cfg = BertConfig.from_hf(ckpt / "config.json")
-        pooling, has_normalize = _st_pooling_and_normalize(ckpt)
-        self.pooling = pooling
-        self.normalize = has_normalize if normalize is None else bool(normalize)
-        sbc = ckpt / "sentence_bert_config.json"
-        st_max = _read_json(sbc).get("max_seq_length") if sbc.is_file() else None
-        ml = max_length or st_max or cfg.max_position_embeddings
-        self.max_length = min(int(ml), cfg.max_position_embeddings)
-        self.tokenizer = WordPieceTokenizer(ckpt / "tokenizer.json", self.max_length)
+        lay = read_st_layout(ckpt)
+        cfg_file = lay.body_dir / "config.json"
+        cfg = _read_json(cfg_file, "Transformer module config")
+        mt = cfg.get("model_type")
+        if mt not in ST_BODIES:
+            raise TeacherError(f"{cfg_file}: model_type {mt!r} is not a supported sentence-transformers body "
+                               f"({', '.join(ST_BODIES)})")
+        if mt == "bert":
+            if causal:
+                raise TeacherError(f"{cfg_file}: causal=true asked for a BERT body (BERT is bidirectional)")
+            body = load_bert_body(lay.body_dir, dtype)
+            hidden, max_pos = body.config.hidden_size, body.config.max_position_embeddings
+            self.causal = False
+        else:
+            # transformers (>= 5.2) runs a decoder bidirectionally only when config.json says is_causal: false
+            self.causal = bool(cfg.get("is_causal", True)) if causal is None else bool(causal)
+            body = Qwen2Encoder.from_pretrained(lay.body_dir, dtype=dtype, config_overrides={"causal": self.causal})
+            hidden, max_pos = body.config.hidden_size, body.config.max_position_embeddings
+        if lay.pool_dim is not None and int(lay.pool_dim) != hidden:
+            raise TeacherError(f"{ckpt}: Pooling embedding_dimension {lay.pool_dim} != hidden size {hidden} of "
+                               f"{cfg_file}")
+        # -- tokenizer: max length and padding side as the library sets them --------------------------------------
+        tcf = lay.body_dir / "tokenizer_config.json"
+        tok_cfg = _read_json(tcf) if tcf.is_file() else {}
+        tok_max = tok_cfg.get("model_max_length")
+        tok_max = int(tok_max) if isinstance(tok_max, (int, float)) and tok_max < 1e7 else None  # 1e30 = "none"
+        self.max_length = int(min(max_length or lay.max_seq_length or tok_max or max_pos, max_pos))
+        self.tokenizer = TextTokenizer.from_pretrained(lay.body_dir, max_length=self.max_length,
+                                                         add_image_tokens=False)
+        if lay.do_lower_case:
+            _prepend_lowercase(self.tokenizer.tok)
         self.pad_id = self.tokenizer.pad_id
-        self.prompt = prompt
-
-        with torch.device("meta"):
-            module = BertModel(cfg).to(dtype)
-        state = read_weights(ckpt)
-        prefix = "bert." if any(k.startswith("bert.embeddings.") for k in state) else ""
-        # The pooler (`pooler.dense`) and the legacy `embeddings.position_ids` buffer are not used by
-        # sentence embeddings; every other key must match exactly.
-        state = {k: v for k, v in state.items() if k.startswith(prefix) and not k[len(prefix):].startswith(
-            ("pooler.", "embeddings.position_ids"))}
-        load_state_strict(module, state, prefix=prefix, what=f"BERT encoder from {ckpt}")
-        module.eval().requires_grad_(False)
-        self.module = module.to(device or _default_device())
-        self.dim = cfg.hidden_size
-        self.name = name or _short_name(src)
+        self.padding_side = tok_cfg.get("padding_side", "right")
+        if self.padding_side not in ("left", "right"):
+            raise TeacherError(f"{tcf}: padding_side {self.padding_side!r} (left or right expected)")
+        self._special_ids = {i for i, t in self.tokenizer.tok.get_added_tokens_decoder().items() if t.special}
+        # -- prompt --------------------------------------------------------------------------------------------------
+        if prompt is not None and prompt_name is not None:
+            raise TeacherError(f"{ckpt}: give prompt or prompt_name, not both")
+        if prompt_name is not None and prompt_name not in lay.prompts:
+            raise TeacherError(f"{ckpt / 'config_sentence_transformers.json'}: no prompt named {prompt_name!r} "
+                               f"(prompts: {sorted(lay.prompts)})")
+        prompt_name = prompt_name if prompt is None else None
+        if prompt is None and prompt_name is None and lay.default_prompt_name:
+            prompt_name = lay.default_prompt_name
+        self.prompt_name = prompt_name
+        self.prompt = prompt if prompt is not None else (lay.prompts.get(prompt_name) if prompt_name else None)
+        # -- head: Dense / Normalize steps; a trailing Normalize becomes Teacher.encode's final normalisation ---------
+        steps = list(lay.steps)
+        has_norm = bool(steps) and steps[-1][0] == "normalize"
+        if has_norm:
+            steps = steps[:-1]
+        denses = [STDense.load(s[1], dtype) if s[0] == "dense" else None for s in steps]
+        out_dim = hidden * len(lay.pooling)
+        for d, s in zip(denses, steps):
+            if d is not None:
+                if d.in_features != out_dim:
+                    raise TeacherError(f"{s[1] / 'config.json'}: in_features {d.in_features} but the vector "
+                                       f"reaching it has {out_dim} dims")
+                out_dim = d.out_features
+        if dim is not None and not 0 < int(dim) <= out_dim:
+            raise TeacherError(f"{ckpt}: dim={dim} asked but the model gives {out_dim} dims")
+        self.truncate_dim = int(dim) if dim is not None and int(dim) < out_dim else None
+        self.layout, self.pooling, self.include_prompt = lay, (lay.pooling[0] if len(lay.pooling) == 1 else
+                                                             lay.pooling), lay.include_prompt
+        self.steps = [("dense", i) if s[0] == "dense" else ("normalize", None) for i, s in enumerate(steps)]
+        self.heads = nn.ModuleList(d if d is not None else nn.Identity() for d in denses)
+        self.module = body.eval().requires_grad_(False)
+        self.heads.eval().requires_grad_(False)
+        self.to(device or _default_device())
+        self.dim = self.truncate_dim or out_dim
+        # a Matryoshka truncation is renormalised, as every consumer of such vectors does
+        self.normalize = (has_norm or self.truncate_dim is not None) if normalize is None else bool(normalize)
+        self.name = name or (_short_name(src) + (f"-{self.dim}" if self.truncate_dim else ""))
         self.spec = {
-            "family": "bert", "id": str(src), "path": str(ckpt), "revision": checkpoint_revision(ckpt),
-            "dim": self.dim, "dtype": str(dtype).replace("torch.", ""), "pooling": pooling,
-            "normalize": self.normalize, "max_length": self.max_length, "prompt": prompt,
+            "family": "sentence-transformers", "body": mt, "id": str(src), "path": str(ckpt),
+            "revision": checkpoint_revision(ckpt), "dim": self.dim, "dtype": str(dtype).replace("torch.", ""),
+            "modules": lay.modules, "pooling": "+".join(lay.pooling), "include_prompt": lay.include_prompt,
+            "dense": [f"{s[1].name}: {d.in_features}->{d.out_features} {d.act_name}" for d, s in zip(denses, steps)
+                      if d is not None], "truncate_dim": self.truncate_dim, "normalize": self.normalize,
+            "causal": self.causal, "padding_side": self.padding_side, "max_length": self.max_length,
+            "prompt_name": self.prompt_name, "prompt": self.prompt,
         }
 
+    def to(self, device) -> "SentenceTransformerTeacher":
+        self.module.to(device)
+        self.heads.to(device)
+        return self
+
+    def _prompt_for(self, instruction: str | None) -> str:
+        return (instruction if instruction is not None else self.prompt) or ""
+
     def _tokenize(self, texts, instruction):
-        pre = (instruction if instruction is not None else self.prompt) or ""
-        return self.tokenizer.encode_ids([pre + t for t in texts] if pre else texts)
+        pre = self._prompt_for(instruction)
+        return self.tokenizer.encode_ids([pre + t for t in texts] if pre else list(texts))
+
+    def _instruction_tokens(self, instruction):
+        """The prompt's token count as sentence-transformers measures it (with the leading special tokens, minus a
+        trailing special token such as [SEP] / <|endoftext|>); only used when include_prompt is false."""
+        pre = self._prompt_for(instruction)
+        if self.include_prompt or not pre:
+            return 0
+        ids = self.tokenizer.encode_ids([pre])[0]
+        return len(ids) - (1 if ids and ids[-1] in self._special_ids else 0)
 
     def _embed(self, input_ids, attention_mask, n_instr):
-        h = self.module(input_ids, attention_mask)  # (B, T, H)
-        if self.pooling == "cls":
-            return h[:, 0].float()
-        return mean_pool(h, attention_mask)  # masked mean, fp32 accumulation
+        h = self.module(input_ids, attention_mask)                                 # (B, T, H)
+        v = pool_tokens(h, attention_mask, self.layout.pooling, n_instr)         # (B, H * modes) fp32
+        for kind, i in self.steps:
+            if kind == "dense":
+                lin = self.heads[i].linear
+                v = self.heads[i](v.to(lin.weight.dtype)).float()                   # (B, out_i)
+            else:
+                v = F.normalize(v, p=2, dim=-1)
+        return v[:, :self.truncate_dim] if self.truncate_dim else v
 
 
-def _st_pooling_and_normalize(ckpt: Path) -> tuple[str, bool]:
-    """Pooling mode from the sentence-transformers `*_Pooling/config.json`; normalise iff modules.json lists a
-    Normalize module. Without sentence-transformers files: mean pooling, normalised (and say so in the spec)."""
-    modules_file = ckpt / "modules.json"
-    pool_dir, normalize = None, False
-    if modules_file.is_file():
-        for m in json.loads(modules_file.read_text()):
-            t = m.get("type", "")
-            if t.endswith("Pooling"):
-                pool_dir = ckpt / m.get("path", "1_Pooling")
-            elif t.endswith("Normalize"):
-                normalize = True
-            elif t.endswith(("Dense", "LayerNorm", "WeightedLayerPooling")):
-                raise TeacherError(f"{modules_file}: module {t} not supported by the BERT teacher")
-    elif (ckpt / "1_Pooling").is_dir():
-        pool_dir, normalize = ckpt / "1_Pooling", True
-    if pool_dir is None:
-        return "mean", True
-    pc = _read_json(pool_dir / "config.json", "sentence-transformers pooling config")
-    modes = [k for k in ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
-                         "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
-                         "pooling_mode_lasttoken") if pc.get(k)]
-    if modes == ["pooling_mode_cls_token"]:
-        return "cls", normalize
-    if modes == ["pooling_mode_mean_tokens"]:
-        return "mean", normalize
-    raise TeacherError(f"{pool_dir / 'config.json'}: pooling {modes} not supported (only mean or cls alone)")
+class BertTeacher(SentenceTransformerTeacher):
+    """A sentence-transformers folder whose Transformer is a BERT encoder (all-MiniLM-L6-v2, bge, e5, ...)."""
+
+    def __init__(self, src: str | os.PathLike, **kw):
+        ckpt = resolve_checkpoint(src)
+        body_cfg = read_st_layout(ckpt).body_dir / "config.json"
+        mt = _read_json(body_cfg).get("model_type")
+        if mt != "bert":
+            raise TeacherError(f"{body_cfg}: model_type {mt!r}, not 'bert' (use SentenceTransformerTeacher)")
+        super().__init__(src, **kw)
+
+
+def _prepend_lowercase(tok) -> None:
+    """sentence_bert_config `do_lower_case: true`: lowercase before the tokenizer's own normaliser (as the library)."""
+    from tokenizers import normalizers
+
+    cur = tok.normalizer
+    if cur is not None and "Lowercase" in repr(cur):
+        return
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase()] + ([cur] if cur is not None else []))
 
 
 def _short_name(src) -> str:
@@ -470,18 +692,10 @@ class StellaTeacher(Teacher):
         self.pad_id = self.tokenizer.pad_id
         body = Qwen2Encoder.from_pretrained(ckpt, prefix=None, dtype=dtype,
                                               config_overrides={"causal": False})
-        dcfg = _read_json(dense_dir / "config.json", "sentence-transformers Dense config")
-        act = dcfg.get("activation_function", "torch.nn.modules.linear.Identity")
-        if not act.endswith("Identity"):
-            raise TeacherError(f"{dense_dir / 'config.json'}: activation {act} not supported (Identity only)")
-        with torch.device("meta"):
-            head = nn.Module()
-            head.linear = nn.Linear(dcfg["in_features"], dcfg["out_features"], bias=dcfg.get("bias", True))
-            head = head.to(dtype)
-        load_state_strict(head, read_weights(dense_dir), prefix="", what=f"stella head {dense_dir}")
+        head = STDense.load(dense_dir, dtype)  # stella's heads: Identity activation, bias
         self.module = nn.ModuleDict({"body": body, "head": head}).eval().requires_grad_(False)
         self.module.to(device or _default_device())
-        self.dim = dcfg["out_features"]
+        self.dim = head.out_features
         self.normalize = True
         self.name = name or f"{_short_name(src)}-{self.dim}"
         self.spec = {
@@ -497,8 +711,8 @@ class StellaTeacher(Teacher):
     def _embed(self, input_ids, attention_mask, n_instr):
         h = self.module["body"](input_ids=input_ids, attention_mask=attention_mask)  # (B, T, 1536)
         pooled = mean_pool(h, attention_mask)  # (B, 1536) fp32
-        lin = self.module["head"].linear
-        return F.linear(pooled.to(lin.weight.dtype), lin.weight, lin.bias)  # (B, D)
+        head = self.module["head"]
+        return head(pooled.to(head.linear.weight.dtype))  # (B, D)
 
 
 # =====================================================================================================================
@@ -668,26 +882,49 @@ class NVEmbedTeacher(Teacher):
 # Teacher selection and multi-teacher combination
 # =====================================================================================================================
 def detect_family(ckpt: Path) -> str:
-    """'nvembed' | 'stella' | 'bert' from the config files, or TeacherError saying what was found."""
+    """'nvembed' | 'stella' | 'bert' | 'st' from the config files, or TeacherError saying what was found.
+
+    stella keeps its own class (bidirectional Qwen2 + one of several `2_Dense_{D}` heads chosen by `dim`, which
+    its config.json does not describe to transformers); every other sentence-transformers folder, or a bare
+    BERT / Qwen2 / Qwen3 / Mistral folder, goes through SentenceTransformerTeacher ('bert' names the BERT case).
+    """
     cfg_file = ckpt / "config.json"
     cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
     mt = cfg.get("model_type")
     if mt == "nvembed" or "NVEmbedModel" in (cfg.get("architectures") or []):
         return "nvembed"
-    if mt == "qwen2" and any(ckpt.glob("2_Dense*")):
+    if mt == "qwen2" and any(p.name[len("2_Dense_"):].isdigit() for p in ckpt.glob("2_Dense_*")):
         return "stella"
-    if mt == "bert":  # with or without sentence-transformers files (_st_pooling_and_normalize handles both)
+    try:
+        lay = read_st_layout(ckpt)
+    except TeacherError:
+        if cfg_file.is_file():
+            raise
+        lay = None
+    body_cfg = (lay.body_dir / "config.json") if lay is not None else cfg_file
+    body_mt = _read_json(body_cfg).get("model_type") if body_cfg.is_file() else None
+    if body_mt == "bert":
         return "bert"
-    raise TeacherError(f"{ckpt}: cannot tell the teacher architecture (config.json model_type={mt!r}; expected "
-                       "an NV-Embed config (model_type nvembed), qwen2 with a 2_Dense_* folder (stella), or a "
-                       "sentence-transformers BERT model)")
+    if body_mt in ST_BODIES:
+        return "st"
+    raise TeacherError(f"{ckpt}: cannot tell the teacher architecture (config.json model_type={body_mt or mt!r}; "
+                       "expected an NV-Embed config (model_type nvembed), qwen2 with 2_Dense_{D} folders (stella), "
+                       f"or a sentence-transformers / Hugging Face folder with a {'/'.join(ST_BODIES)} body)")
+
+
+TEACHER_CLASSES = {"bert": BertTeacher, "st": SentenceTransformerTeacher, "stella": StellaTeacher,
+                   "nvembed": NVEmbedTeacher}
 
 
 def load_teacher(spec: str | os.PathLike, **kw) -> Teacher:
     """A teacher from a local dir or hub id; family detected from its config files.
 
-    Spec options after '@' (CLI friendly): `stella_dir@dim=1024`, `minilm@normalize=false`, `dir@dtype=bfloat16`,
-    `dir@max_length=256`, `dir@prompt=query: ` (BERT prefix). Keyword arguments win over spec options.
+    Spec options after '@' (CLI friendly), comma-separated: `stella_dir@dim=1024`, `minilm@normalize=false`,
+    `dir@dtype=bfloat16`, `dir@max_length=256`, `dir@prompt=query: ` (a literal prompt),
+    `qwen3_emb_dir@prompt_name=query` (a prompt of its config_sentence_transformers.json), `dir@dim=1024` (stella:
+    which head; other sentence-transformers models: Matryoshka truncation), `dir@causal=false`,
+    `dir@family=st` (force the generic sentence-transformers reader, e.g. on a stella folder). Keyword arguments
+    win over spec options. An option the chosen teacher does not take is refused (TypeError names it).
     """
     spec = str(spec)
     opts: dict = {}
@@ -699,9 +936,13 @@ def load_teacher(spec: str | os.PathLike, **kw) -> Teacher:
     for k, v in list(opts.items()):
         if k in ("dim", "max_length"):
             opts[k] = int(v)
-        elif k == "normalize":
+        elif k in ("normalize", "causal"):
+            if v.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise TeacherError(f"teacher spec {spec!r}: {k}={v!r} is not a boolean (true / false)")
             opts[k] = v.lower() in ("1", "true", "yes")
         elif k == "dtype":
+            if not isinstance(getattr(torch, v, None), torch.dtype):
+                raise TeacherError(f"teacher spec {spec!r}: dtype={v!r} is not a torch dtype (float32, bfloat16)")
             opts[k] = getattr(torch, v)
     opts.update(kw)
     src: str | Path = spec
@@ -709,9 +950,10 @@ def load_teacher(spec: str | os.PathLike, **kw) -> Teacher:
         src = minilm_path()
         opts.setdefault("name", "all-MiniLM-L6-v2")
     ckpt = resolve_checkpoint(src)
-    fam = detect_family(ckpt)
-    cls = {"bert": BertTeacher, "stella": StellaTeacher, "nvembed": NVEmbedTeacher}[fam]
-    t = cls(src, **opts)
+    fam = opts.pop("family", None) or detect_family(ckpt)
+    if fam not in TEACHER_CLASSES:
+        raise TeacherError(f"teacher spec {spec!r}: family={fam!r} is not one of {sorted(TEACHER_CLASSES)}")
+    t = TEACHER_CLASSES[fam](src, **opts)
     t.spec["spec"] = spec
     return t
 
