@@ -7,8 +7,9 @@ Writes bench/gpu_check.json (every figure) and bench/gpu_check.md (a block to pa
 --out PREFIX.{json,md}.  Exit status 1 if a correctness check fails.  Sections:
 
 1. resim kernel vs sort engine vs reference on the device, m in {2, 3, 90, 128, 256, 512, 1024}: loss and gradient
-   w.r.t. the student rows, relative error <= 1e-5 (the materialising reference where its (P, P) temporaries fit in
-   40 % of free memory, i.e. up to m = 256 on an 80 GB card); the kernel run twice must agree bitwise.
+   w.r.t. the student rows, relative error <= 1e-5 (the materialising reference where its (P, P) temporaries, ~32 B
+   per entry, fit in 40 % of free memory: up to m = 256 on an H200, m = 128 on an 80 GB H100); the kernel run twice
+   must agree bitwise.
 2. fwd+bwd time of both engines at each m >= 90 (median of --repeat), and what `impl="auto"` picks.
 3. bf16 FSDP2 training steps of the full-width student (Qwen2 body 28 layers x 1536 as stella_en_1.5B_v5 / Jasper,
    random weights, the four heads 12288/1024/512/256) at batch 128 x 512 tokens with activation checkpointing,
