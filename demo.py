@@ -217,7 +217,8 @@ def _demo_train(cfg: TrainConfig, out: Path, texts: Path, init: Path, times: dic
         scfg = dataclasses.replace(cfg, config=None, stage=k, init=str(prev), init_format="jasper", out=str(sd),
                                    texts=str(texts), teacher_cache=str(out / "cache"), teacher=[], steps=steps[k - 1],
                                    lr=cfg.lr * DEMO_STAGE_LR_MULT[k - 1], seed=cfg.seed + k, eval_data=None,
-                                   resume=False, export=True, stop_at=None)
+                                   resume=False, export=True, stop_at=None,
+                                   mrl_teacher=cfg.mrl_teacher if k == 3 else "teacher")  # FC2-4 exist in stage 3
         t0 = time.time()
         train(scfg)
         times[f"stage{k}"] = time.time() - t0

@@ -484,9 +484,13 @@ def _heads_by_name(student: dict[int, Tensor]) -> list[tuple[str, Tensor]]:
     return [(HEAD_NAMES[i], student[d]) for i, d in enumerate(dims)]
 
 
+MRL_TEACHERS = ("teacher", "self")  # stage 3: who teaches FC2-4 (sec. 2.4; "self" = the proposal at its end)
+
+
 def distill_loss(stage: int, student: dict[int, Tensor], teacher: Tensor | dict[int, Tensor],
                  weights: tuple[float, float, float] = (10.0, 200.0, 20.0), margin: float = 0.015,
-                 ties: str = "skip", impl: str = "auto") -> tuple[Tensor, dict[str, float]]:
+                 ties: str = "skip", impl: str = "auto", mrl_teacher: str = "teacher"
+                 ) -> tuple[Tensor, dict[str, float]]:
     """The training objective of each stage (eq. 4 with lambda = weights).  Returns (total, parts), where parts holds
     the UNWEIGHTED losses as floats under "fc1.cos", "fc1.sim", "fc1.resim", "fc2.sim", ... plus "total".
 
@@ -495,12 +499,24 @@ def distill_loss(stage: int, student: dict[int, Tensor], teacher: Tensor | dict[
                 the same teacher similarities (sec. 2.4).  Combined like the authors' MRL code
                 (model_distill.py: sim and triplet losses averaged over the reduced dims, cosine on the full vector):
                   total = l1 cos(FC1) + l2 mean_h sim(h) + l3 mean_h resim(h),  h over all heads given.
+                mrl_teacher="self" (the proposal closing sec. 2.4, never measured by the authors): FC2-4's L_sim and
+                L_resim targets are FC1's own vectors of this same forward pass, detached, instead of the teacher's;
+                FC1 keeps its three losses against the teacher.  Same pass, not a frozen copy: the short heads
+                follow the FC1 they will be compared with at the end of training (a frozen stage-2 copy would
+                teach a geometry FC1 keeps moving away from), and it costs no second model or forward pass.
+                Detaching stops these losses from pulling FC1 toward the short heads; they still train the shared
+                body through the short heads' own path, as with the teacher as target.
     stage 4:    self-distillation of the image vectors toward the frozen caption vectors (sec. 2.5): `teacher` is a
                 dict {dim: (m, dim)} of caption vectors per head; every head gets all three losses and
                   total = mean_h (l1 cos(h) + l2 sim(h) + l3 resim(h)).
     Teacher tensors never receive gradients.
     """
     l1, l2, l3 = weights
+    if mrl_teacher not in MRL_TEACHERS:
+        raise ValueError(f"losses.distill_loss: mrl_teacher must be one of {MRL_TEACHERS}, got {mrl_teacher!r}")
+    if mrl_teacher == "self" and stage != 3:
+        raise ValueError(f"losses.distill_loss: mrl_teacher='self' is a stage-3 setting (FC2-4 learn from FC1), "
+                         f"not stage {stage}")
     heads = _heads_by_name(student)
     parts: dict[str, Tensor] = {}
 
@@ -518,13 +534,20 @@ def distill_loss(stage: int, student: dict[int, Tensor], teacher: Tensor | dict[
     elif stage == 3:
         if not isinstance(teacher, Tensor):
             raise TypeError(f"losses.distill_loss: stage 3 needs the (m, D) teacher matrix, got {type(teacher)}")
-        y = pair_sims(teacher.detach())  # the teacher's pair similarities, shared by every head
         name1, s1 = heads[0]
+        y = pair_sims(teacher.detach())  # the teacher's pair similarities, shared by every head it teaches
+        if mrl_teacher == "self":
+            if len(heads) < 2:
+                raise ValueError("losses.distill_loss: mrl_teacher='self' needs shorter heads than FC1 to teach, "
+                                 f"got only {name1} ({s1.shape[-1]} dims)")
+            own = s1.detach()            # (m, D1): FC1 of this forward pass, no gradient back into FC1
+            y_own = pair_sims(own)       # (P,) its pair similarities, shared by FC2-4
         parts[f"{name1}.cos"] = cosine_loss(s1, teacher)
-        for name, s in heads:
-            parts[f"{name}.sim"] = similarity_loss(s, teacher)
-            parts[f"{name}.resim"] = (rs(s, teacher) if impl == "reference"
-                                      else resim_pairs(pair_sims(s), y, margin, ties, impl))
+        for k, (name, s) in enumerate(heads):
+            t, yt = (own, y_own) if (k > 0 and mrl_teacher == "self") else (teacher, y)
+            parts[f"{name}.sim"] = similarity_loss(s, t)
+            parts[f"{name}.resim"] = (rs(s, t) if impl == "reference"
+                                      else resim_pairs(pair_sims(s), yt, margin, ties, impl))
         n = len(heads)
         total = (l1 * parts[f"{name1}.cos"] + l2 * sum(parts[f"{h}.sim"] for h, _ in heads) / n
                  + l3 * sum(parts[f"{h}.resim"] for h, _ in heads) / n)

@@ -115,6 +115,10 @@ class TrainConfig:
     loss_weights: list[float] = _f([10.0, 200.0, 20.0], "lambda1 (cosine), lambda2 (similarity), lambda3 (relative "
                                                         "similarity) of eq. 4")
     margin: float = _f(0.015, "relative-similarity margin of eq. 3")
+    mrl_teacher: str = _f("teacher", "stage 3: targets of FC2-4's similarity and relative-similarity losses: the "
+                                     "teacher (paper's recipe) or 'self' = FC1's own vectors of the same forward "
+                                     "pass, detached (the proposal closing sec. 2.4); FC1 always learns from the "
+                                     "teacher", choices=["teacher", "self"])
     # --- systems
     dtype: str = _f("bf16", "bf16: FSDP2 MixedPrecisionPolicy(param bf16, reduce fp32) (autocast bf16 in a plain "
                             "single process); fp32: everything fp32", choices=["bf16", "fp32"])
@@ -135,6 +139,8 @@ class TrainConfig:
     config: str | None = _f(None, "JSON file of config values (keys = field names); CLI flags override it")
 
     def __post_init__(self):
+        if self.mrl_teacher not in ("teacher", "self"):
+            raise SystemExit(f"train.py: --mrl-teacher must be 'teacher' or 'self', got {self.mrl_teacher!r}")
         if self.out is None:
             self.out = f"runs/stage{self.stage}"
         for k, v in STAGE_DEFAULTS[self.stage].items():  # per-stage defaults (sec. 3.1) for fields left unset
@@ -523,6 +529,9 @@ class Logger:
 
 def train(cfg: TrainConfig) -> dict:
     """Run one stage. Returns a summary dict (last step, last loss, export dir)."""
+    if cfg.mrl_teacher == "self" and cfg.stage != 3:  # checked here, not at parsing: demo.py passes it to stage 3
+        raise SystemExit(f"train.py: --mrl-teacher self applies to stage 3 (FC2-4 learn from FC1), not stage "
+                         f"{cfg.stage}")
     d = setup_distributed(cfg.device)
     try:
         return _train(cfg, d)
@@ -612,6 +621,9 @@ def build_state(cfg: TrainConfig, d: Dist, out: Path, ckdir: Path) -> RunState:
         if targets.dim != dims[0]:
             raise SystemExit(f"train.py: teacher dim {targets.dim} != FC1 dim {dims[0]} of the student "
                              f"(heads {dims}); the cosine loss of eq. 1 needs them equal")
+        if cfg.mrl_teacher == "self" and len(dims) < 2:
+            raise SystemExit(f"train.py: --mrl-teacher self needs heads shorter than FC1 to teach; the student "
+                             f"has only {dims}")
     else:
         loader = build_image_loader(cfg, tokenizer, d)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16,
@@ -663,7 +675,7 @@ def optimizer_step(run: RunState, batch) -> tuple[float, dict, float, float, int
     cfg = run.cfg
     student, teacher, n_tokens = global_vectors(run, batch)
     loss, parts = losses.distill_loss(cfg.stage, student, teacher, weights=tuple(cfg.loss_weights),
-                                      margin=cfg.margin)
+                                      margin=cfg.margin, mrl_teacher=cfg.mrl_teacher)
     loss_val = loss.item()  # identical on every rank (same gathered inputs, same maths)
     if not math.isfinite(loss_val):
         raise SystemExit(f"train.py: non-finite loss {loss_val} at step {run.step + 1} (parts {parts}); stopping. "

@@ -374,6 +374,73 @@ def test_distill_stage_3():
     assert all(float(leaves[d].grad.abs().sum()) > 0 for d in dims)  # every head gets a gradient
 
 
+def test_distill_stage_3_mrl_teacher_self():
+    """sec. 2.4's proposal: FC2-4's sim/resim targets are FC1's own detached vectors of the same pass; FC1 keeps its
+    three losses against the teacher."""
+    gen = torch.Generator().manual_seed(47)
+    dims = (48, 24, 12, 6)
+    heads = {d: _unit(10, d, gen) for d in dims}
+    teacher = _unit(10, 48, gen)
+    w = (1.0, 2.0, 3.0)
+    leaves = {d: h.clone().requires_grad_() for d, h in heads.items()}
+    total, parts = losses.distill_loss(3, leaves, teacher, weights=w, mrl_teacher="self")
+    expect = w[0] * F.cosine_embedding_loss(heads[48], teacher, torch.ones(10))
+    expect = expect + (_manual(heads[48], teacher, (0.0,) + w[1:], cos=False)
+                       + sum(_manual(heads[d], heads[48], (0.0,) + w[1:], cos=False) for d in dims[1:])) / 4
+    assert float(total) == pytest.approx(float(expect), rel=1e-5)
+    # the short heads' parts are measured against FC1's similarities, not the teacher's...
+    assert parts["fc2.sim"] == pytest.approx(float(F.mse_loss(heads[24] @ heads[24].T, heads[48] @ heads[48].T)),
+                                             rel=1e-5)
+    # ...and the teacher mode gives other values on the same inputs
+    _, parts_t = losses.distill_loss(3, heads, teacher, weights=w)
+    assert parts_t["fc2.sim"] != pytest.approx(parts["fc2.sim"], rel=1e-3)
+    assert parts_t["fc1.sim"] == pytest.approx(parts["fc1.sim"], rel=1e-6)  # FC1 still learns from the teacher
+    # no gradient reaches FC1 through the short heads' losses: FC1's gradient == that of its own three terms
+    total.backward()
+    fc1 = heads[48].clone().requires_grad_()
+    own = (w[0] * losses.cosine_loss(fc1, teacher) + w[1] * losses.similarity_loss(fc1, teacher) / 4
+           + w[2] * losses.resim_loss(fc1, teacher) / 4)
+    own.backward()
+    assert torch.allclose(leaves[48].grad, fc1.grad, rtol=1e-5, atol=1e-7)
+    assert all(float(leaves[d].grad.abs().sum()) > 0 for d in dims[1:])
+
+
+def test_distill_mrl_self_shared_body_gradient():
+    """With a shared body (as in the model), the short heads' self-targets train the body and their own heads, but
+    FC1's head weights get exactly the gradient of FC1's own losses."""
+    gen = torch.Generator().manual_seed(53)
+    x = torch.randn(12, 20, generator=gen)
+    body = torch.randn(20, 16, generator=gen, requires_grad=True)
+    w1 = torch.randn(16, 32, generator=gen, requires_grad=True)
+    w2 = torch.randn(16, 8, generator=gen, requires_grad=True)
+    teacher = _unit(12, 32, gen)
+
+    def fwd():
+        h = torch.tanh(x @ body)
+        return {32: F.normalize(h @ w1, dim=-1), 8: F.normalize(h @ w2, dim=-1)}
+
+    total, _ = losses.distill_loss(3, fwd(), teacher, weights=(10.0, 200.0, 20.0), mrl_teacher="self")
+    g_w1, g_body = torch.autograd.grad(total, [w1, body])
+    s = fwd()
+    own = (10.0 * losses.cosine_loss(s[32], teacher) + 200.0 * losses.similarity_loss(s[32], teacher) / 2
+           + 20.0 * losses.resim_loss(s[32], teacher) / 2)
+    g_w1_own, g_body_own = torch.autograd.grad(own, [w1, body])
+    assert torch.allclose(g_w1, g_w1_own, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(g_body, g_body_own, rtol=1e-3)  # the body does learn from the short head
+
+
+def test_distill_mrl_teacher_bad_inputs():
+    gen = torch.Generator().manual_seed(59)
+    heads = {16: _unit(6, 16, gen), 8: _unit(6, 8, gen)}
+    teacher = _unit(6, 16, gen)
+    with pytest.raises(ValueError, match="mrl_teacher must be one of"):
+        losses.distill_loss(3, heads, teacher, mrl_teacher="student")
+    with pytest.raises(ValueError, match="stage-3 setting"):
+        losses.distill_loss(2, heads, teacher, mrl_teacher="self")
+    with pytest.raises(ValueError, match="shorter heads"):
+        losses.distill_loss(3, {16: heads[16]}, teacher, mrl_teacher="self")
+
+
 def test_distill_stage_4():
     gen = torch.Generator().manual_seed(43)
     dims = (32, 8)

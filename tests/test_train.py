@@ -111,6 +111,32 @@ def test_trainable_set_per_stage(assets, tmp_path, stage):
     assert_trainable_set(assets["init"], Path(summary["export"]), stage)
 
 
+@pytest.mark.slow
+def test_stage3_mrl_teacher_self(assets, tmp_path):
+    """--mrl-teacher self (sec. 2.4's proposal): a tiny stage-3 run trains; at step 1 (same init, same batch) FC1's
+    losses equal the teacher-taught run's while the short heads' differ (other targets: FC1's own vectors)."""
+    runs = {}
+    for mode in ("teacher", "self"):
+        summary = TR.main(base_args(assets, tmp_path / mode, 3, steps=2, lr=1e-3, mrl_teacher=mode))
+        assert summary["step"] == 2
+        runs[mode] = read_metrics(tmp_path / mode)
+    assert json.loads((tmp_path / "self" / "config.json").read_text())["mrl_teacher"] == "self"
+    a, b = runs["teacher"][0], runs["self"][0]
+    for k in ("fc1.cos", "fc1.sim", "fc1.resim"):
+        assert a[k] == pytest.approx(b[k], rel=1e-6), k
+    for k in ("fc2.sim", "fc3.sim", "fc4.sim"):
+        assert a[k] != pytest.approx(b[k], rel=1e-3), k
+    assert_trainable_set(assets["init"], tmp_path / "self" / "final", 3)
+
+
+def test_mrl_teacher_self_refused_outside_stage3(tmp_path):
+    with pytest.raises(SystemExit, match="applies to stage 3"):
+        TR.main(["--stage", "2", "--mrl-teacher", "self", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+    with pytest.raises(SystemExit):  # argparse: not a choice
+        TR.parse_config(["--stage", "3", "--mrl-teacher", "fc1"])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # global batch: torchrun 2 processes == 1 process on the same global batch (fp32)
 # ---------------------------------------------------------------------------------------------------------------------
