@@ -48,10 +48,13 @@ class FrozenVectors:
 
     def get(self, texts: list[str]) -> torch.Tensor:
         todo = list(dict.fromkeys(t for t in texts if t not in self.vec))
-        if todo:
-            out = self.enc.encode(todo, batch_size=64, show_progress=len(todo) > 2000)
-            self.vec.update(zip(todo, out.float().clone()))
-            self.n_new += len(todo)
+        for i in range(0, len(todo), 2048):  # saved chunk by chunk: a killed run keeps what it encoded
+            part = todo[i:i + 2048]
+            out = self.enc.encode(part, batch_size=64, show_progress=False)
+            self.vec.update(zip(part, out.float().clone()))
+            self.n_new += len(part)
+            print(f"[bench_reduce] encoded {i + len(part):,}/{len(todo):,} new texts", file=sys.stderr, flush=True)
+            self.save()
         return torch.stack([self.vec[t] for t in texts])            # (N, D)
 
     def save(self):
