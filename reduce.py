@@ -56,15 +56,17 @@ class ReduceError(ValueError):
 # ======================================================================================================================
 # 1. Heads: PCA init, training on the frozen vectors, application
 # ======================================================================================================================
-def pca(x: Tensor, d: int) -> tuple[Tensor, Tensor]:
+def pca(x: Tensor, d: int, center: bool = True) -> tuple[Tensor, Tensor]:
     """Top-d principal directions of x (N, D): (components (d, D), mean (D,)); x_reduced = (x - mean) @ comp.T.
 
     From the (D, D) covariance in fp64 (N >> D here), eigenvectors in order of decreasing eigenvalue, each signed so
-    that its largest coordinate is positive (deterministic output)."""
+    that its largest coordinate is positive (deterministic output).  center=False uses the second-moment matrix
+    x^T x / N instead (mean = 0): its top-d directions span the best rank-d approximation of x, hence of the Gram
+    matrix x x^T that eq. 2 compares, the mean direction included."""
     if x.dim() != 2 or not 0 < d <= x.shape[1]:
         raise ReduceError(f"pca: need (N, D) vectors and 0 < d <= D, got {tuple(x.shape)} and d={d}")
     xd = x.double()
-    mean = xd.mean(0)                                            # (D,)
+    mean = xd.mean(0) if center else xd.new_zeros(xd.shape[1])  # (D,)
     xc = xd - mean
     cov = xc.T @ xc / max(1, xd.shape[0] - 1)                    # (D, D)
     evals, evecs = torch.linalg.eigh(cov)                        # ascending
@@ -73,18 +75,28 @@ def pca(x: Tensor, d: int) -> tuple[Tensor, Tensor]:
     return (comp * sign).float(), mean.float()
 
 
+INITS = ("svd", "truncate", "pca", "random")
+
+
 def make_heads(x: Tensor, dims: list[int], init: str, seed: int) -> dict[int, torch.nn.Linear]:
-    """One Linear(D, d) per dim; init 'pca' (weight = components, bias = -components @ mean) or 'random'."""
+    """One Linear(D, d) per dim.  init: 'svd' (the uncentred top-d directions, bias 0), 'truncate' (the first d
+    coordinates: starts as truncation + renormalisation), 'pca' (centred: weight = components, bias = -components @
+    mean) or 'random' (nn.Linear's own init)."""
+    if init not in INITS:
+        raise ReduceError(f"reduce: init must be one of {INITS}, got {init!r}")
     D = x.shape[1]
     heads = {}
     for d in dims:
         torch.manual_seed(seed + d)
         lin = torch.nn.Linear(D, d)
-        if init == "pca":
-            comp, mean = pca(x, d)
-            with torch.no_grad():
+        with torch.no_grad():
+            if init in ("svd", "pca"):
+                comp, mean = pca(x, d, center=init == "pca")
                 lin.weight.copy_(comp)
                 lin.bias.copy_(-comp @ mean)
+            elif init == "truncate":
+                lin.weight.copy_(torch.eye(D)[:d])
+                lin.bias.zero_()
         heads[d] = lin
     return heads
 
@@ -279,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-weights", type=float, nargs=2, default=[200.0, 20.0],
                    help="lambda2 (similarity, eq. 2), lambda3 (relative similarity, eq. 3); the paper's values")
     p.add_argument("--margin", type=float, default=0.015, help="margin of eq. 3")
-    p.add_argument("--init", choices=["pca", "random"], default="pca", help="head initialisation")
+    p.add_argument("--init", choices=list(INITS), default="pca", help="head initialisation (module docstring)")
     p.add_argument("--val-texts", type=int, default=1024, help="texts held out to report the heads' losses on")
     p.add_argument("--encode-batch", type=int, default=64, help="batch size of the encoding pass")
     p.add_argument("--seed", type=int, default=0)
