@@ -21,9 +21,9 @@ One run:
      model has none, since the heads read normalised vectors) a Dense module (identity activation) and Normalize.
      `SentenceTransformer("OUT/st-128").encode(texts)` gives the reduced vectors.
 
-Heads start at PCA (the top-d principal directions of X, centred: head(x) = V_d^T (x - mean)), the best linear map
-to d dims in the least-squares sense, and the losses then move them toward what cosine similarity needs (PCA
-preserves variance, not the ranking of normalised similarities); `--init random` starts from nn.Linear's init.
+Head initialisation (`--init`): 'pca' (default; the top-d principal directions of X, centred: head(x) = V_d^T
+(x - mean)), 'svd' (the same without centring: the best rank-d approximation of X, hence of the Gram matrix eq. 2
+compares), 'truncate' (starts as the first d coordinates, i.e. truncation + renormalisation) or 'random'.
 Measured against truncation and PCA in README ("Dimension reduction") and bench/RESULTS.md.
 """
 from __future__ import annotations
