@@ -197,7 +197,9 @@ def read_config(cfg: dict | str | os.PathLike) -> tuple[str, dict]:
 def read_dense_folder(folder: Path) -> tuple[Tensor, Tensor | None]:
     """A sentence-transformers Dense module folder (`2_Dense_{D}`): config.json + model.safetensors (or .bin)."""
     cfg = read_json(folder / "config.json")
-    act = cfg.get("activation_function", "torch.nn.modules.linear.Identity")
+    # no `activation_function` key means Tanh to sentence-transformers (its Dense default): refused like any
+    # activation a plain linear head cannot hold
+    act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
     if not act.endswith("Identity"):
         raise CheckpointError(f"{folder}/config.json: activation {act!r} is not supported (Identity only)")
     state = read_weights(folder)

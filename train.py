@@ -46,7 +46,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import losses
-from checkpoints import atomic_write, fmt_duration, read_json, resolve_checkpoint
+from checkpoints import atomic_write, checkpoint_keys, fmt_duration, read_json, resolve_checkpoint
 from data import DataError, ImageBatches, TrainLoader, text_hash
 from eval import load_encoder, quick_eval
 from model import JasperModel
@@ -82,9 +82,11 @@ class TrainConfig:
                        "3 = all text parameters + FC2-4; 4 = vision encoder only", choices=[1, 2, 3, 4])
     init: str | None = _f(None, "student init: a Jasper-layout dir (our export of stage K-1, or a released Jasper) "
                                 "or, for stage 1, a stella dir (qwen2 body + 2_Dense_*); see --init-format")
-    init_format: str = _f("auto", "how to read --init: 'stella' (JasperModel.from_stella), 'jasper' "
-                                  "(JasperModel.from_pretrained) or 'auto' (stella when the dir has modules.json or "
-                                  "a 2_Dense_* folder, else jasper)", choices=["auto", "stella", "jasper"])
+    init_format: str = _f("auto", "how to read --init: 'stella' (JasperModel.from_stella: a body checkpoint such as "
+                                  "stella, Qwen3-Embedding or a plain Qwen2/Qwen3 LM, heads from its 2_Dense_* "
+                                  "folders or fresh), 'jasper' (JasperModel.from_pretrained) or 'auto' (jasper when "
+                                  "the checkpoint has vector_linear_* heads, else stella)",
+                          choices=["auto", "stella", "jasper"])
     vision_init: str | None = _f(None, "SigLIP checkpoint dir for the vision tower when --init has none (the paper's "
                                        "student: stella text side + SigLIP so400m-patch14-384 vision side)")
     out: str | None = _f(None, "output dir (default runs/stageN): metrics.jsonl, config.json, checkpoints/, final/ "
@@ -274,9 +276,7 @@ def load_student(cfg: TrainConfig) -> JasperModel:
         raise SystemExit("train.py: --init is required (stage 1: a stella or Jasper dir; stage K: stage K-1's "
                          "OUT/final)")
     src = resolve_checkpoint(cfg.init)
-    fmt = cfg.init_format
-    if fmt == "auto":
-        fmt = "stella" if (src / "modules.json").exists() or any(src.glob("2_Dense*")) else "jasper"
+    fmt = init_format_of(src) if cfg.init_format == "auto" else cfg.init_format
     model = JasperModel.from_stella(src) if fmt == "stella" else JasperModel.from_pretrained(src)
     if cfg.vision_init:
         if model.vision_model is not None:
@@ -286,6 +286,13 @@ def load_student(cfg: TrainConfig) -> JasperModel:
     if model.tokenizer is None:
         raise SystemExit(f"train.py: --init {src} has no tokenizer.json")
     return model
+
+
+def init_format_of(src: Path) -> str:
+    """'jasper' when the checkpoint holds the student's heads (`vector_linear_*` keys: our exports, the released
+    Jasper), else 'stella': a body to start from (stella, Qwen3-Embedding, a Qwen2/Qwen3 LM) with heads taken from
+    its 2_Dense_* folders where present and fresh otherwise. Only key names are read."""
+    return "jasper" if any(k.startswith("vector_linear_") for k in checkpoint_keys(src)) else "stella"
 
 
 def head_dims(model) -> list[int]:

@@ -21,12 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(arch: str = "qwen2", doc: str = __doc__, head_dim: int | None = None):
+    """`arch` qwen2 (q/k/v bias) or qwen3 (q/k RMSNorm, explicit head_dim, no bias; bench/bench_qwen3.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=head_dim, help="default hidden / heads (Qwen3: explicit)")
     ap.add_argument("--intermediate", type=int, default=1408)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=256)
@@ -40,12 +42,14 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    hf_cfg = transformers.Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden,
-                                      intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                                      max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg_cls, model_cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2Model),
+                          "qwen3": (transformers.Qwen3Config, transformers.Qwen3Model)}[arch]
+    hf_cfg = cfg_cls(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                     num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                     head_dim=args.head_dim or args.hidden // args.heads, max_position_embeddings=4096,
+                     tie_word_embeddings=False)
     hf_cfg._attn_implementation = "sdpa"
-    ref = transformers.Qwen2Model(hf_cfg).train()
+    ref = model_cls(hf_cfg).train()
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d, safe_serialization=True)
         ours_bi = M.Qwen2Encoder.from_pretrained(d).train()
@@ -82,8 +86,11 @@ def main():
              ("bidirectional, right padding", ours_bi, padded, False),
              ("causal, no padding", ours_causal, full, True),
              ("causal, right padding", ours_causal, padded, True)]
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          f"fp32 CPU; hidden {args.hidden}, layers {args.layers}, heads {args.heads}/{args.kv_heads} (GQA), "
+    if arch == "qwen3":  # Qwen3-Embedding pads on the left (its last token sits at T-1)
+        cases.append(("causal, left padding", ours_causal, padded.flip(1), True))
+    print(f"{arch}: torch {torch.__version__}, transformers {transformers.__version__}, threads "
+          f"{torch.get_num_threads()}, fp32 CPU; hidden {args.hidden}, layers {args.layers}, heads "
+          f"{args.heads}/{args.kv_heads} (GQA) x head_dim {hf_cfg.head_dim}, "
           f"intermediate {args.intermediate}, vocab {args.vocab}, batch {B}, seq {T}; fwd+bwd; "
           f"median of {args.steps} alternating steps")
     rows = []
