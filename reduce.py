@@ -356,12 +356,19 @@ def main(argv=None) -> dict:
     save_heads(out, heads, meta)
     exported = {}
     src = Path(teacher.spec.get("path", ""))
-    if teacher.spec.get("family") == "bert" and (src / "modules.json").is_file():
+    # a standard folder only where the folder's own pipeline IS what was encoded: a sentence-transformers folder read
+    # by teachers.SentenceTransformerTeacher, without a Matryoshka `dim=` cut or a prompt the folder does not apply
+    why_not = ("not a sentence-transformers folder read by teachers.SentenceTransformerTeacher"
+               if teacher.spec.get("family") not in ("sentence-transformers", "bert")
+               or not (src / "modules.json").is_file() else
+               "encoded with a dim= cut or a prompt that the folder itself does not apply"
+               if teacher.spec.get("truncate_dim") or teacher.spec.get("prompt") else None)
+    if why_not is None:
         for d in dims:
             exported[d] = str(export_sentence_transformers(src, out / f"st-{d}", heads[d], teacher.normalize))
     else:
-        print(f"[reduce] {teacher.name} ({teacher.spec.get('family')}) is not a sentence-transformers BERT-family "
-              f"folder: heads saved to {out / 'heads.safetensors'} only (apply with reduce.load_heads)",
+        print(f"[reduce] no sentence-transformers export for {teacher.name}: {why_not}; heads saved to "
+              f"{out / 'heads.safetensors'} only (apply with reduce.load_heads / reduce.apply_heads)",
               file=sys.stderr)
     meta["exported"] = {str(d): p for d, p in exported.items()}
     atomic_write(out / "heads.json", json.dumps(meta, indent=1) + "\n")

@@ -92,6 +92,9 @@ def test_reduce_end_to_end_exports_a_sentence_transformers_folder(tiny_st, texts
         ref = torch.from_numpy(st.encode(probe, convert_to_numpy=True))
         assert ref.shape == (3, d)
         assert torch.allclose(ours[d], ref, atol=2e-5), (ours[d] - ref).abs().max()
+        # and this project's own sentence-transformers reader (teachers.py, eval.py --model) reads it too
+        own = T.load_teacher(str(folder)).encode(probe)
+        assert own.shape == (3, d) and torch.allclose(own, ref, atol=2e-5)
 
 
 def test_reduce_bad_inputs(tiny_st, texts_file, tmp_path):
