@@ -12,25 +12,30 @@ the two small console helpers every stage needs (`progress` and `fmt_duration`) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from errors import DiskFullError, UserError, check_value, is_disk_full, os_error_in
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoint loading: real safetensors files, strict key/shape checks, meta-device construction + assign.
 # ---------------------------------------------------------------------------------------------------------------------
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded as asked: the message names the file, key(s) and shapes involved."""
 
 
@@ -180,6 +185,17 @@ def read_json(path: str | os.PathLike, what: str = "", error: type[Exception] = 
         raise error(f"{path}: invalid JSON ({e})") from e
 
 
+def check_config_values(where: str, cfg: dict, limits: dict[str, dict]) -> None:
+    """Type and range of the config.json keys in `limits` ({key: check_value keywords + kind}) that are present and
+    not null: CheckpointError `FILE: KEY: expected an integer, got '32'` instead of a crash deep in a constructor."""
+    for key, kw in limits.items():
+        if cfg.get(key) is not None:
+            kw = dict(kw)
+            why = check_value(cfg[key], kw.pop("kind", "int"), **kw)
+            if why:
+                raise CheckpointError(f"{where}: {key}: {why}")
+
+
 def read_config(cfg: dict | str | os.PathLike) -> tuple[str, dict]:
     """(where, config dict) of a config given as a dict, a config.json file or its directory; `where` names the
     file (or "config dict") for the caller's error messages."""
@@ -229,7 +245,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | memoryview | str | Calla
     """Write `path` so that a kill at any moment leaves the old file or the complete new one, never a short one.
 
     The bytes (or text, utf-8; or whatever `data(tmp_path)` writes) go to a hidden sibling `.NAME.tmp<pid>`, are
-    fsync'ed, then `os.replace`d over `path` (atomic on POSIX). A killed writer leaves at most a *.tmp* file.
+    fsync'ed, then `os.replace`d over `path` (atomic on POSIX). A killed writer leaves at most a *.tmp* file; a
+    full disk (ENOSPC) removes it and raises DiskFullError naming `path`, the old file untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +260,10 @@ def atomic_write(path: str | os.PathLike, data: bytes | memoryview | str | Calla
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFullError(path, "the write was abandoned; the previous file is unchanged") from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -264,10 +285,88 @@ def atomic_dir(out_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path
         os.replace(tmp, out_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(os_error_in(e)):
+            raise DiskFullError(out_dir, "the folder was abandoned (no partial copy left); any previous one is "
+                                         "unchanged") from e
         raise
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RNG streams as plain data: a training checkpoint's trainer state holds only tensors, numbers, strings, lists and
+# dicts, so it loads with torch.load(weights_only=True) and a checkpoint folder from elsewhere cannot run code.
+# ---------------------------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """Every RNG stream as tensors and plain numbers: the file then loads with torch.load(weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # MT19937: 624 uint32 words, position, gauss cache
+    version, words, py_gauss = random.getstate()           # (3, 625 ints, None)
+    s = dict(torch=torch.get_rng_state(),
+             numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
+                        gauss=float(gauss)),
+             python=dict(version=version, words=torch.tensor(words, dtype=torch.int64), gauss=py_gauss))
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    n, p = s["numpy"], s["python"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate((p["version"], tuple(p["words"].tolist()), p["gauss"]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Integrity of a written folder (a training checkpoint): size + blake2b of every file, recorded after the last write
+# and checked before loading, so a truncated, missing or altered file is named instead of failing deep in a loader.
+# ---------------------------------------------------------------------------------------------------------------------
+CHECKSUMS = "checksums.json"
+
+
+def file_digest(path: str | os.PathLike, digest_size: int = 16) -> str:
+    """blake2b of a file's bytes, read in 16 MB pieces (about 1 GB/s: seconds for a checkpoint, once per save)."""
+    h = hashlib.blake2b(digest_size=digest_size)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(folder: str | os.PathLike) -> None:
+    folder = Path(folder)
+    files = {p.name: dict(size=p.stat().st_size, blake2b=file_digest(p))
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    atomic_write(folder / CHECKSUMS, json.dumps(files, indent=1) + "\n")
+
+
+def folder_problem(folder: str | os.PathLike, required: Sequence[str] = (), hashes: bool = True) -> str | None:
+    """Why `folder` is not intact, or None: a required file missing, or (when it holds checksums.json) a file
+    missing, of another size or (hashes=True) with other bytes than recorded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "missing"
+    for name in required:
+        if not (folder / name).is_file():
+            return f"{name} missing"
+    if not (folder / CHECKSUMS).is_file():
+        return None  # written before checksums were recorded: the loader's own checks decide
+    try:
+        want = json.loads((folder / CHECKSUMS).read_text())
+    except json.JSONDecodeError:
+        return f"{CHECKSUMS} unreadable"
+    for name, w in want.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != w["size"]:
+            return f"{name} has {f.stat().st_size} bytes, {w['size']} were written"
+        if hashes and file_digest(f) != w["blake2b"]:
+            return f"{name} differs from what was written (checksum)"
+    return None
 
 
 def save_hf_checkpoint(out_dir: str | os.PathLike, config: dict, state: dict[str, Tensor], tokenizer=None,

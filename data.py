@@ -23,7 +23,6 @@ docs/data.md.
 """
 from __future__ import annotations
 
-import argparse
 import bisect
 import glob as globlib
 import gzip
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 
 from checkpoints import atomic_write
+from errors import ArgumentParser, UserError, check_args, run_cli
 from checkpoints import progress as progress_bar  # build() has a `progress` flag of its own
 from vision import preprocess_images
 
@@ -56,7 +56,7 @@ def text_hash(text: str) -> str:
 # 1. readers
 # ==================================================================================================================
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input under on_error="raise", or an unusable source; the message names the file and line (or row)."""
 
 
@@ -1081,7 +1081,7 @@ class ImageBatches:
 # ==================================================================================================================
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="materialise the training texts (sec. 3.2 recipe) as OUT/texts.jsonl")
     b.add_argument("--out", required=True, help="output folder (texts.jsonl, build.json)")
@@ -1104,18 +1104,27 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS, help="longer documents are bad input")
     args = ap.parse_args(argv)
     if args.cmd == "build":
-        try:
-            meta = build(args.out, args.passages, args.short, n_texts=args.n_texts, seed=args.seed,
-                         passage_ratio=args.passage_ratio, split_ratio=args.split_ratio,
-                         min_sentences=args.min_sentences, max_sentences=args.max_sentences,
-                         shuffle_ratio=args.shuffle_ratio, field=args.field, on_error=args.on_error,
-                         max_chars=args.max_chars, data_dir=args.data_dir)
-        except DataError as exc:
-            print(f"data.py build: error: {exc}", file=sys.stderr)
-            return 2
+        # every value checked before anything is read (errors: one line naming the flag, exit 2 via run_cli)
+        check_args(args, dict(n_texts=dict(lo=1), seed=dict(lo=0), min_sentences=dict(lo=1), max_chars=dict(lo=1),
+                              **{k: dict(kind="float", lo=0, hi=1) for k in ("passage_ratio", "split_ratio",
+                                                                              "shuffle_ratio")}))
+        if args.max_sentences < args.min_sentences:
+            raise DataError(f"--max-sentences {args.max_sentences} < --min-sentences {args.min_sentences}")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise DataError(f"--out {args.out}: exists and is not a folder")
+        meta = build(args.out, args.passages, args.short, n_texts=args.n_texts, seed=args.seed,
+                     passage_ratio=args.passage_ratio, split_ratio=args.split_ratio,
+                     min_sentences=args.min_sentences, max_sentences=args.max_sentences,
+                     shuffle_ratio=args.shuffle_ratio, field=args.field, on_error=args.on_error,
+                     max_chars=args.max_chars, data_dir=args.data_dir)
         print(json.dumps({"texts": meta["texts"], "n_texts": meta["n_texts"], **meta["stats"]}))
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`python data.py ...`: main() with the project's errors as one `error:` line and exit code 2 (errors.py)."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

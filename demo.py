@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from checkpoints import atomic_write, fmt_duration, read_safetensors
+from errors import run_cli
 from data import build, default_data_dir, read_jsonl
 from eval import EmbeddingCache, evaluate, load_encoder
 from model import JasperConfig, JasperModel, Qwen2Config, TextTokenizer
 from teacher_cache import build_cache
 from teachers import BertTeacher, minilm_path
-from train import TrainConfig, parse_config, train
+from train import ConfigError, TrainConfig, parse_config, train
 
 #   data.py build over <data>/text (the real shared text) -> all-MiniLM-L6-v2 teacher cache (teachers.py) -> a small
 #   random-init Qwen2 student -> stages 1, 2, 3 through train.train() (the real trainer path) -> eval.py on STS tasks
@@ -83,7 +84,7 @@ def make_demo_student(teacher_dir, head_dims=DEMO_HEAD_DIMS, max_length: int = 3
     pre = "bert." if any(k.startswith("bert.embeddings.") for k in st) else ""
     word = st[pre + "embeddings.word_embeddings.weight"].float()  # (V, H)
     if tuple(word.shape) != tuple(student.model.embed_tokens.weight.shape):
-        raise SystemExit(f"demo.py: teacher embeddings {tuple(word.shape)} do not fit the student "
+        raise ConfigError(f"teacher embeddings {tuple(word.shape)} do not fit the student "
                          f"{tuple(student.model.embed_tokens.weight.shape)} (vocabulary / width)")
     emb = torch.nn.functional.layer_norm(word + st[pre + "embeddings.token_type_embeddings.weight"][0].float(),
                                          (word.shape[1],), st[pre + "embeddings.LayerNorm.weight"].float(),
@@ -180,7 +181,7 @@ class _Say:
 def _demo_data_dir(cfg: TrainConfig) -> Path:
     data_dir = Path(cfg.eval_data) if cfg.eval_data else default_data_dir()
     if not (data_dir / "text").is_dir():
-        raise SystemExit(f"demo.py: no text folder under the data dir {data_dir} (the shared data: "
+        raise ConfigError(f"no text folder under the data dir {data_dir} (the shared data: "
                          f"text/passages.jsonl, text/short.jsonl and sts/...); pass --eval-data DIR or set "
                          f"JASPER_DATA_DIR")
     return data_dir
@@ -208,21 +209,33 @@ def _demo_texts_and_cache(cfg: TrainConfig, out: Path, data_dir: Path, n_texts: 
 
 def _demo_train(cfg: TrainConfig, out: Path, texts: Path, init: Path, times: dict, say: _Say
                 ) -> tuple[list[int], list[Path]]:
-    """Step 4: stages 1-3 through the real trainer, each starting from the previous stage's export."""
+    """Step 4: stages 1-3 through the real trainer, each starting from the previous stage's export. With --resume a
+    stage whose export exists and whose settings (config.json) equal this run's is kept, one with checkpoints is
+    continued (train.py --resume); a stage trained again makes every later stage train again."""
     steps = [max(1, round(cfg.steps * s)) for s in DEMO_STAGE_SHARE]
-    prev, stage_dirs, t_train = init, [], time.time()
+    prev, stage_dirs, t_train, redo = init, [], time.time(), not cfg.resume
     for k in (1, 2, 3):
         sd = out / f"stage{k}"
-        shutil.rmtree(sd, ignore_errors=True)  # the demo's own output of an earlier run
         scfg = dataclasses.replace(cfg, config=None, stage=k, init=str(prev), init_format="jasper", out=str(sd),
                                    texts=str(texts), teacher_cache=str(out / "cache"), teacher=[], steps=steps[k - 1],
                                    lr=cfg.lr * DEMO_STAGE_LR_MULT[k - 1], seed=cfg.seed + k, eval_data=None,
                                    resume=False, export=True, stop_at=None,
                                    mrl_teacher=cfg.mrl_teacher if k == 3 else "teacher")  # FC2-4 exist in stage 3
         t0 = time.time()
-        train(scfg)
+        saved = json.loads((sd / "config.json").read_text()) if (sd / "config.json").is_file() else None
+        same = saved is not None and {**saved, "resume": False} == dataclasses.asdict(scfg)
+        if not redo and same and (sd / "final" / "model.safetensors").is_file():
+            say(f"stage {k}: finished earlier with these settings, kept ({sd / 'final'})")
+        else:
+            if not redo and saved is not None and not same:
+                say(f"stage {k}: settings changed since it was trained: training it (and the later stages) again")
+            resume = not redo and same  # a stage cut short with checkpoints continues exactly
+            if not resume:
+                shutil.rmtree(sd, ignore_errors=True)  # the demo's own output of an earlier run
+            train(dataclasses.replace(scfg, resume=resume))
+            redo = True  # a new export of this stage: the later stages start from it again
+            say(f"stage {k} done: {steps[k - 1]} steps in {fmt_duration(time.time() - t0)}")
         times[f"stage{k}"] = time.time() - t0
-        say(f"stage {k} done: {steps[k - 1]} steps in {fmt_duration(times[f'stage{k}'])}")
         prev = sd / "final"
         stage_dirs.append(sd)
     times["train"] = time.time() - t_train
@@ -301,5 +314,10 @@ def main(argv: list[str] | None = None) -> dict:
     return run_demo(parse_args(argv))
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`python demo.py ...`: main() with the project's errors as one `error:` line and exit code 2 (errors.py)."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli())

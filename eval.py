@@ -32,7 +32,6 @@ summarization), where mteb passes no prompt type, get it on every text. Encoders
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -48,11 +47,12 @@ import torch
 
 import data
 from checkpoints import atomic_write, progress, read_json
+from errors import ArgumentParser, UserError, check_args, run_cli
 from model import JasperModel
 from teachers import load_teacher
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """A bad task name, missing or malformed data file, or unsupported request; the message names task/file/line."""
 
 
@@ -876,7 +876,7 @@ def save_json(report: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Evaluate an encoder on MTEB tasks (mteb engine; local data offline).")
+    ap = ArgumentParser(prog="eval.py", description="Evaluate an encoder on MTEB tasks (mteb engine; local data offline).")
     ap.add_argument("--model", required=True, help="local dir or hub id (Jasper/student, stella, NV-Embed-v2, BERT)")
     ap.add_argument("--tasks", required=True, help="comma-separated MTEB task names")
     ap.add_argument("--data-dir", default=None, help="local data laid out like ../shared/data (offline); default: "
@@ -891,19 +891,29 @@ def main(argv=None) -> int:
                     "model's own limit)")
     ap.add_argument("--out", default=None, help="results JSON (a PNG plot goes next to it when >1 dim)")
     args = ap.parse_args(argv)
+    # every flag and path checked before the model loads (errors: one line, exit 2, via cli() / errors.run_cli)
+    check_args(args, dict(batch_size=dict(lo=1), max_length=dict(lo=1)))
     try:
         dims = [int(x) for x in args.dims.split(",")] if args.dims else None
-        data_dir = None if args.data_dir == "hub" else args.data_dir
-        if args.data_dir is None:
-            if data.default_data_dir().is_dir():  # the one definition of the default data dir (data.py)
-                data_dir = data.default_data_dir()
-                print(f"eval.py: data from {data_dir} (--data-dir to change)", file=sys.stderr)
-        enc = load_encoder(args.model, **({"max_length": args.max_length} if args.max_length else {}))
-        report = evaluate(enc, args.tasks, data_dir=data_dir, dims=dims, instructions=args.instructions,
-                          engine=args.engine, batch_size=args.batch_size, split=args.split)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError:
+        raise EvalError(f"--dims {args.dims}: expected comma-separated positive integers, e.g. 1024,512") from None
+    if dims is not None and min(dims) < 1:
+        raise EvalError(f"--dims {args.dims}: expected comma-separated positive integers, e.g. 1024,512")
+    data_dir = None if args.data_dir == "hub" else args.data_dir
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise EvalError(f"--data-dir {data_dir}: no such folder")
+    if args.data_dir is None:
+        if data.default_data_dir().is_dir():  # the one definition of the default data dir (data.py)
+            data_dir = data.default_data_dir()
+            print(f"eval.py: data from {data_dir} (--data-dir to change)", file=sys.stderr)
+    m = Path(args.model).expanduser()
+    if not m.exists() and (args.model.startswith(("/", ".", "~")) or args.model.count("/") >= 2):
+        raise EvalError(f"--model {args.model}: no such folder (a local checkpoint dir or a hub id ORG/NAME)")
+    if args.out and Path(args.out).is_dir():
+        raise EvalError(f"--out {args.out}: is a folder (expected a results .json file)")
+    enc = load_encoder(args.model, **({"max_length": args.max_length} if args.max_length else {}))
+    report = evaluate(enc, args.tasks, data_dir=data_dir, dims=dims, instructions=args.instructions,
+                      engine=args.engine, batch_size=args.batch_size, split=args.split)
     report["model_spec"] = args.model
     print(markdown_table(report))
     if args.out:
@@ -916,5 +926,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`python eval.py ...`: main() with the project's errors as one `error:` line and exit code 2 (errors.py)."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -23,8 +23,9 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer
 from torch import Tensor, nn
 
-from checkpoints import (CheckpointError, load_state_strict, progress, read_config, read_dense_folder, read_json,
-                         read_safetensors, resolve_checkpoint, save_hf_checkpoint, stella_dense_folders)
+from checkpoints import (CheckpointError, check_config_values, load_state_strict, progress, read_config,
+                         read_dense_folder, read_json, read_safetensors, resolve_checkpoint, save_hf_checkpoint,
+                         stella_dense_folders)
 from vision import (IMG_END_ID, IMG_START_ID, IMG_TOKEN_ID, NUM_IMAGE_TOKENS, SiglipVisionConfig, SiglipVisionEncoder,
                     jasper_vision_state, pool_image_features, preprocess_images, splice_image_features)
 
@@ -63,6 +64,13 @@ class Qwen2Config:
 
     _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
+    # types and ranges of the config.json values read (checkpoints.check_config_values)
+    _LIMITS = {**{k: dict(lo=1) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "num_key_value_heads", "head_dim",
+                                          "max_position_embeddings", "sliding_window")},
+               **{k: dict(kind="float", lo=0, lo_open=True) for k in ("rope_theta", "rms_norm_eps")},
+               **{k: dict(kind="bool") for k in ("attention_bias", "causal", "is_causal")}}
+
     @classmethod
     def from_hf(cls, cfg: dict | str | os.PathLike, **overrides) -> "Qwen2Config":
         """From a Hugging Face config.json (a dict, the file, or its directory); model_type qwen2, qwen3 or mistral.
@@ -73,6 +81,7 @@ class Qwen2Config:
         `is_causal` causally.
         """
         where, cfg = read_config(cfg)
+        check_config_values(where, cfg, cls._LIMITS)
         mt = cfg.get("model_type")
         if mt not in ("qwen2", "qwen3", "mistral"):
             raise CheckpointError(f"{where}: model_type {mt!r} is not supported (expected 'qwen2', 'qwen3' or "
@@ -102,7 +111,10 @@ class Qwen2Config:
             causal=cfg.get("causal", cfg.get("is_causal", False)), model_type=mt, qk_norm=mt == "qwen3",
             sliding_window=cfg.get("sliding_window") if mt == "mistral" else None)
         kw.update(overrides)
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except ValueError as e:  # __post_init__'s shape rules (heads, head_dim)
+            raise CheckpointError(f"{where}: {e}") from None
 
     def to_hf(self) -> dict:
         """A config.json dict that transformers' Qwen2Model / Qwen3Model / MistralModel accepts (plus our `causal`)."""
@@ -530,7 +542,13 @@ class JasperConfig:
         try:
             text = Qwen2Config.from_hf(text_cfg)
         except CheckpointError as e:
-            raise CheckpointError(f"{where}: text_config: {e}") from e
+            raise CheckpointError(f"{where}: text_config: {str(e).removeprefix('config dict: ')}") from e
+        check_config_values(where, cfg, {**{k: dict(lo=0) for k in ("img_start_token_id", "image_start_token_id",
+                                                                     "img_token_id", "image_token_id",
+                                                                     "img_end_token_id", "image_end_token_id")},
+                                         **{k: dict(lo=1) for k in ("num_image_tokens", "num_img_tokens",
+                                                                    "max_length")},
+                                         **{k: dict(kind="list[int]", lo=1) for k in ("head_dims", "vector_dims")}})
         vision = None
         vcfg = cfg.get("vision_config")
         if vcfg:

