@@ -130,7 +130,7 @@ def test_stage3_mrl_teacher_self(assets, tmp_path):
 
 
 def test_mrl_teacher_self_refused_outside_stage3(tmp_path):
-    with pytest.raises(SystemExit, match="applies to stage 3"):
+    with pytest.raises(TR.ConfigError, match="applies to stage 3"):
         TR.main(["--stage", "2", "--mrl-teacher", "self", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # refused before anything was written
     with pytest.raises(SystemExit):  # argparse: not a choice
