@@ -44,6 +44,7 @@ import torch
 from checkpoints import atomic_write
 from errors import ArgumentParser, UserError, check_args, run_cli
 from checkpoints import progress as progress_bar  # build() has a `progress` flag of its own
+from packing import Packed, plan_rows
 from vision import preprocess_images
 
 
@@ -743,13 +744,16 @@ class Batch:
     rows: torch.Tensor                    # (b,) row ids in texts.jsonl ("id" field, else 0-based line) = cache rows
     hashes: list[str]                     # text_hash of each text, to verify teacher-cache rows
     n_tokens: int                         # real (unpadded) tokens in the share
-    chunks: list[tuple[torch.Tensor, torch.Tensor]]  # micro-batches (<= micro_batch rows) padded to their longest
+    chunks: list[tuple[torch.Tensor, torch.Tensor]]  # padded micro-batches (<= micro_batch rows); [] when packed
     epoch: int
     step: int                             # step within the epoch (global batch index)
+    packed: list[Packed] | None = None    # packed micro-batches (<= micro_batch rows of <= pack_length tokens)
 
     @property
     def n_processed(self) -> int:
         """Tokens the model processes over the chunks, padding included (padding efficiency = n_tokens / this)."""
+        if self.packed is not None:
+            return sum(p.numel() for p in self.packed)
         return sum(ids.numel() for ids, _ in self.chunks)
 
 
@@ -799,7 +803,8 @@ class TrainLoader:
     def __init__(self, texts_path: str | Path, tokenizer, global_batch: int, max_length: int, seed: int,
                  rank: int = 0, world_size: int = 1, *, micro_batch: int | None = None, num_workers: int = 0,
                  epochs: int | None = None, field: str = "text", on_error: str = "skip",
-                 max_chars: int = DEFAULT_MAX_CHARS, prefetch_factor: int = 2, index_cache: bool = True):
+                 max_chars: int = DEFAULT_MAX_CHARS, prefetch_factor: int = 2, index_cache: bool = True,
+                 packing: bool = True, pack_length: int | None = None):
         _check_policy(on_error)
         if global_batch <= 0 or world_size <= 0 or global_batch % world_size:
             raise ValueError(f"global_batch ({global_batch}) must be a positive multiple of world_size "
@@ -814,6 +819,12 @@ class TrainLoader:
         self.micro_batch = micro_batch or self.share
         self.num_workers, self.epochs, self.prefetch_factor = num_workers, epochs, prefetch_factor
         self.field, self.max_chars = field, max_chars
+        # packing: the share's texts laid end to end in rows of pack_length tokens (default max_length), each text
+        # attending only to itself (packing.py); micro_batch then counts such rows
+        self.packing, self.pack_length = bool(packing), int(pack_length or max_length)
+        if self.pack_length < max_length:
+            raise ValueError(f"pack_length {self.pack_length} < max_length {max_length}: a text of max_length "
+                             f"tokens must fit in one row")
         idx = load_index(self.path, field, max_chars, on_error, cache=index_cache)
         self._offsets = idx["offsets"]                       # (n_lines + 1,) int64 byte offsets
         self._rows = np.flatnonzero(idx["valid"]).astype(np.int64)  # (n_valid,) usable line numbers (0-based)
@@ -869,14 +880,36 @@ class TrainLoader:
         rows = [int(r["id"]) if isinstance(r.get("id"), int) else int(i) for r, i in zip(recs, lines)]
         hashes = [r["hash"] if isinstance(r.get("hash"), str) else text_hash(t) for r, t in zip(recs, texts)]
         ids = self.tokenizer.encode_ids(texts, max_length=self.max_length)  # one batched call, truncated
-        order = sorted(range(len(ids)), key=lambda j: (-len(ids[j]), j))  # by length, inside this share only
+        packed = None
+        if self.packing:
+            order, packed = self._pack(ids)
+        else:
+            order = sorted(range(len(ids)), key=lambda j: (-len(ids[j]), j))  # by length, inside this share only
         ids = [ids[j] for j in order]
-        chunks = [self.tokenizer.pad(ids[a:a + self.micro_batch]) for a in range(0, len(ids), self.micro_batch)]
+        chunks = [] if self.packing else [self.tokenizer.pad(ids[a:a + self.micro_batch])
+                                          for a in range(0, len(ids), self.micro_batch)]
         input_ids, attention_mask = self.tokenizer.pad(ids)
         return Batch(input_ids=input_ids, attention_mask=attention_mask,
                      rows=torch.tensor([rows[j] for j in order], dtype=torch.long),
                      hashes=[hashes[j] for j in order], n_tokens=sum(len(x) for x in ids), chunks=chunks,
-                     epoch=epoch, step=step)
+                     epoch=epoch, step=step, packed=packed)
+
+    def _pack(self, ids: list[list[int]]) -> tuple[list[int], list[Packed]]:
+        """The share's texts in rows of pack_length tokens (packing.plan_rows: first-fit decreasing, rows levelled),
+        cut into micro-batches of micro_batch rows -> (share positions in the order the micro-batches hold the
+        texts, the micro-batches). Like the padded path's length sort this only reorders texts inside the share:
+        which texts form the global batch is untouched, and the losses (eq. 1-3) do not depend on the order."""
+        rows = plan_rows([len(x) for x in ids], self.pack_length)
+        order: list[int] = []
+        packed = []
+        for a in range(0, len(rows), self.micro_batch):
+            base, local = len(order), []
+            for row in rows[a:a + self.micro_batch]:
+                local.append(list(range(len(order) - base, len(order) - base + len(row))))
+                order.extend(row)
+            packed.append(Packed.from_ids([ids[j] for j in order[base:]], self.pack_length, self.tokenizer.pad_id,
+                                          rows=local))
+        return order, packed
 
     # ---- iteration -----------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:

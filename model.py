@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from checkpoints import (CheckpointError, check_config_values, load_state_strict, progress, read_config,
                          read_dense_folder, read_json, read_safetensors, resolve_checkpoint, save_hf_checkpoint,
                          stella_dense_folders)
+from packing import Packed
 from vision import (IMG_END_ID, IMG_START_ID, IMG_TOKEN_ID, NUM_IMAGE_TOKENS, SiglipVisionConfig, SiglipVisionEncoder,
                     jasper_vision_state, pool_image_features, preprocess_images, splice_image_features)
 
@@ -288,16 +289,24 @@ class Qwen2Encoder(nn.Module):
         return mask, False
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                inputs_embeds: Tensor | None = None) -> Tensor:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
-        T = x.shape[1]
-        cos, sin = self.rope(T, x.device, x.dtype)
+                inputs_embeds: Tensor | None = None, packed: Packed | None = None) -> Tensor:
+        """(B, T) ids + (B, T) mask (right padding) -> (B, T, H); or `packed` texts (packing.py) -> (R, L, H)."""
+        if packed is not None:  # texts laid end to end in rows: per-text positions and a block-diagonal mask
+            x = self.embed_tokens(packed.input_ids)                                       # (R, L, H)
+            cos, sin = self.rope(x.shape[1], x.device, x.dtype)                           # (L, hd) table
+            cos, sin = cos[packed.position_ids][:, None], sin[packed.position_ids][:, None]  # (R, 1, L, hd)
+            T = int(packed.lengths.max()) if packed.n_texts else 0                        # longest text
+            mask, is_causal = packed.attention_mask(self.config.causal), False            # (R, 1, L, L)
+        else:
+            if (input_ids is None) == (inputs_embeds is None):
+                raise ValueError("pass exactly one of input_ids or inputs_embeds")
+            x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
+            T = x.shape[1]
+            cos, sin = self.rope(T, x.device, x.dtype)
+            mask, is_causal = self.attention_mask_for_sdpa(attention_mask, T)
         if self.config.causal and self.config.sliding_window and T > self.config.sliding_window:
             raise ValueError(f"causal input of {T} tokens exceeds sliding_window {self.config.sliding_window}: "
                              f"sliding-window attention is not supported by this encoder (refused, not approximated)")
-        mask, is_causal = self.attention_mask_for_sdpa(attention_mask, T)
         for layer in self.layers:  # train.py wraps each layer for activation checkpointing when asked
             x = layer(x, cos, sin, mask, is_causal)
         return self.norm(x)  # (B, T, H)
@@ -618,8 +627,14 @@ class JasperModel(nn.Module):
         embeds = self.model.embed_tokens(input_ids)                                  # (B, T, H)
         return splice_image_features(embeds, input_ids, pooled, c.img_token_id)      # (B, T, H)
 
-    def pool(self, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor | None = None) -> Tensor:
-        """Masked mean of the last hidden state: (B, H) in fp32 (sec. 2.1)."""
+    def pool(self, input_ids: Tensor | None, attention_mask: Tensor | None, pixel_values: Tensor | None = None,
+             packed: Packed | None = None) -> Tensor:
+        """Masked mean of the last hidden state: (B, H) in fp32 (sec. 2.1); with `packed` texts, (N, H) per text."""
+        if packed is not None:
+            if pixel_values is not None:
+                raise ValueError("packed inputs are text only: pass images through the padded path (input_ids, "
+                                 "attention_mask, pixel_values)")
+            return packed.pool(self.model(packed=packed), "mean")                    # (N, H) fp32
         if pixel_values is not None:
             if self.vision_model is None:
                 raise ValueError("pixel_values given but this JasperModel has no vision_model")
@@ -638,10 +653,12 @@ class JasperModel(nn.Module):
             out[D] = F.normalize(y, p=2, dim=-1)
         return out
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
-                dims: Iterable[int] | None = None) -> dict[int, Tensor]:
-        """{D: L2-normalised (B, D) fp32} for every head (or only `dims`, e.g. FC1 alone in stages 1-2)."""
-        return self.project(self.pool(input_ids, attention_mask, pixel_values), dims)
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                pixel_values: Tensor | None = None, dims: Iterable[int] | None = None,
+                packed: Packed | None = None) -> dict[int, Tensor]:
+        """{D: L2-normalised (B, D) fp32} for every head (or only `dims`, e.g. FC1 alone in stages 1-2). Texts come
+        padded (input_ids, attention_mask) or `packed` (packing.py; one vector per text, in the texts' order)."""
+        return self.project(self.pool(input_ids, attention_mask, pixel_values, packed), dims)
 
     # -- inference ----------------------------------------------------------------------------------------------------
     def image_prompt_ids(self) -> list[int]:

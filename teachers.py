@@ -43,6 +43,7 @@ from tokenizers import Tokenizer
 from checkpoints import load_state_strict, progress, read_json, read_safetensors, read_weights, resolve_checkpoint
 from errors import ArgumentParser, UserError, check_args, run_cli
 from model import POOLING_MODES, Qwen2Config, Qwen2Encoder, TextTokenizer, mean_pool, pad_ids, pool_tokens
+from packing import Packed
 from teacher_cache import CacheError, TeacherCache, build_cache, verify_cache
 
 # The paper concatenates NV-Embed-v2 (4096) then stella_en_1.5B_v5 (8192) = 12288 (sec. 2.2, "we concatenate the
@@ -130,13 +131,27 @@ class Teacher(abc.ABC):
     def _embed(self, input_ids: Tensor, attention_mask: Tensor, n_instr: int) -> Tensor:
         """(B, dim) pooled vectors of one padded batch, before the final normalisation."""
 
+    @abc.abstractmethod
+    def _embed_packed(self, packed: Packed, n_instr: int) -> Tensor:
+        """(N, dim) pooled vectors of N texts packed in rows (packing.py), before the final normalisation: the
+        same vectors as `_embed` gives on the padded batch (tests/test_packing.py)."""
+
+    # Padded by default: encode() sorts all its texts by length before batching (the cache: whole shards), so its
+    # padded batches already waste < 1% (bench/bench_packing.py) and packing has nothing to win there. Callers with
+    # unsorted batches pass packing=True (or set this attribute).
+    packing: bool = False
+
     def encode(self, texts: Sequence[str], batch_size: int = 32, instruction: str | None = None,
-               show_progress: bool | None = None, on_batch: Callable[[int], None] | None = None) -> Tensor:
+               show_progress: bool | None = None, on_batch: Callable[[int], None] | None = None,
+               packing: bool | None = None) -> Tensor:
         """(N, dim) float32 vectors, L2-normalised unless the teacher was configured with normalize=False.
 
         Texts are tokenized once, sorted by token count and batched so each batch pads to its own longest
-        (the output is returned in input order). `on_batch(n)` is called after each batch (the cache's progress).
+        (the output is returned in input order). `packing` (default: self.packing) lays each batch's texts end to
+        end in rows of max_length tokens instead (packing.Packed): the same vectors from fewer rows. `on_batch(n)`
+        is called after each batch (the cache's progress).
         """
+        packing = self.packing if packing is None else bool(packing)
         texts = [t if isinstance(t, str) else str(t) for t in texts]
         n = len(texts)
         out = torch.empty((n, self.dim), dtype=torch.float32)
@@ -151,8 +166,12 @@ class Teacher(abc.ABC):
         # constant target); the forward passes run under inference_mode.
         with torch.inference_mode():
             for idx in _length_sorted_batches([len(x) for x in ids], batch_size):
-                input_ids, mask = pad_ids([ids[i] for i in idx], self.pad_id, left=self.padding_side == "left")
-                vec = self._embed(input_ids.to(dev), mask.to(dev), n_instr).float()  # (b, dim)
+                if packing:
+                    packed = Packed.from_ids([ids[i] for i in idx], self.max_length, self.pad_id)
+                    vec = self._embed_packed(packed.to(dev), n_instr).float()  # (b, dim)
+                else:
+                    input_ids, mask = pad_ids([ids[i] for i in idx], self.pad_id, left=self.padding_side == "left")
+                    vec = self._embed(input_ids.to(dev), mask.to(dev), n_instr).float()  # (b, dim)
                 if self.normalize:
                     vec = F.normalize(vec, p=2, dim=-1)
                 out[torch.from_numpy(idx)] = vec.cpu()
@@ -221,11 +240,12 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         T = input_ids.shape[1]
-        # single-segment input: token_type_ids are all 0, positions 0..T-1 (absolute)
-        x = (self.word_embeddings(input_ids) + self.position_embeddings.weight[:T]
-             + self.token_type_embeddings.weight[0])  # (B, T, H)
+        # single-segment input: token_type_ids are all 0, positions 0..T-1 (absolute), or for packed rows each
+        # token's position within its own text (Packed.position_ids, (R, L))
+        pos = self.position_embeddings.weight[:T] if position_ids is None else self.position_embeddings(position_ids)
+        x = self.word_embeddings(input_ids) + pos + self.token_type_embeddings.weight[0]  # (B, T, H)
         return self.LayerNorm(x)
 
 
@@ -318,12 +338,18 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoderStack(config)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """input_ids (B, T), attention_mask (B, T) 1 = token, 0 = pad -> last hidden state (B, T, H)."""
-        x = self.embeddings(input_ids)
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                packed: Packed | None = None) -> Tensor:
+        """input_ids (B, T), attention_mask (B, T) 1 = token, 0 = pad -> last hidden state (B, T, H); or `packed`
+        texts (packing.py) -> (R, L, H) with per-text positions and block-diagonal attention."""
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T) True = attend; keys only
+        if packed is not None:
+            x = self.embeddings(packed.input_ids, packed.position_ids)
+            mask = packed.attention_mask(causal=False)  # (R, 1, L, L) True = same text
+        else:
+            x = self.embeddings(input_ids)
+            if attention_mask is not None and not bool(attention_mask.all()):
+                mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T) True = attend; keys only
         for layer in self.encoder.layer:
             x = layer(x, mask)
         return x
@@ -614,7 +640,15 @@ class SentenceTransformerTeacher(Teacher):
 
     def _embed(self, input_ids, attention_mask, n_instr):
         h = self.module(input_ids, attention_mask)                                 # (B, T, H)
-        v = pool_tokens(h, attention_mask, self.layout.pooling, n_instr)         # (B, H * modes) fp32
+        return self._after_pooling(pool_tokens(h, attention_mask, self.layout.pooling, n_instr))
+
+    def _embed_packed(self, packed, n_instr):
+        # the body runs packed; its states are unpacked to one right-padded text per row for the (any-mode) pooling
+        h, mask = packed.unpack(self.module(packed=packed))                        # (N, T, H), (N, T)
+        return self._after_pooling(pool_tokens(h, mask, self.layout.pooling, n_instr))
+
+    def _after_pooling(self, v: Tensor) -> Tensor:
+        """(B, H * modes) pooled fp32 -> the Dense / Normalize modules in modules.json order, then truncate_dim."""
         for kind, i in self.steps:
             if kind == "dense":
                 lin = self.heads[i].linear
@@ -711,7 +745,12 @@ class StellaTeacher(Teacher):
 
     def _embed(self, input_ids, attention_mask, n_instr):
         h = self.module["body"](input_ids=input_ids, attention_mask=attention_mask)  # (B, T, 1536)
-        pooled = mean_pool(h, attention_mask)  # (B, 1536) fp32
+        return self._head(mean_pool(h, attention_mask))  # (B, 1536) fp32 -> (B, D)
+
+    def _embed_packed(self, packed, n_instr):
+        return self._head(packed.pool(self.module["body"](packed=packed)))  # (N, 1536) fp32 -> (N, D)
+
+    def _head(self, pooled: Tensor) -> Tensor:
         head = self.module["head"]
         return head(pooled.to(head.linear.weight.dtype))  # (B, D)
 
@@ -793,11 +832,15 @@ class LatentAttentionModel(nn.Module):
         self.latents = nn.Parameter(torch.empty(num_latents, latent_dim))
 
     def forward(self, hiddens: Tensor, pool_mask: Tensor) -> Tensor:
+        return mean_pool(self.mix(hiddens), pool_mask)  # (B, H) fp32: mean over pool_mask == 1 (no instruction)
+
+    def mix(self, hiddens: Tensor) -> Tensor:
+        """(B, T, H) -> (B, T, H) before pooling. Each token attends to the latents only, never to another token,
+        so packed rows (packing.py) need no mask here: packing is exact by construction."""
         cross_attn, cross_ff = self.cross_attend_blocks
         lat = self.latents.unsqueeze(0)  # (1, L, H): shared by the batch
         h = cross_attn(hiddens, context=lat) + hiddens  # (B, T, H)
-        h = cross_ff(h) + h
-        return mean_pool(h, pool_mask)  # (B, H) fp32: mean over pool_mask == 1 (instruction tokens excluded)
+        return cross_ff(h) + h
 
 
 class NVEmbedTeacher(Teacher):
@@ -877,6 +920,11 @@ class NVEmbedTeacher(Teacher):
         if n_instr:
             pool_mask[:, :n_instr] = 0
         return self.module["latent_attention_model"](h, pool_mask)  # (B, 4096)
+
+    def _embed_packed(self, packed, n_instr):
+        h = self.module["embedding_model"](packed=packed)  # (R, L, 4096)
+        # per-text mean over positions >= n_instr: the instruction tokens are left out exactly as in _embed
+        return packed.pool(self.module["latent_attention_model"].mix(h), "mean", skip_first=n_instr)  # (N, 4096)
 
 
 # =====================================================================================================================

@@ -108,6 +108,9 @@ class TrainConfig:
     batch: int | None = _f(None, "GLOBAL batch (texts per optimizer step, all ranks together; paper 128/128/128/90); "
                                  "the in-batch losses see all of it")
     micro_batch: int = _f(16, "rows per forward pass on one rank (memory knob; does not change the maths)")
+    packing: bool = _f(True, "stages 1-3: pack each rank's texts end to end in rows of --max-length tokens, each "
+                             "text attending only to itself (packing.py): same losses, no compute on padding; "
+                             "--no-packing pads one text per row (docs/data.md)")
     lr: float | None = _f(None, "peak learning rate (paper 1e-4/8e-5/7e-5/1e-4)")
     steps: int | None = _f(None, "optimizer steps (paper 4000/7000/2200/3500)")
     warmup_ratio: float = _f(0.05, "linear warmup over this fraction of the steps, then cosine decay (authors' code)")
@@ -488,7 +491,7 @@ class TextTargets:
 
 def build_text_loader(cfg: TrainConfig, tokenizer, d: Dist) -> TrainLoader:
     return TrainLoader(cfg.texts, tokenizer, global_batch=cfg.batch, max_length=cfg.max_length, seed=cfg.seed,
-                         rank=d.rank, world_size=d.world_size, micro_batch=cfg.micro_batch)
+                         rank=d.rank, world_size=d.world_size, micro_batch=cfg.micro_batch, packing=cfg.packing)
 
 
 def build_image_loader(cfg: TrainConfig, tokenizer, d: Dist) -> ImageBatches:
@@ -919,7 +922,10 @@ def text_vectors(model, batch, targets: TextTargets, heads: list[int], d: Dist):
     """Stages 1-3: forward the share micro-batch by micro-batch, keeping every graph (the in-batch losses need the
     whole global batch before any backward). -> ({D: (b, D)}, teacher (b, Dt), real tokens)."""
     teacher = targets(batch.rows, batch.hashes).to(d.device)  # (b, Dt) fp32, rows in the order of the chunks
-    outs = [model(ids.to(d.device), mask.to(d.device), dims=heads) for ids, mask in batch.chunks]
+    if batch.packed is not None:  # texts packed in rows (data.TrainLoader): one vector per text, in batch.rows order
+        outs = [model(packed=p.to(d.device), dims=heads) for p in batch.packed]
+    else:
+        outs = [model(ids.to(d.device), mask.to(d.device), dims=heads) for ids, mask in batch.chunks]
     return {D: torch.cat([o[D] for o in outs]).float() for D in heads}, teacher, batch.n_tokens
 
 

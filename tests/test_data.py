@@ -348,7 +348,8 @@ def test_trainloader_bad_rows_skip_and_raise(texts_dir, tok, tmp_path, kind):
 
 def test_batches_identity_truncation_and_chunks(texts_dir, tok):
     rows = [json.loads(l) for l in open(texts_dir / "texts.jsonl", encoding="utf-8")]
-    L = TrainLoader(texts_dir / "texts.jsonl", tok, global_batch=32, max_length=48, seed=1, micro_batch=5)
+    L = TrainLoader(texts_dir / "texts.jsonl", tok, global_batch=32, max_length=48, seed=1, micro_batch=5,
+                    packing=False)  # the padded chunks (packed batches: tests/test_packing.py)
     b = next(iter(L))
     assert b.input_ids.shape[0] == 32 and b.rows.shape == (32,)
     assert b.hashes == [rows[r]["hash"] for r in b.rows.tolist()]
@@ -417,6 +418,8 @@ def test_resume_is_exact_across_worker_counts(texts_dir, tok, workers_after):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.attention_mask, b.attention_mask)
         assert torch.equal(a.rows, b.rows) and a.hashes == b.hashes
         assert all(torch.equal(x[0], y[0]) for x, y in zip(a.chunks, b.chunks))
+        assert len(a.packed) == len(b.packed) and all(torch.equal(x.input_ids, y.input_ids) and torch.equal(
+            x.seq_ids, y.seq_ids) for x, y in zip(a.packed, b.packed))  # packed micro-batches (the default)
     assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["step"] == 3
     assert not any(torch.equal(taken[0].rows, g.rows) for g in got)
 
