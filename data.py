@@ -10,9 +10,10 @@ Four parts, top to bottom:
                   `python data.py build --out DIR` materialises it once as DIR/texts.jsonl; the teacher cache is
                   built over the same file (cache row i == texts.jsonl row i, checked by (row, hash)).
   3. TrainLoader - batches over texts.jsonl through a byte-offset index: a seeded permutation per epoch, every global
-                  batch a uniform random draw, rank r takes positions [r*b:(r+1)*b], rows are re-ordered by length
-                  only inside that share and cut into micro-batch chunks each padded to its own longest. A batch is a
-                  pure function of (seed, epoch, step, rank): resume is exact, whatever the worker count.
+                  batch a uniform random draw, rank r takes positions [r*b:(r+1)*b], and only inside that share
+                  are texts packed end to end in rows of max_length tokens (packing.py; or, packing=False, sorted by
+                  length and cut into micro-batch chunks each padded to its own longest). A batch is a pure function
+                  of (seed, epoch, step, rank): resume is exact, whatever the worker count.
   4. ImageCaptionDataset / ImageBatches - stage 4 image-caption pairs, decoded with vision.py's image code in
                   DataLoader workers, drawn as uniform random global batches exactly like TrainLoader's.
 Every jsonl file of the project (texts, captions, eval tasks, the teacher cache input) is read through the one
@@ -789,10 +790,11 @@ class TrainLoader:
     Global batch (epoch e, step k) = valid rows perm_e[k*m:(k+1)*m], perm_e = a seeded permutation: a uniform random
     draw without replacement within the epoch (the last incomplete batch of an epoch is dropped). Rank r takes
     positions [r*b:(r+1)*b] (b = m // world_size): disjoint equal shares whose union is the global batch. Inside the
-    share, rows are tokenised in one call, sorted by length (longest first) and cut into `chunks` of at most
-    micro_batch rows, each padded to its own longest. Which texts meet in a batch is therefore exactly as random as
-    plain shuffled batching; only the order inside a rank's share changes, which the permutation-invariant losses
-    (eq. 1-3) do not see.
+    share, rows are tokenised in one call and packed end to end into rows of pack_length tokens, cut into `packed`
+    micro-batches of at most micro_batch rows (packing=True, the default; see _pack); or sorted by length (longest
+    first) and cut into `chunks` of at most micro_batch rows, each padded to its own longest (packing=False). Which
+    texts meet in a batch is therefore exactly as random as plain shuffled batching; only the order inside a rank's
+    share changes, which the permutation-invariant losses (eq. 1-3) do not see.
 
     Iterating yields Batch objects forever (or `epochs` epochs); state_dict() is the position of the next batch to be
     yielded, so a restored loader continues with exactly the batches the uninterrupted one would have yielded,

@@ -72,7 +72,8 @@ def main():
         print("|---|---:|---:|---:|")
         for world, micro, workers in ((1, 16, 0), (1, 128, 0), (8, 4, 0), (1, 16, 2)):
             loaders = [data.TrainLoader(texts, tok, G, L, seed=0, rank=r, world_size=world, micro_batch=micro,
-                                        num_workers=workers) for r in range(world)]
+                                        num_workers=workers, packing=False)  # padded (packed: bench_packing.py)
+                       for r in range(world)]
             its = [iter(ld) for ld in loaders]
             for it in its:  # warm-up (worker start, first permutation)
                 next(it)

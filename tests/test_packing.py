@@ -1,9 +1,9 @@
 """Packed sequences (packing.py): texts laid end to end in rows of a token budget, block-diagonal attention,
 positions restarting per text, per-text pooling, against the padded path (one text per row, right padding) as the
-reference. Vectors and gradients agree to <= 1e-5 relative in fp32 for every body (Qwen2 bidirectional and causal,
-Mistral, BERT, the student with its heads, NV-Embed's latent attention with instruction tokens left out), on length
-mixes with 1-token texts, texts that fill a whole row, and everything in between. TrainLoader's packed batches hold
-the same texts as its padded ones, and a training loss computed on them is the same."""
+reference. Vectors and gradients agree to <= 1e-5 relative in fp32 for every body (Qwen2, Qwen3 and Mistral,
+bidirectional and causal; BERT; the student with its heads; NV-Embed's latent attention with the instruction tokens
+left out), on length mixes with 1-token texts, texts that fill a whole row, and everything in between. TrainLoader's
+packed batches hold the same texts as its padded ones, and a training loss computed on them is the same."""
 import json
 import math
 import random
@@ -123,20 +123,24 @@ def test_packed_layout_positions_and_segments():
 # ------------------------------------------------------------------------------------------------------------------
 # Qwen2 / Mistral bodies and the student
 # ------------------------------------------------------------------------------------------------------------------
-def _qwen2(causal, bias=True, seed=0):
+def _qwen2(causal, kind="qwen2", seed=0):
+    """A tiny body: qwen2 (q/k/v bias), mistral (no bias) or qwen3 (no bias, per-head q/k RMSNorm, head_dim != H/nh)."""
+    extra = {"qwen2": dict(attention_bias=True), "mistral": dict(attention_bias=False),
+             "qwen3": dict(attention_bias=False, qk_norm=True, head_dim=12)}[kind]
     cfg = M.Qwen2Config(vocab_size=61, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                         num_attention_heads=6, num_key_value_heads=2, rope_theta=10000.0, causal=causal,
-                        attention_bias=bias, model_type="qwen2" if bias else "mistral")
+                        model_type=kind, **extra)
     torch.manual_seed(seed)
     enc = M.Qwen2Encoder(cfg)
     _perturb(enc, seed + 1)
     return enc
 
 
-@pytest.mark.parametrize("causal,bias", [(False, True), (True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("mode", ["mean", "cls", "last"])
-def test_qwen2_mistral_body_packed_equals_padded(causal, bias, mode):
-    enc = _qwen2(causal, bias)
+def test_qwen2_qwen3_mistral_body_packed_equals_padded(kind, causal, mode):
+    enc = _qwen2(causal, kind)
     ids = _ids(LENGTHS, 61, seed=2)
     w = torch.randn(len(ids), 48, generator=torch.Generator().manual_seed(3))  # a fixed linear read-out
 
