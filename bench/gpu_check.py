@@ -20,6 +20,9 @@ Writes bench/gpu_check.json (every figure) and bench/gpu_check.md (a block to pa
    checkpointing (another ~2 N) is not counted.  Peak: dense bf16 of the named GPU (table below).
 4. A stella-shaped teacher encode (the same Qwen2 body + Linear(1536, 8192), bf16, inference): texts/s and tokens/s
    at 128 x 512, the cost of filling the teacher cache.
+5. Packed vs padded (packing.py): the same body on a global batch of 128 texts of the recipe's length mix (max 512),
+   padded micro-batches of 16 sorted rows vs 16 packed rows of 512 tokens: padding efficiency, and real tokens/s of
+   fwd+bwd and of inference, side by side.
 """
 from __future__ import annotations
 
@@ -279,6 +282,74 @@ def teacher_encode(dev: torch.device, batch: int, seq: int, batches: int, dry: b
     return res
 
 
+def packed_vs_padded(dev: torch.device, batch: int, max_len: int, micro: int, repeat: int, dry: bool) -> dict:
+    """5. The same global batch through the stella-shaped body (bf16), padded as TrainLoader(packing=False) cuts it
+    (sorted by length, micro-batches of `micro` rows each padded to its longest) and packed as TrainLoader's default
+    (packing.plan_rows into rows of max_len tokens, `micro` rows per forward): training (fwd + bwd of a masked-mean
+    read-out) and encoding (inference) tokens/s, the two alternated and the median kept. Text lengths: a lognormal
+    fitted to the recipe's Qwen-token lengths (median 63, mean 100 at max_length 512), scaled to max_len."""
+    import math
+    import model as M
+    from packing import Packed, plan_rows
+    cfg = qwen2_config(dry)
+    with torch.device("meta"):
+        body = M.Qwen2Encoder(cfg)
+    body = body.to_empty(device=dev)
+    body.init_weights()
+    body = body.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(batch, generator=g)
+    lens = torch.exp(math.log(63 * max_len / 512) + 0.96 * z).round().clamp(1, max_len).long().tolist()
+    ids = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
+    order = sorted(range(batch), key=lambda i: -lens[i])
+    padded = [tuple(t.to(dev) for t in M.pad_ids([ids[i] for i in order[a:a + micro]], 0))
+              for a in range(0, batch, micro)]
+    rows = plan_rows(lens, max_len)
+    packs = []
+    for a in range(0, len(rows), micro):
+        chunk = rows[a:a + micro]
+        flat = [i for r in chunk for i in r]
+        local, k = [], 0
+        for r in chunk:
+            local.append(list(range(k, k + len(r))))
+            k += len(r)
+        packs.append(Packed.from_ids([ids[i] for i in flat], max_len, 0, rows=local).to(dev))
+    real = sum(lens)
+    computed = {"padded": sum(x.numel() for x, _ in padded), "packed": sum(p.numel() for p in packs)}
+
+    def run(kind: str, train: bool):
+        with torch.set_grad_enabled(train):
+            for item in (padded if kind == "padded" else packs):
+                if kind == "padded":
+                    x, m = item
+                    v = M.mean_pool(body(x, m), m)                      # (b, H) fp32
+                else:
+                    v = item.pool(body(packed=item))                    # (n, H) fp32
+                if train:
+                    v.sum().backward()                                  # grads accumulate over micro-batches
+        if train:
+            body.zero_grad(set_to_none=True)
+
+    res = dict(batch=batch, max_len=max_len, micro=micro, real_tokens=real,
+               efficiency={k: real / v for k, v in computed.items()})
+    for train in (True, False):
+        times: dict[str, list[float]] = {"padded": [], "packed": []}
+        for kind in ("padded", "packed"):
+            run(kind, train)                                            # warm-up
+        for _ in range(repeat):
+            for kind in ("padded", "packed"):
+                times[kind] += timed(lambda: run(kind, train), dev, 1, 0)
+        key = "train" if train else "encode"
+        med = {k: statistics.median(v) for k, v in times.items()}
+        res[key] = {k: dict(s=med[k], real_tokens_per_s=real / med[k]) for k in med}
+        res[key]["speedup"] = med["padded"] / med["packed"]
+        print(f"  {key}: padded {real / med['padded']:,.0f} | packed {real / med['packed']:,.0f} real tokens/s "
+              f"-> {res[key]['speedup']:.2f}x (padding efficiency {res['efficiency']['padded']:.3f} -> "
+              f"{res['efficiency']['packed']:.3f})", flush=True)
+    del body
+    return res
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 def markdown(r: dict) -> str:
     L = [f"### GPU check on {r['device']} ({r['when']}, `python bench/gpu_check.py{' --dry-run' if r['dry'] else ''}`)",
@@ -306,6 +377,15 @@ def markdown(r: dict) -> str:
           "", f"Stella-shaped teacher encode (bf16, inference, batch {te['batch']} x {te['seq']}, Linear to "
           f"{te['out_dim']}): **{te['texts_per_s']:,.0f} texts/s**, {te['tokens_per_s']:,.0f} tokens/s, "
           f"{te['model_tflops_per_s']:.1f} model TFLOP/s."]
+    pk = r.get("packing")
+    if pk:
+        L += ["", f"Packed vs padded (the body above, bf16, global batch {pk['batch']} texts of the recipe's length mix "
+              f"cut at {pk['max_len']}, {pk['micro']} rows per forward): padding efficiency "
+              f"{pk['efficiency']['padded']:.3f} padded, {pk['efficiency']['packed']:.3f} packed; training "
+              f"(fwd+bwd) {pk['train']['padded']['real_tokens_per_s']:,.0f} vs "
+              f"{pk['train']['packed']['real_tokens_per_s']:,.0f} real tokens/s (**{pk['train']['speedup']:.2f}x**); "
+              f"encoding {pk['encode']['padded']['real_tokens_per_s']:,.0f} vs "
+              f"{pk['encode']['packed']['real_tokens_per_s']:,.0f} (**{pk['encode']['speedup']:.2f}x**)."]
     return "\n".join(L) + "\n"
 
 
@@ -350,6 +430,10 @@ def main() -> int:
         torch.cuda.empty_cache()
     section(f"4. stella-shaped teacher encode, batch {B} x {T}")
     r["teacher"] = teacher_encode(dev, B, T, batches, a.dry_run)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    section(f"5. packed vs padded, global batch {B}, texts cut at {T}")
+    r["packing"] = packed_vs_padded(dev, B, T, 4 if a.dry_run else 16, a.repeat if not a.dry_run else 1, a.dry_run)
     r["elapsed_s"] = time.perf_counter() - t_start
     r["ok"] = all(c["ok"] for c in r["resim_check"]) and r["launch_on_other_device"].get("ok", True)
     md = markdown(r)

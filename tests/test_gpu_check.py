@@ -29,5 +29,7 @@ def test_gpu_check_dry_run(tmp_path):
     tr = r["train"]
     assert tr["tokens_per_s"] > 0 and tr["steps"] == 2 and tr["last_loss"] > 0
     assert r["teacher"]["texts_per_s"] > 0
+    pk = r["packing"]
+    assert pk["efficiency"]["packed"] >= pk["efficiency"]["padded"] and pk["train"]["speedup"] > 0
     md = (tmp_path / "gc.md").read_text()
     assert "Correctness: all OK" in md and "tokens/s" in md
