@@ -19,6 +19,7 @@ Prints markdown tables. CPU unless CUDA is present.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -125,7 +126,7 @@ def train_step_table(texts: Path, steps: int, dtypes: list[str]) -> None:
 
 def encode_table(texts: Path, n: int, dtypes: list[str], reps: int) -> None:
     tdir = T.minilm_path()
-    all_texts = D.read_texts(texts)[:n]
+    all_texts = list(itertools.islice(D.read_texts(texts), n))
     print(f"## 3. teacher encoding, all-MiniLM-L6-v2 on {len(all_texts):,} demo texts cut at 32 tokens, batch 256\n")
     print("| dtype | path | real tokens | median s | real tokens/s | speed-up |")
     print("|---|---|---:|---:|---:|---:|")
