@@ -2,12 +2,13 @@
 text attends only to its own tokens (block-diagonal attention, bidirectional or causal as the body is), positions
 restart at 0 in every text, and pooling (mean, CLS, last token, mean without the first k tokens) is per text.
 
-model.py (Qwen2 / Mistral bodies, the Jasper student), teachers.py (BERT, stella, NV-Embed) and data.py (TrainLoader)
-use it; the padded path (one text per row, right padding) stays the readable reference, and tests/test_packing.py
-checks that both give the same vectors and gradients. Attention goes through torch's SDPA with a dense (R, 1, L, L)
-block-diagonal bool mask: measured on this project's CPU, flex attention has no CPU backward and its compiled forward
-was 2.7-3x slower than SDPA at these shapes, and jagged nested tensors fail in SDPA's CPU backward; with rows no
-longer than max_length the dense mask costs little. Figures and the choice: docs/model.md "Packing".
+model.py (Qwen2 / Qwen3 / Mistral bodies, the Jasper student), teachers.py (BERT and decoder sentence-transformers
+teachers, stella, NV-Embed) and data.py (TrainLoader) use it; the padded path (one text per row) stays the readable
+reference, and tests/test_packing.py checks that both give the same vectors and gradients. Attention goes through
+torch's SDPA with a dense (R, 1, L, L) block-diagonal bool mask: measured on this project's CPU (torch 2.13), flex
+attention has no CPU backward and its compiled forward was 2.7-3x slower than SDPA at these shapes, and SDPA on
+jagged nested tensors failed on the CPU (`aten::stride does not exist`); with rows no longer than max_length the
+dense mask costs little. Figures and the choice: docs/model.md "Packing".
 """
 from __future__ import annotations
 
