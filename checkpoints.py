@@ -3,7 +3,8 @@
 Reading: safetensors checkpoints (one file or shards + index), strict key/shape loading into meta-built modules
 (gpt-fast style: mmap + assign, no random init first), JSON files with one-line errors, and the sentence-transformers
 `2_Dense_{D}` head folders of stella. Writing: `atomic_write` for single files and `atomic_dir` for whole folders
-(the HF layout of an exported student), so a kill at any moment never leaves a half-written file behind.
+(the HF layout of an exported student), so a kill at any moment never leaves a half-written file behind. The export
+folder is also a standard sentence-transformers / transformers model: its module files, checks and default head.
 Folder layouts: docs/checkpoints.md.
 
 This is the bottom module of the project: every other file imports it and it imports no project file. That is why
@@ -278,6 +279,7 @@ def atomic_dir(out_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         fill(tmp)
+        make_readable(tmp)  # mkdtemp made it 0700 and safetensors writes 0600: a model folder is shared
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -370,10 +372,11 @@ def folder_problem(folder: str | os.PathLike, required: Sequence[str] = (), hash
 
 
 def save_hf_checkpoint(out_dir: str | os.PathLike, config: dict, state: dict[str, Tensor], tokenizer=None,
-                       max_shard_bytes: int = 5 * 1024**3) -> Path:
+                       max_shard_bytes: int = 5 * 1024**3, extra: Callable[[Path], None] | None = None) -> Path:
     """The Hugging Face layout, written atomically (atomic_dir): config.json, model.safetensors (or shards
     `model-0000K-of-0000N.safetensors` of at most `max_shard_bytes` + model.safetensors.index.json, the layout
-    read_safetensors reads back) and, when a tokenizer is given, its tokenizer.json (`tokenizer.save(dir)`)."""
+    read_safetensors reads back) and, when a tokenizer is given, its tokenizer.json (`tokenizer.save(dir)`);
+    `extra(dir)` writes more files into the folder before it appears (the sentence-transformers modules)."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
     def fill(tmp: Path) -> None:
@@ -400,8 +403,200 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: dict, state: dict[str
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
+        if extra is not None:
+            extra(tmp)
 
     return atomic_dir(out_dir, fill)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The export folder is also a standard sentence-transformers / transformers model (docs/checkpoints.md "The export
+# folder"): config.json is the body's qwen2 config (+ our `jasper` block), model.safetensors JasperModel's state dict,
+# and the sentence-transformers modules (mean pooling, one Dense per head, Normalize) sit beside them.
+# ---------------------------------------------------------------------------------------------------------------------
+# Module type names as every sentence-transformers release since 2.x resolves them (6.x maps these old names to its
+# own classes), so the folder also loads in the older versions servers pin.
+ST_TYPES = {"Transformer": "sentence_transformers.models.Transformer",
+            "Pooling": "sentence_transformers.models.Pooling",
+            "Dense": "sentence_transformers.models.Dense",
+            "Normalize": "sentence_transformers.models.Normalize"}
+IDENTITY = "torch.nn.modules.linear.Identity"
+POOLING_DIR, NORMALIZE_DIR = "1_Pooling", "3_Normalize"
+
+
+def dense_dir(D: int) -> str:
+    return f"2_Dense_{D}"
+
+
+def instruction_prompt(instruction: str) -> str:
+    """The text TextTokenizer.format puts in front of a query, as a sentence-transformers prompt."""
+    return f"Instruct: {instruction}\nQuery: "
+
+
+def body_config(text_hf: dict, jasper: dict, dtype: torch.dtype) -> dict:
+    """config.json: the body's transformers config (AutoModel builds Qwen2Model from it) + our `jasper` block.
+
+    `is_causal: false` makes transformers (>= 5.2) run the decoder bidirectionally, as model.py does; without it the
+    body is causal and the vectors are wrong by ~0.16. The `jasper` block (heads, image tokens, vision config) is
+    ignored by transformers and read by JasperConfig.from_hf."""
+    cfg = {k: v for k, v in text_hf.items() if k != "causal"}
+    cfg["is_causal"] = bool(text_hf.get("causal", text_hf.get("is_causal", False)))
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg["jasper"] = jasper
+    return cfg
+
+
+def _json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_st_modules(out: Path, hidden: int, heads: dict[int, tuple[Tensor, Tensor | None]], default_head: int,
+                     max_seq_length: int, prompts: dict[str, str], tokenizer_type: str | None = None,
+                     pad_token: str | None = None) -> None:
+    """The sentence-transformers files of the folder `out` (config.json, weights and tokenizer.json are the caller's).
+
+    modules.json: Transformer (the folder itself) -> mean pooling over every real token, prompt included (as
+    JasperModel.pool) -> the default head's Dense -> Normalize. One `2_Dense_{D}` per head, with an explicit Identity
+    activation (a Dense config without one gets Tanh). `tokenizer_type` "bert" for a WordPiece tokenizer.json:
+    transformers 5 builds a Qwen2Tokenizer for any qwen2 config unless told (sentence_bert_config.json's
+    tokenizer_args is passed to AutoTokenizer)."""
+    if default_head not in heads:
+        raise CheckpointError(f"default head {default_head} is not one of the model's heads {sorted(heads)}")
+    for D, (w, b) in heads.items():
+        d = out / dense_dir(D)
+        d.mkdir(parents=True, exist_ok=True)
+        _json(d / "config.json", {"in_features": int(w.shape[1]), "out_features": int(w.shape[0]),
+                                  "bias": b is not None, "activation_function": IDENTITY})
+        state = {"linear.weight": w.detach().to("cpu").contiguous()}
+        if b is not None:
+            state["linear.bias"] = b.detach().to("cpu").contiguous()
+        atomic_write(d / "model.safetensors", lambda p, s=state: save_file(s, str(p), metadata={"format": "pt"}))
+    (out / POOLING_DIR).mkdir(exist_ok=True)
+    _json(out / POOLING_DIR / "config.json", {
+        "word_embedding_dimension": hidden, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True})
+    (out / NORMALIZE_DIR).mkdir(exist_ok=True)
+    write_modules_json(out, default_head)
+    sbert = {"max_seq_length": int(max_seq_length), "do_lower_case": False}
+    if tokenizer_type:
+        sbert["tokenizer_args"] = {"tokenizer_type": tokenizer_type}
+    _json(out / "sentence_bert_config.json", sbert)
+    _json(out / "config_sentence_transformers.json", {
+        "model_type": "SentenceTransformer", "prompts": dict(prompts), "default_prompt_name": None,
+        "similarity_fn_name": "cosine"})
+    tok_cfg = {"model_max_length": int(max_seq_length), "padding_side": "right"}
+    if pad_token:
+        tok_cfg["pad_token"] = pad_token
+    _json(out / "tokenizer_config.json", tok_cfg)
+
+
+def write_modules_json(out: Path, default_head: int) -> None:
+    _json(out / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": ST_TYPES["Transformer"]},
+        {"idx": 1, "name": "1", "path": POOLING_DIR, "type": ST_TYPES["Pooling"]},
+        {"idx": 2, "name": "2", "path": dense_dir(default_head), "type": ST_TYPES["Dense"]},
+        {"idx": 3, "name": "3", "path": NORMALIZE_DIR, "type": ST_TYPES["Normalize"]}])
+
+
+def set_default_head(folder: str | os.PathLike, D: int) -> Path:
+    """Make head D the one sentence-transformers returns (rewrites modules.json; the weights are untouched)."""
+    folder = Path(folder)
+    check_standard_folder(folder)
+    heads = standard_heads(folder)
+    if D not in heads:
+        raise CheckpointError(f"{folder / dense_dir(D)}: no such head folder; this export has heads {sorted(heads)}")
+    write_modules_json(folder, D)
+    make_readable(folder)
+    return folder
+
+
+def standard_heads(folder: Path) -> list[int]:
+    return sorted((int(p.name.rsplit("_", 1)[1]) for p in folder.glob("2_Dense_*")
+                   if p.is_dir() and p.name.rsplit("_", 1)[1].isdigit()), reverse=True)
+
+
+def check_standard_folder(folder: str | os.PathLike) -> int:
+    """Verify the sentence-transformers / transformers side of an export; returns the default head.
+
+    Catches the silent traps: no modules.json (sentence-transformers would mean-pool with no head and no
+    normalisation), a Dense config without activation_function (it would apply Tanh), a causal or missing
+    is_causal body config (transformers would run the decoder causally)."""
+    folder = Path(folder)
+    for name in ("config.json", "tokenizer.json", "modules.json", "sentence_bert_config.json",
+                 "config_sentence_transformers.json", f"{POOLING_DIR}/config.json"):
+        if not (folder / name).is_file():
+            why = {"modules.json": " (without it sentence-transformers silently mean-pools with no head and no "
+                                   "normalisation)"}.get(name, "")
+            raise CheckpointError(f"{folder / name}: file not found{why}")
+    cfg = read_json(folder / "config.json")
+    if cfg.get("model_type") not in ("qwen2", "mistral"):
+        raise CheckpointError(f"{folder / 'config.json'}: model_type {cfg.get('model_type')!r}: transformers' "
+                              f"AutoModel needs the body's own type (qwen2)")
+    if cfg.get("is_causal") is not False:
+        raise CheckpointError(f"{folder / 'config.json'}: 'is_causal' must be false (transformers would run the "
+                              f"body causally)")
+    mods = read_json(folder / "modules.json")
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in mods]
+    if kinds != ["Transformer", "Pooling", "Dense", "Normalize"] or mods[0].get("path") != "":
+        raise CheckpointError(f"{folder / 'modules.json'}: expected Transformer (path '') -> Pooling -> Dense -> "
+                              f"Normalize, found {kinds}")
+    pool = read_json(folder / POOLING_DIR / "config.json")
+    modes = [k for k, v in pool.items() if k.startswith("pooling_mode") and v]
+    if modes not in (["pooling_mode_mean_tokens"], ["pooling_mode"]) or pool.get("pooling_mode", "mean") != "mean" \
+            or pool.get("include_prompt", True) is not True:
+        raise CheckpointError(f"{folder / POOLING_DIR / 'config.json'}: expected mean pooling over all tokens "
+                              f"(include_prompt true), found {pool}")
+    hidden = cfg.get("hidden_size")
+    default = None
+    for D in standard_heads(folder):
+        d = folder / dense_dir(D)
+        dc = read_json(d / "config.json")
+        if dc.get("activation_function") != IDENTITY:
+            raise CheckpointError(f"{d / 'config.json'}: activation_function is {dc.get('activation_function')!r}, "
+                                  f"expected {IDENTITY!r} (a Dense config without one gets Tanh)")
+        if (dc.get("in_features"), dc.get("out_features")) != (hidden, D):
+            raise CheckpointError(f"{d / 'config.json'}: in/out_features {dc.get('in_features')}/"
+                                  f"{dc.get('out_features')}, expected {hidden}/{D}")
+        if not (d / "model.safetensors").is_file():
+            raise CheckpointError(f"{d / 'model.safetensors'}: file not found")
+        if mods[2].get("path") == d.name:
+            default = D
+    if default is None:
+        raise CheckpointError(f"{folder / 'modules.json'}: Dense path {mods[2].get('path')!r} is not a 2_Dense_{{D}} "
+                              f"folder of this export")
+    return default
+
+
+def is_export(folder: Path) -> bool:
+    """A folder this project wrote: config.json with our `jasper` block (this layout) or model_type jasper (before)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and ("jasper" in cfg or cfg.get("model_type") == "jasper")
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse to replace a non-empty folder that is not a previous export (a typo must not delete a user's files)."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
+        first = sorted(p.name for p in out.iterdir())[:5]
+        raise CheckpointError(f"{out}: not empty and not a previous export (no config.json of this project; "
+                              f"found {first}); refusing to replace it")
+
+
+def make_readable(folder: Path) -> None:
+    """Files 0644 and folders 0755 (minus the umask): mkdtemp makes 0700 folders and safetensors 0600 files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~umask)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

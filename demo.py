@@ -95,6 +95,7 @@ def make_demo_student(teacher_dir, head_dims=DEMO_HEAD_DIMS, max_length: int = 3
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
     student.tokenizer = tok
+    student.prompts = {}  # trained and evaluated without instructions: its export stores no prompts
     return student
 
 

@@ -136,7 +136,7 @@ def _is_jasper(spec: str) -> bool:
             return False
         cfg = read_json(cfg_path, "model config", error=EvalError)
         arch = " ".join(cfg.get("architectures") or []) + " " + str(cfg.get("model_type", ""))
-        return "head_dims" in cfg or "jasper" in arch.lower() or "vector_dim" in cfg
+        return "head_dims" in cfg or "jasper" in arch.lower() or "vector_dim" in cfg or "jasper" in cfg
     return "jasper" in spec.lower()
 
 

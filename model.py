@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -23,9 +25,10 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer
 from torch import Tensor, nn
 
-from checkpoints import (CheckpointError, check_config_values, load_state_strict, progress, read_config,
-                         read_dense_folder, read_json, read_safetensors, resolve_checkpoint, save_hf_checkpoint,
-                         stella_dense_folders)
+from checkpoints import (CheckpointError, body_config, check_config_values, check_out_dir, check_standard_folder,
+                         instruction_prompt, load_state_strict, progress, read_config, read_dense_folder, read_json,
+                         read_safetensors, resolve_checkpoint, save_hf_checkpoint, set_default_head,
+                         stella_dense_folders, write_st_modules)
 from packing import Packed
 from vision import (IMG_END_ID, IMG_START_ID, IMG_TOKEN_ID, NUM_IMAGE_TOKENS, SiglipVisionConfig, SiglipVisionEncoder,
                     jasper_vision_state, pool_image_features, preprocess_images, splice_image_features)
@@ -513,7 +516,10 @@ class TextTokenizer:
         return out
 
 
-# `vector_linear_{D}.*` (heads); config.json holds `text_config` / `vision_config` / head dims / image token ids.
+# ---------------------------------------------------------------------------------------------------------------------
+# The student (sec. 2.1): Qwen2 body -> masked mean -> Matryoshka heads FC1..FC4, each L2-normalised. Weights as the
+# released Jasper: `model.*` (body), `vision_model.*` (SigLIP), `vector_linear_{D}.*` (heads). Our config.json is the
+# body's own qwen2 config plus a `jasper` block, so the export is also a standard model folder (docs/checkpoints.md).
 # ---------------------------------------------------------------------------------------------------------------------
 JASPER_HEAD_DIMS = (12288, 1024, 512, 256)  # FC1..FC4
 
@@ -540,11 +546,14 @@ class JasperConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict | str | os.PathLike) -> "JasperConfig":
-        """From our exported config.json or the released Jasper's (text_config / vision_config sub-dicts).
+        """From our exported config.json (the body's qwen2 config + a `jasper` block; before issue 14: model_type
+        jasper with text_config) or the released Jasper's (text_config / vision_config sub-dicts).
 
         A plain qwen2 config.json (no text_config) is accepted as a text-only student with the default heads.
         """
         where, cfg = read_config(cfg)
+        if isinstance(cfg.get("jasper"), dict):  # the body config with our fields in one block (to_hf)
+            cfg = {**{k: v for k, v in cfg.items() if k != "jasper"}, **cfg["jasper"]}
         text_cfg = cfg.get("text_config", cfg)
         if "model_type" not in text_cfg:
             text_cfg = {"model_type": "qwen2", **text_cfg}
@@ -575,15 +584,15 @@ class JasperConfig:
                     break
         return cls(text=text, vision=vision, **kw)
 
-    def to_hf(self) -> dict:
+    def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
+        """config.json: what transformers' AutoModel needs for the body (model_type qwen2, "is_causal": false, the
+        weights' dtype) + our fields in a `jasper` block that transformers keeps and ignores."""
         vision = self.vision.to_hf() if self.vision is not None else None
-        return {
-            "architectures": ["JasperModel"], "model_type": "jasper", "text_config": self.text.to_hf(),
-            "vision_config": vision, "head_dims": list(self.head_dims),
-            "img_start_token_id": self.img_start_token_id, "img_token_id": self.img_token_id,
-            "img_end_token_id": self.img_end_token_id, "num_image_tokens": self.num_image_tokens,
-            "max_length": self.max_length,
-        }
+        return body_config(self.text.to_hf(), {
+            "head_dims": list(self.head_dims), "img_start_token_id": self.img_start_token_id,
+            "img_token_id": self.img_token_id, "img_end_token_id": self.img_end_token_id,
+            "num_image_tokens": self.num_image_tokens, "max_length": self.max_length, "vision_config": vision},
+            dtype)
 
 
 class JasperModel(nn.Module):
@@ -600,6 +609,9 @@ class JasperModel(nn.Module):
         for D in config.head_dims:
             setattr(self, f"vector_linear_{D}", nn.Linear(H, D, bias=True))
         self.tokenizer: TextTokenizer | None = None
+        # sentence-transformers prompts {name: prefix} written with every export; None = the standard instruction
+        # prompts (standard_prompts), {} = none (a student trained and evaluated without instructions)
+        self.prompts: dict[str, str] | None = None
 
     # -- structure ----------------------------------------------------------------------------------------------------
     @property
@@ -783,12 +795,14 @@ class JasperModel(nn.Module):
         state = read_safetensors(path, prefix_filter=prefixes)
         if config.vision is not None:  # released layout nests the tower: 'vision_model.vision_model.'
             state = jasper_vision_state(state, str(path))
-        if not any(k.startswith("model.") for k in state) and "text_config" not in read_json(path / "config.json"):
+        raw = read_json(path / "config.json")
+        ours = raw.get("jasper") if isinstance(raw.get("jasper"), dict) else {}
+        if not any(k.startswith("model.") for k in state) and "text_config" not in raw and not ours:
             raise CheckpointError(f"{path}: no 'model.*' keys and no text_config: this looks like a bare Qwen2 "
                                   f"(stella-layout) checkpoint; use JasperModel.from_stella({str(src)!r})")
         heads_in_ckpt = sorted({int(k.split(".")[0].rsplit("_", 1)[1]) for k in state
                                 if k.startswith("vector_linear_")}, reverse=True)
-        if "head_dims" not in read_json(path / "config.json") and heads_in_ckpt:
+        if "head_dims" not in raw and "head_dims" not in ours and heads_in_ckpt:
             config.head_dims = tuple(heads_in_ckpt)  # released config may not list them: take them from the keys
         if max_length:
             config.max_length = max_length
@@ -798,6 +812,8 @@ class JasperModel(nn.Module):
         if (path / "tokenizer.json").is_file():
             model.tokenizer = TextTokenizer.from_pretrained(path, max_length=config.max_length)
             model._check_tokenizer(str(path))
+        if (path / "config_sentence_transformers.json").is_file():  # the prompts travel with the model
+            model.prompts = read_json(path / "config_sentence_transformers.json").get("prompts")
         return model
 
     def _check_tokenizer(self, where: str) -> None:
@@ -866,6 +882,9 @@ class JasperModel(nn.Module):
             model.vision_model.init_weights()
         model = model.to(device)
         model.tokenizer = tokenizer
+        if (path / "config_sentence_transformers.json").is_file():  # stella's own prompt names stay usable
+            own = read_json(path / "config_sentence_transformers.json").get("prompts") or {}
+            model.prompts = {**standard_prompts(), **own} if own else None
         return model
 
     def _init_heads_from_stella(self, path: Path, seed: int) -> dict:
@@ -895,10 +914,132 @@ class JasperModel(nn.Module):
         return report
 
     def save_pretrained(self, out_dir: str | os.PathLike, tokenizer: TextTokenizer | None = None,
-                        state_dict: dict[str, Tensor] | None = None, max_shard_bytes: int = 5 * 1024**3) -> Path:
-        """HF layout (config.json, model.safetensors or shards + index, tokenizer.json), written atomically: into a
-        temporary sibling directory that is renamed over `out_dir` only when complete (checkpoints.save_hf_checkpoint).
-        `state_dict` lets a distributed trainer pass the gathered full state dict."""
+                        state_dict: dict[str, Tensor] | None = None, max_shard_bytes: int = 5 * 1024**3,
+                        default_head: int | None = None, prompts: dict[str, str] | None = None) -> Path:
+        """The export folder (docs/checkpoints.md): our files (config.json, model.safetensors or shards + index,
+        tokenizer.json) that are at the same time a standard transformers / sentence-transformers model (the
+        sentence-transformers modules beside them), written atomically into a temporary sibling directory that is
+        renamed over `out_dir` only when complete. `out_dir` must be absent, empty or a previous export.
+
+        default_head: the head sentence-transformers returns (default: the largest, FC1, as encode()); every head
+        is in the folder and `python model.py set-head` switches. prompts: default `self.prompts`. `state_dict` lets
+        a distributed trainer pass the gathered full state dict (the heads are taken from it too)."""
+        dims = self.config.head_dims
+        default_head = max(dims) if default_head is None else int(default_head)
+        if default_head not in dims:  # refused before anything is written
+            raise CheckpointError(f"default head {default_head} is not one of the model's heads {sorted(dims)}")
+        out_dir = Path(out_dir)
+        check_out_dir(out_dir)
         state = state_dict if state_dict is not None else self.state_dict()
-        return save_hf_checkpoint(out_dir, self.config.to_hf(), state, tokenizer or self.tokenizer,
-                                  max_shard_bytes=max_shard_bytes)
+        tokenizer = tokenizer or self.tokenizer
+        extra = None
+        if tokenizer is not None:
+            heads = {D: (state[f"vector_linear_{D}.weight"], state.get(f"vector_linear_{D}.bias")) for D in dims}
+            prompts = prompts if prompts is not None else self.prompts
+            prompts = standard_prompts() if prompts is None else prompts
+            wordpiece = type(tokenizer.tok.model).__name__ == "WordPiece"
+
+            def extra(tmp: Path) -> None:
+                write_st_modules(tmp, self.config.text.hidden_size, heads, default_head, self.config.max_length,
+                                 prompts, tokenizer_type="bert" if wordpiece else None,
+                                 pad_token=tokenizer.tok.id_to_token(tokenizer.pad_id))
+        else:
+            warnings.warn(f"{out_dir}: saved without a tokenizer: JasperModel.from_pretrained reads it, "
+                          f"sentence-transformers cannot (no tokenizer.json, no modules.json)")
+        return save_hf_checkpoint(out_dir, self.config.to_hf(state["model.embed_tokens.weight"].dtype), state,
+                                  tokenizer, max_shard_bytes=max_shard_bytes, extra=extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Conversion to the export folder, and its command line: `python model.py export SRC OUT [--default-head D]`,
+# `python model.py set-head PATH D`, `python model.py check PATH` (docs/checkpoints.md "The export folder").
+# ---------------------------------------------------------------------------------------------------------------------
+def standard_prompts() -> dict[str, str]:
+    """The prompts an export stores when the model has none of its own: eval.py's instructions under the names mteb
+    resolves (task, task-side, task type, `query` / `document`), each as TextTokenizer.format puts it in front."""
+    import eval as E  # the instruction table is eval's (mteb's task metadata); imported here only, never at the top
+
+    p: dict[str, str] = {}
+    for task, pr in E.ORIGINAL_PROMPTS.items():
+        if isinstance(pr, dict):  # per side: "SciFact-query"
+            p.update({f"{task}-{side}": instruction_prompt(i) for side, i in pr.items()})
+        else:
+            p[task] = instruction_prompt(pr)
+    for task_type, i in E.TYPE_DEFAULT_PROMPTS.items():  # symmetric types get it on every text; retrieval on queries
+        p[f"{task_type}-query" if task_type == "Retrieval" else task_type] = instruction_prompt(i)
+    p["query"] = instruction_prompt(E.TYPE_DEFAULT_PROMPTS["Retrieval"])
+    p["document"] = ""  # documents are encoded as they are
+    return p
+
+
+def export_folder(src: str | os.PathLike, out: str | os.PathLike, default_head: int | None = None) -> Path:
+    """Convert an export (this layout or the one before), a released Jasper folder or a stella folder to the export
+    folder at `out` (may equal `src`). A stella folder keeps every `2_Dense_{D}` head exactly, its own default head
+    (modules.json) and its own prompts beside the standard ones; the rest default to the largest head."""
+    src = resolve_checkpoint(src)
+    cfg = read_json(src / "config.json")
+    if not (src / "tokenizer.json").is_file():
+        raise CheckpointError(f"{src / 'tokenizer.json'}: file not found (the export folder needs the tokenizer)")
+    if "jasper" in cfg or "text_config" in cfg or "jasper" in str(cfg.get("model_type", "")):
+        model = JasperModel.from_pretrained(src)
+    else:
+        dense = stella_dense_folders(src)
+        if not dense:
+            raise CheckpointError(f"{src}: neither an export of this project or a released Jasper (config.json "
+                                  f"with a jasper block or text_config) nor a stella folder (no 2_Dense_* folder)")
+        model = JasperModel.from_stella(src, head_dims=sorted(dense, reverse=True))
+        if default_head is None and (src / "modules.json").is_file():
+            for m in read_json(src / "modules.json"):
+                if str(m.get("type", "")).endswith("Dense"):
+                    default_head = int(read_json(src / m["path"] / "config.json")["out_features"])
+    return model.save_pretrained(out, default_head=default_head)
+
+
+def verify_export(path: str | os.PathLike) -> int:
+    """check_standard_folder (the layout and its silent traps) + every `2_Dense_{D}` equal to `vector_linear_{D}` and
+    a Dense folder for every head of config.json. Returns the default head."""
+    path = Path(path)
+    default = check_standard_folder(path)
+    config = JasperConfig.from_hf(path / "config.json")
+    state = read_safetensors(path, prefix_filter="vector_linear_")
+    for D in config.head_dims:
+        w, b = read_dense_folder(path / f"2_Dense_{D}")
+        if not (torch.equal(w, state[f"vector_linear_{D}.weight"]) and torch.equal(b, state[f"vector_linear_{D}.bias"])):
+            raise CheckpointError(f"{path / f'2_Dense_{D}' / 'model.safetensors'}: differs from vector_linear_{D} "
+                                  f"in model.safetensors")
+    return default
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="model.py", description="The export folder: convert, switch head, verify.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="convert an export, a released Jasper or a stella folder to the export folder")
+    ex.add_argument("src")
+    ex.add_argument("out", help="absent, empty or a previous export (may be SRC itself)")
+    ex.add_argument("--default-head", type=int, default=None,
+                    help="head sentence-transformers returns (default: stella's own, else the largest)")
+    sh = sub.add_parser("set-head", help="make head D the one sentence-transformers returns (rewrites modules.json)")
+    sh.add_argument("path")
+    sh.add_argument("dim", type=int)
+    ck = sub.add_parser("check", help="verify the standard side of an export (layout, traps, heads)")
+    ck.add_argument("path")
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "export":
+            out = export_folder(a.src, a.out, a.default_head)
+            print(f"{out}: export folder, default head {check_standard_folder(out)}")
+        elif a.cmd == "set-head":
+            set_default_head(a.path, a.dim)
+            print(f"{a.path}: default head {a.dim}")
+        else:
+            print(f"{a.path}: ok, default head {verify_export(a.path)}")
+    except (CheckpointError, ValueError) as e:
+        print(f"model.py {a.cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -70,3 +70,16 @@ def test_demo_shortened_end_to_end(tmp_path, data_dir, capsys):
     assert r["teacher"]["STSBenchmark"][384] == pytest.approx(0.8672, abs=2e-3)  # all-MiniLM-L6-v2 dev (sanity)
     saved = json.loads((out / "results.json").read_text())
     assert saved["results"]["student"]["STSBenchmark"]["384"] == r["student"]["STSBenchmark"][384]
+
+    # the demo's student is a model people can load: sentence-transformers at every head == JasperModel.encode
+    st = pytest.importorskip("sentence_transformers")
+    import checkpoints as C
+    import model as M
+    final = out / "stage3" / "final"
+    ours = M.JasperModel.from_pretrained(final)
+    texts = ["A man is playing a guitar.", "A woman slices an onion into thin rings for the soup.", "tiny"]
+    assert C.check_standard_folder(final) == 384 and ours.prompts == {}  # WordPiece, no instructions
+    for D in (384, 256, 128, 64):
+        C.set_default_head(final, D)
+        got = st.SentenceTransformer(str(final), device="cpu").encode(texts, convert_to_tensor=True)
+        assert (got - ours.encode(texts, dim=D)).abs().max().item() <= 1e-6, D

@@ -85,9 +85,9 @@ def test_save_load_roundtrip_and_atomic(stella_like, tmp_path, monkeypatch):
     student = M.JasperModel.from_stella(d, head_dims=(64, 48, 32))
     out = tmp_path / "export"
     student.save_pretrained(out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["head_dims"] == [64, 48, 32] and cfg["text_config"]["vocab_size"] == 151649
+    assert {"config.json", "model.safetensors", "tokenizer.json", "modules.json"} <= {p.name for p in out.iterdir()}
+    cfg = json.loads((out / "config.json").read_text())  # the body's qwen2 config + our block (docs/checkpoints.md)
+    assert cfg["jasper"]["head_dims"] == [64, 48, 32] and cfg["vocab_size"] == 151649 and cfg["is_causal"] is False
     back = M.JasperModel.from_pretrained(out)
     texts = ["one sentence here", "and another, longer, sentence with more words in it"]
     for D in (64, 48, 32):

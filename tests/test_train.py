@@ -316,7 +316,7 @@ def test_vision_init_attaches_a_siglip_tower(assets, tmp_path):
     cfg = json.loads((with_vision / "config.json").read_text())
     sig = tmp_path / "siglip"
     sig.mkdir()
-    (sig / "config.json").write_text(json.dumps({"model_type": "siglip_vision_model", **cfg["vision_config"]}))
+    (sig / "config.json").write_text(json.dumps({"model_type": "siglip_vision_model", **cfg["jasper"]["vision_config"]}))
     w = {k[len("vision_model."):]: v for k, v in load_file(with_vision / "model.safetensors").items()
          if k.startswith("vision_model.")}
     save_file(w, str(sig / "model.safetensors"))
@@ -324,7 +324,7 @@ def test_vision_init_attaches_a_siglip_tower(assets, tmp_path):
     out = load_file(Path(s["export"]) / "model.safetensors")
     assert {k for k in out if k.startswith("vision_model.")} == {"vision_model." + k for k in w}
     assert all(torch.equal(out["vision_model." + k], v) for k, v in w.items())
-    assert json.loads((Path(s["export"]) / "config.json").read_text())["vision_config"]
+    assert json.loads((Path(s["export"]) / "config.json").read_text())["jasper"]["vision_config"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -199,7 +199,7 @@ def test_released_layout_and_export_roundtrip(refs, student, photos, tmp_path):
     (released / "tokenizer.json").write_text((refs[0] / "tokenizer.json").read_text())
     loaded = M.JasperModel.from_pretrained(released).eval()
     exported = M.JasperModel.from_pretrained(student.save_pretrained(tmp_path / "export")).eval()
-    assert json.loads((tmp_path / "export" / "config.json").read_text())["vision_config"]["vision_use_head"] is False
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["jasper"]["vision_config"]["vision_use_head"] is False
     ids = torch.tensor([_image_prompt()] * 2)
     px, _, _ = V.preprocess_images(photos[:2], size=VISION["image_size"])
     with torch.no_grad():
