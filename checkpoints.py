@@ -516,12 +516,13 @@ def standard_heads(folder: Path) -> list[int]:
                    if p.is_dir() and p.name.rsplit("_", 1)[1].isdigit()), reverse=True)
 
 
-def check_standard_folder(folder: str | os.PathLike) -> int:
+def check_standard_folder(folder: str | os.PathLike, weights: bool = False) -> int:
     """Verify the sentence-transformers / transformers side of an export; returns the default head.
 
     Catches the silent traps: no modules.json (sentence-transformers would mean-pool with no head and no
     normalisation), a Dense config without activation_function (it would apply Tanh), a causal or missing
-    is_causal body config (transformers would run the decoder causally)."""
+    is_causal body config (transformers would run the decoder causally). `weights`: also every head of the
+    `jasper` block has its `2_Dense_{D}`, equal to `vector_linear_{D}` of model.safetensors."""
     folder = Path(folder)
     for name in ("config.json", "tokenizer.json", "modules.json", "sentence_bert_config.json",
                  "config_sentence_transformers.json", f"{POOLING_DIR}/config.json"):
@@ -565,6 +566,14 @@ def check_standard_folder(folder: str | os.PathLike) -> int:
     if default is None:
         raise CheckpointError(f"{folder / 'modules.json'}: Dense path {mods[2].get('path')!r} is not a 2_Dense_{{D}} "
                               f"folder of this export")
+    if weights:
+        state = read_safetensors(folder, prefix_filter="vector_linear_")
+        for D in (cfg.get("jasper") or {}).get("head_dims", []):
+            w, b = read_dense_folder(folder / dense_dir(D))
+            if not (torch.equal(w, state[f"vector_linear_{D}.weight"]) and
+                    torch.equal(b, state[f"vector_linear_{D}.bias"])):
+                raise CheckpointError(f"{folder / dense_dir(D) / 'model.safetensors'}: differs from "
+                                      f"vector_linear_{D} in model.safetensors")
     return default
 
 

@@ -141,7 +141,8 @@ class TrainConfig:
                                    "continue later with --resume (preemptible jobs, time-boxed runs)")
     resume: bool = _f(False, "continue from OUT/checkpoints/latest (exactly: same losses as an uninterrupted run); "
                              "starts at step 0 when OUT has no checkpoint yet")
-    export: bool = _f(True, "export the final model in HF layout to OUT/final (config.json, safetensors, tokenizer)")
+    export: bool = _f(True, "export the final model to OUT/final: our files, also a standard sentence-transformers "
+                            "/ transformers folder (docs/checkpoints.md)")
     eval_data: str | None = _f(None, "after the export, quick STSBenchmark-dev score of the final model (eval.py) "
                                      "with this shared data dir; empty = skip")
     config: str | None = _f(None, "JSON file of config values (keys = field names); CLI flags override it")

@@ -32,14 +32,15 @@ TEXTS = ["A man is playing a guitar.", "short", "Stella and Jasper are embedding
 TOL = 1e-6  # max abs difference, fp32
 
 
-def _tiny(tokenizer_dir: Path, head_dims=(48, 32, 16), seed: int = 0) -> M.JasperModel:
+def _tiny(tokenizer_dir: Path, head_dims=(48, 32, 16), seed: int = 0, vision=None) -> M.JasperModel:
     """A tiny random student on a real tokenizer; norms and biases perturbed so no weight is at its init value."""
     tok = M.TextTokenizer.from_pretrained(tokenizer_dir, max_length=24)
     text = M.Qwen2Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4)
     img = tok.image_token_ids or (151646, 151647, 151648)
     torch.manual_seed(seed)
-    m = M.JasperModel(M.JasperConfig(text=text, head_dims=head_dims, max_length=24, img_start_token_id=img[0],
+    m = M.JasperModel(M.JasperConfig(text=text, vision=vision, head_dims=head_dims, max_length=24,
+                                     img_start_token_id=img[0],
                                      img_token_id=img[1], img_end_token_id=img[2]))
     with torch.no_grad():
         for n, p in m.named_parameters():
@@ -187,6 +188,33 @@ def test_silent_traps_are_caught(qwen_student, tmp_path):
     assert (_st(bad).encode(TEXTS, convert_to_tensor=True) - want).abs().max() > 1e-3
     with pytest.raises(M.CheckpointError, match="is_causal"):
         C.check_standard_folder(bad)
+    # 4. a head folder edited by hand: `check` compares it with the model's own head
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "edited"
+    shutil.copytree(out, bad)
+    w = load_file(str(bad / "2_Dense_16" / "model.safetensors"))
+    w["linear.bias"] = w["linear.bias"] + 1e-3
+    save_file(w, str(bad / "2_Dense_16" / "model.safetensors"))
+    assert C.check_standard_folder(bad) == D  # the layout alone is fine
+    with pytest.raises(M.CheckpointError, match=r"2_Dense_16/model.safetensors: differs from vector_linear_16"):
+        C.check_standard_folder(bad, weights=True)
+
+
+def test_vision_student_text_side_is_standard_and_the_tower_stays_ours(tmp_path):
+    """sentence-transformers / transformers get the text model; the SigLIP weights ride along in model.safetensors
+    (unexpected keys to transformers) and come back whole through JasperModel.from_pretrained."""
+    from vision import SiglipVisionConfig
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    model = _tiny(qwen_tokenizer_dir(), head_dims=(32, 16), vision=vision)
+    out = model.save_pretrained(tmp_path / "export")
+    _assert_st_matches(out, model, 32)
+    _, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
+    assert any(k.startswith("vision_model.") for k in info["unexpected_keys"]) and not info["missing_keys"]
+    back = M.JasperModel.from_pretrained(out)
+    assert back.config.vision == vision
+    for k, v in model.vision_model.state_dict().items():
+        assert torch.equal(back.vision_model.state_dict()[k], v), k
 
 
 def test_files_are_readable_by_others(qwen_student, tmp_path):
@@ -229,6 +257,8 @@ def test_cli_converts_an_old_export_and_switches_heads(qwen_student, tmp_path):
     r = _cli("set-head", str(tmp_path / "new"), "16")
     assert r.returncode == 0, r.stderr
     _assert_st_matches(tmp_path / "new", qwen_student, 16)
+    r = _cli("check", str(tmp_path / "new"))
+    assert r.returncode == 0 and "ok, default head 16" in r.stdout, r.stderr
     # converting in place (an old export becomes the new layout)
     r = _cli("export", str(old), str(old))
     assert r.returncode == 0, r.stderr
@@ -296,14 +326,14 @@ def test_bad_input_names_the_head_folder_or_file(qwen_student, tmp_path):
     out = qwen_student.save_pretrained(tmp_path / "export")
     qwen_student.save_pretrained(out, default_head=16)
     assert C.check_standard_folder(out) == 16
-    with pytest.raises(M.CheckpointError, match=r"2_Dense_999: no such head folder.*\[48, 32, 16\]"):
+    with pytest.raises(M.CheckpointError, match=r"2_Dense_999: no such head folder.*\[16, 32, 48\]"):
         C.set_default_head(out, 999)
     # a conversion source missing a file: the error names it
     for name in ("tokenizer.json", "model.safetensors", "config.json"):
         src = tmp_path / f"no-{name}"
         shutil.copytree(out, src)
         (src / name).unlink()
-        with pytest.raises(M.CheckpointError, match=re.escape(str(src / name))):
+        with pytest.raises(M.CheckpointError, match=re.escape(str(src)) + r"(/|: no |.*)" + re.escape(name)):
             M.export_folder(src, tmp_path / f"to-{name}")
     r = _cli("export", str(out), str(tmp_path / "x"), "--default-head", "5")
     assert r.returncode != 0 and "default head 5 is not one of the model's heads [16, 32, 48]" in r.stderr
