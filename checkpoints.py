@@ -531,7 +531,7 @@ def check_standard_folder(folder: str | os.PathLike, weights: bool = False) -> i
                                    "normalisation)"}.get(name, "")
             raise CheckpointError(f"{folder / name}: file not found{why}")
     cfg = read_json(folder / "config.json")
-    if cfg.get("model_type") not in ("qwen2", "mistral"):
+    if cfg.get("model_type") not in ("qwen2", "qwen3", "mistral"):
         raise CheckpointError(f"{folder / 'config.json'}: model_type {cfg.get('model_type')!r}: transformers' "
                               f"AutoModel needs the body's own type (qwen2)")
     if cfg.get("is_causal") is not False:
