@@ -170,7 +170,7 @@ def test_silent_traps_are_caught(qwen_student, tmp_path):
     assert (_st(bad).encode(TEXTS, convert_to_tensor=True) - want).abs().max() > 1e-3
     with pytest.raises(M.CheckpointError, match=r"2_Dense_48/config.json: activation_function is None.*Tanh"):
         C.check_standard_folder(bad)
-    with pytest.raises(M.CheckpointError, match="activation_function.*Tanh"):
+    with pytest.raises(M.CheckpointError, match=r"2_Dense_48/config.json: activation .*Tanh"):
         M.JasperModel.from_stella(bad, head_dims=(48,))  # our stella reader refuses what theirs reads as Tanh
     # 2. no modules.json: plain mean pooling, no head, no normalisation
     bad = tmp_path / "nomodules"
