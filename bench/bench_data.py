@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import recipe  # noqa: E402
 import model  # noqa: E402
 
 
@@ -47,8 +48,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         # 1. recipe over passages.jsonl only (all of it: every document read, 30% split, 0.08% shuffled)
         t0 = time.perf_counter()
-        stats = data.RecipeStats()
-        src = [data.SourceSpec("passages", str(passages), 1.0, "passage", True)]
+        stats = recipe.RecipeStats()
+        src = [recipe.SourceSpec("passages", str(passages), 1.0, "passage", True)]
         texts = Path(tmp) / "texts.jsonl"
         n = 0
         with open(texts, "w") as f:

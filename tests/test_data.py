@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import data
+import recipe
 from data import DataError, TrainLoader, text_hash
 from model import TextTokenizer
 
@@ -80,7 +81,7 @@ def _doc_with(docs, fragment):
 ])
 def test_splitter_keeps_abbreviations_initials_decimals(data_dir, fragment):
     doc = _doc_with(_passages(data_dir), fragment)
-    sents = data.split_sentences(doc)
+    sents = recipe.split_sentences(doc)
     assert len(sents) > 1, "the document has several sentences"
     assert any(fragment in s for s in sents), f"{fragment!r} was cut: {[s for s in sents if fragment[:12] in s]}"
 
@@ -91,24 +92,24 @@ def test_splitter_keeps_abbreviations_initials_decimals(data_dir, fragment):
 ])
 def test_splitter_cuts_after_closing_quote_and_spaced_period(data_dir, end, nxt):
     doc = _doc_with(_passages(data_dir), end)
-    sents = data.split_sentences(doc)
+    sents = recipe.split_sentences(doc)
     i = next(i for i, s in enumerate(sents) if s.endswith(end))
     assert sents[i + 1].startswith(nxt)
 
 
 def test_splitter_does_not_cut_before_lowercase_after_quote(data_dir):
     doc = _doc_with(_passages(data_dir), "that's a big croc!\" he said.")
-    assert any(s.endswith("that's a big croc!\" he said.") for s in data.split_sentences(doc))
+    assert any(s.endswith("that's a big croc!\" he said.") for s in recipe.split_sentences(doc))
 
 
 def test_splitter_rules_on_constructed_cases():
-    assert data.split_sentences("Mr. Howard met Dr. Smith at 3.30 p.m. on Jan. 5. They talked.") == [
+    assert recipe.split_sentences("Mr. Howard met Dr. Smith at 3.30 p.m. on Jan. 5. They talked.") == [
         "Mr. Howard met Dr. Smith at 3.30 p.m. on Jan. 5.", "They talked."]
-    assert data.split_sentences('"Why?" he asked. She shrugged. Wait... What? No!') == [
+    assert recipe.split_sentences('"Why?" he asked. She shrugged. Wait... What? No!') == [
         '"Why?" he asked.', "She shrugged.", "Wait...", "What?", "No!"]
-    assert data.split_sentences("See Fig. 3 and pp. 12-14. Smith et al. Nature printed it.\n\nnew paragraph") == [
+    assert recipe.split_sentences("See Fig. 3 and pp. 12-14. Smith et al. Nature printed it.\n\nnew paragraph") == [
         "See Fig. 3 and pp. 12-14.", "Smith et al. Nature printed it.", "new paragraph"]
-    assert data.split_sentences("Acme Ltd. The firm grew.") == ["Acme Ltd.", "The firm grew."]
+    assert recipe.split_sentences("Acme Ltd. The firm grew.") == ["Acme Ltd.", "The firm grew."]
 
 
 def test_splitter_agrees_with_pysbd_on_real_text(data_dir):
@@ -131,7 +132,7 @@ def test_splitter_agrees_with_pysbd_on_real_text(data_dir):
 
     tp = fp = fn = 0
     for t in docs:
-        a, b = ends(data.split_sentences(t), t), ends(seg.segment(t), t)
+        a, b = ends(recipe.split_sentences(t), t), ends(seg.segment(t), t)
         tp, fp, fn = tp + len(a & b), fp + len(a - b), fn + len(b - a)
     precision, recall = tp / (tp + fp), tp / (tp + fn)
     assert tp > 500
@@ -144,13 +145,13 @@ def test_split_into_pieces_sizes_and_coverage(data_dir):
     n_docs = 0
     for d in _passages(data_dir):
         t = d["text"]
-        sents = data.split_sentences(t)
+        sents = recipe.split_sentences(t)
         if len(sents) < 10:
             continue
-        pieces = data.split_into_pieces(t, rng, 1, 10)
+        pieces = recipe.split_into_pieces(t, rng, 1, 10)
         # pieces are consecutive runs of whole sentences, in order, covering the document
-        assert [s for p in pieces for s in data.split_sentences(p)] == sents
-        sizes[len(data.split_sentences(pieces[0]))] += 1  # the first piece's size is the draw (>= 10 sentences)
+        assert [s for p in pieces for s in recipe.split_sentences(p)] == sents
+        sizes[len(recipe.split_sentences(pieces[0]))] += 1  # the first piece's size is the draw (>= 10 sentences)
         n_docs += 1
         if n_docs == 1000:
             break
@@ -163,13 +164,13 @@ def test_split_into_pieces_sizes_and_coverage(data_dir):
 # ==================================================================================================================
 
 def _sources(data_dir, weight=0.8):
-    return [data.SourceSpec("passages", str(data_dir / "text" / "passages.jsonl"), weight, "passage", True),
-            data.SourceSpec("short", str(data_dir / "text" / "short.jsonl"), 1 - weight, "short", False)]
+    return [recipe.SourceSpec("passages", str(data_dir / "text" / "passages.jsonl"), weight, "passage", True),
+            recipe.SourceSpec("short", str(data_dir / "text" / "short.jsonl"), 1 - weight, "short", False)]
 
 
 def test_recipe_rates_match_parameters(data_dir):
     n = 12_000
-    stats = data.RecipeStats()
+    stats = recipe.RecipeStats()
     out = list(data.recipe_stream(_sources(data_dir), seed=3, n_texts=n, stats=stats))
     assert len(out) == n and stats.exhausted is None
     n_passage_texts = sum(1 for e in out if not e.kind.startswith("short"))
@@ -178,7 +179,7 @@ def test_recipe_rates_match_parameters(data_dir):
     assert _sigma_ok(stats.shuffled, n, 0.0008)                                          # 0.08% word-shuffled
     assert {e.kind.split("+")[0] for e in out} == {"passage", "split", "short"}
     # other ratios are honoured too (each ratio is a parameter)
-    stats2 = data.RecipeStats()
+    stats2 = recipe.RecipeStats()
     out2 = list(data.recipe_stream(_sources(data_dir, 0.5), seed=3, n_texts=4000, split_ratio=0.6,
                                    shuffle_ratio=0.1, stats=stats2))
     assert _sigma_ok(sum(1 for e in out2 if not e.kind.startswith("short")), 4000, 0.5)
