@@ -163,16 +163,17 @@ def build_parser(prog: str | None = None, description: str = __doc__) -> argpars
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = dict(help=f.metadata["help"])
+        # a list field has only a default_factory
         shown = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if f.name in STAGE_DEFAULTS[1]:
+        if f.name in STAGE_DEFAULTS[1]:  # batch / lr / steps: None here, filled per stage by __post_init__
             shown = "per stage " + "/".join(str(STAGE_DEFAULTS[s][f.name]) for s in (1, 2, 3, 4))
         kw["help"] += f" (default: {shown})" if shown is not None else ""
         t = f.type if isinstance(f.type, str) else f.type.__name__
-        if t == "bool":
+        if t == "bool":  # --packing / --no-packing
             kw["action"] = argparse.BooleanOptionalAction
         elif t.startswith("list"):
             kw["nargs"] = "+"
-            kw["type"] = float if "float" in t else str
+            kw["type"] = float if "float" in t else str  # list[float] (betas, loss weights) or list[str] (--teacher)
         else:
             kw["type"] = int if t.startswith("int") else float if t.startswith("float") else str
         if "choices" in f.metadata:
@@ -206,7 +207,7 @@ def parse_config(argv: list[str] | None = None, defaults: dict[str, Any] | None 
     is checked (validate_values) before the dataclass is built, naming the flag or the file and key."""
     given = vars(build_parser(prog, description).parse_args(argv))  # only the flags actually given
     values: dict[str, Any] = dict(defaults or {})
-    source = {k: f"{prog or 'train.py'} default {k}" for k in values}
+    source = {k: f"{prog or 'train.py'} default {k}" for k in values}  # where each value came from, named in its error
     if given.get("config"):
         file_values = _read_json_config(given["config"])
         values.update(file_values)
@@ -223,15 +224,17 @@ def validate_values(values: dict[str, Any], source: dict[str, str] | None = None
     source = source or {}
     out = dict(values)
     for f in fields(TrainConfig):
+        # None of an optional field means unset
         if f.name not in values or (values[f.name] is None and "None" in str(f.type)):
             continue
+        # f.type is a string here (from __future__ import annotations)
         v, kind = values[f.name], str(f.type).replace(" | None", "")
         why = check_value(v, kind, choices=f.metadata.get("choices"), **LIMITS.get(f.name, {}))
         if why:
             raise ConfigError(f"{source.get(f.name, f.name)}: {why}")
         out[f.name] = (int(v) if kind == "int" else float(v) if kind == "float"
                        else [float(x) for x in v] if kind == "list[float]" else v)
-    if "loss_weights" in out and not any(out["loss_weights"]):
+    if "loss_weights" in out and not any(out["loss_weights"]):  # all zero: a constant loss, no gradient at all
         raise ConfigError(f"{source.get('loss_weights', 'loss_weights')}: at least one loss weight must be > 0")
     return out
 
@@ -243,7 +246,7 @@ def _read_json_config(path: str) -> dict[str, Any]:
     names = {f.name for f in fields(TrainConfig)}
     out = {}
     for k, v in raw.items():
-        k2 = k.replace("-", "_")
+        k2 = k.replace("-", "_")  # keys may be spelled as flags (max-length) or fields
         if k2 not in names:
             raise ConfigError(f"--config {path}: unknown key {k!r} (known: {sorted(names)})")
         out[k2] = v
@@ -275,9 +278,11 @@ def setup_distributed(device: str) -> Dist:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # plain `python train.py`
         return Dist(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
+    # LOCAL_RANK: this process's GPU on its node
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local)
+    # long: ranks wait at barriers while rank 0 hashes and renames checkpoints
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     mesh = init_device_mesh("cuda" if use_cuda else "cpu", (world,))
     return Dist(rank, world, torch.device("cuda", local) if use_cuda else torch.device("cpu"), mesh)
@@ -291,23 +296,25 @@ def gather_global(x: torch.Tensor, d: Dist, grad: bool, equal: bool = True) -> t
         return x
     sizes = None
     if not equal:
-        n = torch.tensor([x.shape[0]], device=x.device)
+        n = torch.tensor([x.shape[0]], device=x.device)  # this rank's row count, (1,)
         sizes = all_gather_tensor(n, 0, d.mesh).tolist()  # (W,)
-        x = torch.cat([x, x.new_zeros(max(sizes) - x.shape[0], *x.shape[1:])])
+        x = torch.cat([x, x.new_zeros(max(sizes) - x.shape[0], *x.shape[1:])])  # pad to the largest share: (max b, D)
     if grad:
+        # (W * b, D); backward: reduce-scatter, summing over ranks
         y = all_gather_single_autograd(x.contiguous(), 0, d.mesh)
     else:
         with torch.no_grad():
-            y = all_gather_tensor(x.detach().contiguous(), 0, d.mesh)
+            y = all_gather_tensor(x.detach().contiguous(), 0, d.mesh)  # (W * b, D): targets carry no graph
     if sizes is not None:
         m = max(sizes)
-        y = torch.cat([y[r * m:r * m + n] for r, n in enumerate(sizes)])
+        y = torch.cat([y[r * m:r * m + n] for r, n in enumerate(sizes)])  # drop each rank's padding rows
     return y
 
 
 def all_sum(v: float, d: Dist) -> float:
     if d.mesh is None:
         return v
+    # float64: token counts sum exactly; gloo needs CPU tensors, nccl CUDA
     t = torch.tensor([float(v)], dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.item()
@@ -325,6 +332,7 @@ def check_inputs(cfg: TrainConfig) -> None:
     if not cfg.init:
         raise ConfigError("--init is required (stage 1: a stella or Jasper dir; stage K: stage K-1's OUT/final)")
     init = Path(cfg.init).expanduser()
+    # a local path, not an ORG/NAME hub id
     if init.exists() or cfg.init.startswith(("/", ".", "~")) or cfg.init.count("/") >= 2:
         if not init.is_dir():
             raise ConfigError(f"--init {init}: {'not a folder' if init.exists() else 'no such folder'}")
@@ -349,7 +357,7 @@ def check_inputs(cfg: TrainConfig) -> None:
 
 
 def load_student(cfg: TrainConfig) -> JasperModel:
-    src = resolve_checkpoint(cfg.init)
+    src = resolve_checkpoint(cfg.init)  # a local dir as is, or a hub id downloaded
     fmt = init_format_of(src) if cfg.init_format == "auto" else cfg.init_format
     model = JasperModel.from_stella(src) if fmt == "stella" else JasperModel.from_pretrained(src)
     if cfg.vision_init:
@@ -376,6 +384,7 @@ def head_dims(model) -> list[int]:
 def set_trainable(model, stage: int) -> list[str]:
     """Freeze everything, then unfreeze the stage's set (sec. 3.1). Returns the trainable parameter names."""
     model.requires_grad_(False)
+    # FC1: the first and widest head, the teacher's dim (eq. 1)
     fc1 = getattr(model, f"vector_linear_{head_dims(model)[0]}")
     if stage == 1:
         train = [fc1]
@@ -397,9 +406,9 @@ def set_trainable(model, stage: int) -> list[str]:
 
 
 def transformer_blocks(model) -> list[nn.Module]:
-    blocks = list(model.model.layers)
+    blocks = list(model.model.layers)  # the text decoder layers
     if getattr(model, "vision_model", None) is not None:
-        blocks += list(model.vision_model.encoder.layers)
+        blocks += list(model.vision_model.encoder.layers)  # stage 4: the SigLIP encoder layers
     return blocks
 
 
@@ -409,11 +418,11 @@ def shard_model(model, cfg: TrainConfig, d: Dist):
         for block in transformer_blocks(model):
             checkpoint_block(block)
     if d.mesh is None:
-        return model.to(d.device)
+        return model.to(d.device)  # single process: no sharding; bf16 through autocast instead
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.dtype == "bf16"
           else MixedPrecisionPolicy())
     for block in transformer_blocks(model):
-        fully_shard(block, mesh=d.mesh, mp_policy=mp)
+        fully_shard(block, mesh=d.mesh, mp_policy=mp)  # per block: never the whole model gathered at once
     fully_shard(model, mesh=d.mesh, mp_policy=mp)  # the root: embeddings, final norm, heads
     return model
 
@@ -427,8 +436,9 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim >= 2 else no_decay).append(p)  # matrices decay; biases and norm scales (ndim < 2) do not
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    # an empty group (e.g. no biases) is left out
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas),
                              eps=cfg.adam_eps)
 
@@ -447,10 +457,11 @@ def set_optimizer_settings(opt: torch.optim.Optimizer, cfg: TrainConfig, step: i
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
+    # warmup steps, at least 1 when the ratio is > 0
     warm = max(1, round(cfg.warmup_ratio * cfg.steps)) if cfg.warmup_ratio > 0 else 0
     if step < warm:
-        return (step + 1) / warm
-    t = (step - warm) / max(1, cfg.steps - warm)
+        return (step + 1) / warm  # step 0 already gets lr / warm, not 0
+    t = (step - warm) / max(1, cfg.steps - warm)  # decay progress: 0 -> 1 over the remaining steps
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
@@ -477,7 +488,7 @@ class TextTargets:
             ts = [load_teacher(s) for s in cfg.teacher]
             self.teacher = ts[0] if len(ts) == 1 else MultiTeacher(ts)
             self.dim = self.teacher.dim
-            self.batch_size = cfg.micro_batch
+            self.batch_size = cfg.micro_batch  # the teachers' own encode batch size
 
     def __call__(self, rows: torch.Tensor, hashes: list[str]) -> torch.Tensor:  # -> (b, dim) fp32, L2-normalised
         if self.cache is not None:
@@ -491,6 +502,7 @@ class TextTargets:
 
 
 def build_text_loader(cfg: TrainConfig, tokenizer, d: Dist) -> TrainLoader:
+    # this rank's share b = batch / world_size of each global batch
     return TrainLoader(cfg.texts, tokenizer, global_batch=cfg.batch, max_length=cfg.max_length, seed=cfg.seed,
                          rank=d.rank, world_size=d.world_size, micro_batch=cfg.micro_batch, packing=cfg.packing)
 
@@ -521,15 +533,16 @@ def save_checkpoint(run: RunState) -> Path:
     final, tmp = ckdir / f"step_{step:08d}", ckdir / f"step_{step:08d}.tmp"
     try:
         if d.main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that was killed
             tmp.mkdir(parents=True)
         d.barrier()
-        msd, osd = get_state_dict(run.model, run.opt)
+        msd, osd = get_state_dict(run.model, run.opt)  # sharded state dicts: each rank holds only its own shards
         with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended without torchrun
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
         err = None
         try:  # no scheduler state: the lr is a pure function of (step, cfg), see set_optimizer_settings
+            # per rank: loader position and RNG differ between ranks
             torch.save(dict(step=step, loader=run.loader.state_dict(), rng=rng_state(), world_size=d.world_size,
                             config=dataclasses.asdict(cfg)), tmp / f"trainer_rank{d.rank}.pt")
         except OSError as e:
@@ -538,13 +551,13 @@ def save_checkpoint(run: RunState) -> Path:
             raise err or OSError(f"another rank could not write its trainer state into {tmp}")
         if d.main:
             write_checksums(tmp)  # size + blake2b of every file: resume tells a damaged checkpoint apart
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            atomic_write(ckdir / "latest", final.name + "\n")
+            shutil.rmtree(final, ignore_errors=True)  # a folder of the same step from an earlier try
+            os.replace(tmp, final)  # rename: atomic on one filesystem
+            atomic_write(ckdir / "latest", final.name + "\n")  # the pointer moves only after the rename
             done = sorted(p for p in ckdir.iterdir() if CKPT_NAME.fullmatch(p.name))
             for old in done[:-cfg.keep_ckpts] if cfg.keep_ckpts > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
-        d.barrier()
+        d.barrier()  # no rank returns before the checkpoint is in place
     except BaseException as e:  # DCP reports failures as BaseExceptions
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -561,8 +574,10 @@ def load_checkpoint(run: RunState) -> None:
     truncated or altered, unreadable by DCP, or a trainer state that is not plain data) is moved aside to
     step_N.damaged, saying so, and the next older one is tried; none intact is one error listing why."""
     d, ckdir = run.d, run.ckdir
+    # newest first
     found = sorted((p for p in ckdir.iterdir() if CKPT_NAME.fullmatch(p.name) and p.is_dir()), reverse=True)
     pointer = (ckdir / "latest").read_text().strip() if (ckdir / "latest").is_file() else None
+    # a pointer to a missing folder counts as damage
     damaged = [] if pointer is None or (ckdir / pointer) in found else [(ckdir / pointer, "missing")]
     for path in found:
         why = _restore(run, path)
@@ -597,10 +612,10 @@ def _restore(run: RunState, path: Path) -> str | None:
             why = (f"{name} holds objects other than tensors and plain data; refusing to unpickle it"
                    if "weights_only" in str(e).lower() or "weights only" in str(e).lower()
                    else f"{name} unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    if all_sum(why is not None, d):
+    if all_sum(why is not None, d):  # every rank must agree: a collective, so no rank loads alone
         return why or "damaged on another rank"
     check_resume_settings(ts, cfg, d, path)
-    msd, osd = get_state_dict(run.model, run.opt)
+    msd, osd = get_state_dict(run.model, run.opt)  # templates: dcp.load fills them in place, shard by shard
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -614,7 +629,7 @@ def _restore(run: RunState, path: Path) -> str | None:
         run.loader.load_state_dict(ts["loader"])
     except ValueError as e:
         raise ConfigError(f"--resume from {path}: {e}") from None
-    set_rng_state(ts["rng"])
+    set_rng_state(ts["rng"])  # exact resume: the same random streams as an uninterrupted run
     run.step = int(ts["step"])
     return None
 
@@ -637,7 +652,7 @@ def check_resume_settings(ts: dict, cfg: TrainConfig, d: Dist, path: Path) -> No
     if cfg.steps < int(ts["step"]):
         raise ConfigError(f"--resume: --steps {cfg.steps} is below step {ts['step']} that {path} has reached")
     changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]
-               and k not in ("resume", "stop_at", "config", "out")}
+               and k not in ("resume", "stop_at", "config", "out")}  # keys that only control this invocation
     if changed and d.main:
         print(f"train.py: resuming at step {ts['step']} with changed settings (saved -> now), in effect from step "
               f"{int(ts['step']) + 1} (lr, warmup and steps: the schedule is recomputed at that step): {changed}",
@@ -646,6 +661,7 @@ def check_resume_settings(ts: dict, cfg: TrainConfig, d: Dist, path: Path) -> No
 
 def export_final(model, tokenizer, out_dir: Path, d: Dist):
     """Gather the full (unsharded) state dict and write the HF layout via JasperModel.save_pretrained (rank 0)."""
+    # a collective; cpu_offload keeps the full copy off the GPU
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.main:
         model.save_pretrained(out_dir, tokenizer=tokenizer, state_dict=full)  # atomic (tmp dir, then rename)
@@ -675,6 +691,7 @@ class Logger:
                 print(f"train.py: {self.path}: line(s) {torn} cut short (a kill or a full disk during the write): "
                       "removed", flush=True)
             atomic_write(self.path, "".join(k + "\n" for k in keep))
+        # a fresh run: an older run's metrics would mix in
         elif self.main and resume_step is None and self.path.exists():
             self.path.unlink()
 
@@ -716,9 +733,10 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     run = build_state(cfg, d, *set_up(cfg, d))
     resume_or_start(run)
     data_iter = iter(run.loader)
-    while run.step < run.end:
+    while run.step < run.end:  # run.end: --stop-at or --steps
         loss_val, parts, gnorm, lr_now, n_tokens = optimizer_step(run, next(data_iter))
         log_step(run, loss_val, parts, gnorm, lr_now, n_tokens)
+        # also at the end: --stop-at leaves a resumable checkpoint
         if (cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or run.step == run.end:
             run.last_ckpt = str(save_checkpoint(run))
             run.log.print(f"checkpoint {run.last_ckpt}")
@@ -806,6 +824,7 @@ def resume_or_start(run: RunState) -> None:
     """Continue from OUT/checkpoints/latest with --resume (a fresh --out starts at step 0, so one command line
     serves every restart of a preempted job), open the metrics log and print the run's header."""
     cfg, d, ckdir = run.cfg, run.d, run.ckdir
+    # resume only when a checkpoint is there
     resuming = cfg.resume and any(CKPT_NAME.fullmatch(p.name) for p in ckdir.iterdir())
     if resuming:
         load_checkpoint(run)
@@ -854,9 +873,9 @@ def optimizer_step(run: RunState, batch) -> tuple[float, dict, float, float, int
     if not math.isfinite(gnorm):
         raise DivergedError(f"non-finite gradient norm at step {run.step + 1}; stopping. Last good "
                          f"checkpoint: {run.last_ckpt or 'none'}")
-    lr_now = set_optimizer_settings(run.opt, cfg, run.step)
+    lr_now = set_optimizer_settings(run.opt, cfg, run.step)  # the lr of THIS step, set before opt.step
     run.opt.step()
-    run.opt.zero_grad(set_to_none=True)
+    run.opt.zero_grad(set_to_none=True)  # set_to_none: frees the gradient memory until the next backward
     run.step += 1
     return loss_val, parts, gnorm, lr_now, n_tokens
 
@@ -873,7 +892,7 @@ class Clock:
 def log_step(run: RunState, loss_val: float, parts: dict, gnorm: float, lr_now: float, n_tokens: int) -> None:
     """metrics.jsonl gets every step (loss parts per head, lr, grad norm, tokens, skips); stdout every log_every."""
     cfg, d, clock, step = run.cfg, run.d, run.clock, run.step
-    tokens = all_sum(n_tokens, d)
+    tokens = all_sum(n_tokens, d)  # a collective: every rank calls it every step
     clock.tok_window += tokens
     now = time.time()
     rec = dict(step=step, loss=loss_val, **{k: float(v) for k, v in parts.items()}, lr=lr_now, grad_norm=gnorm,
@@ -888,6 +907,7 @@ def log_step(run: RunState, loss_val: float, parts: dict, gnorm: float, lr_now: 
     run.log.metrics(rec)
     if step % cfg.log_every == 0 or step == cfg.steps:
         rate = clock.tok_window / max(1e-9, now - clock.t_window)
+        # from this invocation's own rate (a resume does not skew it)
         eta = (now - clock.t0) / max(1, step - clock.start_step) * (cfg.steps - step)
         comp = " ".join(f"{k} {float(v):.4g}" for k, v in parts.items() if k != "total")
         run.log.print(f"step {step}/{cfg.steps} | loss {loss_val:.5g} | {comp} | lr {lr_now:.3g} | gnorm "
@@ -913,7 +933,7 @@ def finish(run: RunState) -> dict:
                                         f"{run.step} is intact: free space and rerun with --resume to export") from e
         run.log.print(f"exported {out / 'final'}")
         if cfg.eval_data and d.main:
-            score = quick_eval(load_encoder(out / "final"), cfg.eval_data)
+            score = quick_eval(load_encoder(out / "final"), cfg.eval_data)  # rank 0 only: the others are done
             summary["stsb_dev"] = score
             run.log.print(f"STSBenchmark dev spearman {score:.4f}")
     return summary
@@ -927,6 +947,7 @@ def text_vectors(model, batch, targets: TextTargets, heads: list[int], d: Dist):
         outs = [model(packed=p.to(d.device), dims=heads) for p in batch.packed]
     else:
         outs = [model(ids.to(d.device), mask.to(d.device), dims=heads) for ids, mask in batch.chunks]
+    # fp32 for the losses (the forward may run in bf16)
     return {D: torch.cat([o[D] for o in outs]).float() for D in heads}, teacher, batch.n_tokens
 
 
@@ -939,9 +960,10 @@ def image_vectors(model, batch: dict, heads: list[int], micro_batch: int, d: Dis
     student, teacher = {D: [] for D in heads}, {D: [] for D in heads}
     for s in range(0, pv.shape[0], micro_batch):
         sl = slice(s, s + micro_batch)
-        with torch.no_grad():
+        with torch.no_grad():  # frozen text side: the caption vector is the target (sec. 2.5)
             cap = model(ids[sl].to(d.device), mask[sl].to(d.device), dims=heads)
         img_ids = prompt[None].expand(pv[sl].shape[0], -1)  # (m, K + 2)
+        # the gradient reaches only the vision tower
         img = model(img_ids, torch.ones_like(img_ids), pixel_values=pv[sl].to(d.device), dims=heads)
         for D in heads:
             student[D].append(img[D].float())
@@ -952,10 +974,10 @@ def image_vectors(model, batch: dict, heads: list[int], micro_batch: int, d: Dis
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     """Global gradient norm (over all ranks' shards under FSDP), clipped to max_norm when max_norm > 0."""
-    params = [p for p in params if p.grad is not None]
+    params = [p for p in params if p.grad is not None]  # frozen or unused parameters have no grad
     if not params:
         return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))  # inf: measure only
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
     return float(norm)
