@@ -33,14 +33,14 @@ class DiskFullError(UserError):
 
 
 def is_disk_full(e: BaseException | None) -> bool:
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)  # EDQUOT: quota full, same fix
 
 
 def os_error_in(e: BaseException) -> OSError | None:
     """The OSError behind `e`: itself, its cause/context chain, or a rank's failure inside
     torch.distributed.checkpoint's CheckpointException (a BaseException holding {rank: (exception, trace)})."""
-    seen = set()
-    todo = [e]
+    seen = set()  # ids of visited exceptions: a cause/context chain can loop
+    todo = [e]  # depth-first over causes, contexts and rank failures
     while todo:
         x = todo.pop()
         if x is None or id(x) in seen:
@@ -49,8 +49,9 @@ def os_error_in(e: BaseException) -> OSError | None:
         if isinstance(x, OSError):
             return x
         for fail in (getattr(x, "failures", None) or {}).values():
+            # a failure is an (exception, trace) tuple or an object holding .exception
             todo.append(fail[0] if isinstance(fail, tuple) else getattr(fail, "exception", fail))
-        todo += [x.__cause__, x.__context__]
+        todo += [x.__cause__, x.__context__]  # an OSError wrapped in another exception is still found
     return None
 
 
@@ -58,7 +59,7 @@ def os_error_in(e: BaseException) -> OSError | None:
 # Value checks: one reason string per bad value, so every caller names its own source (a flag, a JSON key, a file).
 # ---------------------------------------------------------------------------------------------------------------------
 def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool)  # bool is an int subclass: True must not pass as 1
 
 
 def check_value(v: Any, kind: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -81,12 +82,12 @@ def check_value(v: Any, kind: str, lo: float | None = None, hi: float | None = N
         if not isinstance(v, str):
             return f"expected a string, got {v!r}"
     elif kind == "int":
-        if not (_num(v) and float(v).is_integer()):
+        if not (_num(v) and float(v).is_integer()):  # 3.0 (a JSON number) counts as an integer
             return f"expected an integer, got {v!r}"
     elif kind == "float":
         if not _num(v):
             return f"expected a number, got {v!r}"
-        if not math.isfinite(v):
+        if not math.isfinite(v):  # nan would pass every range test below (its comparisons are all False)
             return f"expected a finite number, got {v!r}"
     if choices is not None and v not in choices:
         return f"expected one of {list(choices)}, got {v!r}"
@@ -118,19 +119,20 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     Set JASPER_TRACEBACK=1 to see the traceback as well. Under torchrun every rank reports its own failure."""
     try:
         rc = main(argv)
-        return rc if isinstance(rc, int) else 0
+        return rc if isinstance(rc, int) else 0  # main returning None means success
     except KeyboardInterrupt:
         print("interrupted (files being written were abandoned atomically; rerun, with --resume for train.py, "
               "to continue)", file=sys.stderr, flush=True)
         return 130
     except (Exception, BaseException) as e:  # torch.distributed.checkpoint raises BaseExceptions
         if isinstance(e, SystemExit):
-            raise
+            raise  # sys.exit / argparse keep their own exit code
         msg = error_message(e)
         if msg is None:
-            raise
+            raise  # a bug: its traceback is worth more than one line
         if os.environ.get("JASPER_TRACEBACK", "") not in ("", "0"):
             traceback.print_exc()
+        # torchrun: tag the rank, as every rank prints its own failure and their lines interleave
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         print(("" if rank is None else f"[rank {rank}] ") + f"error: {msg}", file=sys.stderr, flush=True)
         return 2
@@ -141,7 +143,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(2)  # 2: argparse's own usage-error code, the same as run_cli's
 
 
 def check_args(args, limits: dict[str, dict[str, Any]]) -> None:
@@ -151,7 +153,7 @@ def check_args(args, limits: dict[str, dict[str, Any]]) -> None:
         v = getattr(args, name, None)
         if v is None:
             continue
-        kw = dict(kw)
+        kw = dict(kw)  # a copy: pop below must not edit the caller's table
         why = check_value(v, kw.pop("kind", "int"), **kw)
         if why:
             raise UserError(f"--{name.replace('_', '-')}: {why}")

@@ -35,13 +35,13 @@ _OTHER_ABBR = frozenset("""etc vs v al cf inc ltd co corp bros assn dept univ es
 _OPENERS = frozenset("""the a an he she it they we i you his her its their our my this that these those there here
     but and so yet or in on at for from with by as after before when while if although though however meanwhile
     then thus also many most some one two no not what who why how where which""".split())
-_BOUNDARY = re.compile(r"""([.!?\u2026]+)(["'\u201d\u2019)\]]*)(\s+)""")
-_PARAGRAPH = re.compile(r"\n\s*\n")
-_OPEN = "\"'\u201c\u2018([¿¡"
+_BOUNDARY = re.compile(r"""([.!?\u2026]+)(["'\u201d\u2019)\]]*)(\s+)""")  # groups: punctuation run, closers, gap
+_PARAGRAPH = re.compile(r"\n\s*\n")  # a blank line (possibly with spaces) ends a paragraph
+_OPEN = "\"'\u201c\u2018([¿¡"  # may precede a sentence's first letter
 
 
 def _next_word(text: str, pos: int) -> str:
-    m = re.match(r"""["'\u201c\u2018(\[]*([\w'-]+)""", text[pos:pos + 64])
+    m = re.match(r"""["'\u201c\u2018(\[]*([\w'-]+)""", text[pos:pos + 64])  # skip opening quotes / brackets
     return m.group(1) if m else ""
 
 
@@ -49,7 +49,7 @@ def _ends_sentence(text: str, m: re.Match, limit: int) -> bool:
     """Decide one candidate boundary: punctuation run, optional closing quotes/brackets, whitespace."""
     nxt = m.end()
     if nxt >= limit:
-        return True
+        return True  # the punctuation ends the paragraph
     c = text[nxt]
     if c.islower():
         return False  # '"Why?" he asked', 'e.g. something', 'approx. three'
@@ -68,19 +68,20 @@ def _ends_sentence(text: str, m: re.Match, limit: int) -> bool:
         k = j - 1
         while k > 0 and not text[k - 1].isspace():
             k -= 1
-        prev = text[k:j - 1].lower() if j > 0 else ""
+        prev = text[k:j - 1].lower() if j > 0 else ""  # the token before the lone '.'
         return not (c.isdigit() and (prev in _OTHER_ABBR or (len(prev) == 1 and prev.isalpha())))
     lw = word.lower()
     if lw in _TITLES:
         return False
     if len(word) == 1 and word.isalpha():
         return not word.isupper()  # an initial: "J. Smith"; a lowercase letter ends a list item / sentence
+    # dotted forms: U.S, e.g, Ph.D (`word` excludes the period being judged)
     dotted = re.fullmatch(r"(?:[A-Za-z]{1,2}\.)+[A-Za-z]{1,2}", word) is not None
     if lw in _OTHER_ABBR or dotted:
         if c.isdigit():
             return False  # "No. 5", "pp. 12", "Jan. 3"
         return _next_word(text, nxt).lower() in _OPENERS
-    return True
+    return True  # an ordinary word: the period ends the sentence
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
@@ -92,9 +93,9 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
         start = p0
         for m in _BOUNDARY.finditer(text, p0, p1):
             if _ends_sentence(text, m, p1):
-                _add_span(spans, text, start, m.end(2))
+                _add_span(spans, text, start, m.end(2))  # closing quotes / brackets stay with their sentence
                 start = m.end()
-        _add_span(spans, text, start, p1)
+        _add_span(spans, text, start, p1)  # the paragraph's tail, with or without final punctuation
     return spans
 
 
@@ -138,10 +139,10 @@ def split_into_pieces(text: str, rng: random.Random, min_sentences: int = 1, max
     pieces, i = [], 0
     while i < len(spans):
         k = rng.randint(min_sentences, max_sentences)
-        a, b = spans[i][0], spans[min(i + k, len(spans)) - 1][1]
-        pieces.append(text[a:b])
+        a, b = spans[i][0], spans[min(i + k, len(spans)) - 1][1]  # the last piece may have fewer than k sentences
+        pieces.append(text[a:b])  # a slice of the original: spacing and newlines between sentences kept
         i += k
-    return pieces or [text]
+    return pieces or [text]  # no sentence at all (whitespace only): the text stays whole
 
 
 def shuffle_words(text: str, rng: random.Random) -> str:
@@ -206,22 +207,23 @@ def mix(sources: list[SourceSpec], readers: list[Iterator], *, seed: int = 0, sp
     if not 1 <= min_sentences <= max_sentences:
         raise ValueError(f"need 1 <= min_sentences <= max_sentences, got {min_sentences}, {max_sentences}")
     stats = stats if stats is not None else RecipeStats()
+    # separate streams: changing shuffle_ratio does not change which documents are split (docs/data.md)
     mix_rng, split_rng, shuf_rng = (random.Random(f"jasper-data/{seed}/{s}") for s in ("mix", "split", "shuffle"))
     weights = np.array([s.weight for s in sources], dtype=np.float64)
     if (weights < 0).any() or weights.sum() <= 0:
         raise ValueError(f"source weights must be >= 0 with a positive sum, got {weights.tolist()}")
-    cum = np.cumsum(weights / weights.sum()).tolist()
+    cum = np.cumsum(weights / weights.sum()).tolist()  # bisect maps a U[0, 1) draw to an input
     queues: list[deque] = [deque() for _ in sources]
     n = 0
     while n_texts is None or n < n_texts:
-        i = min(bisect.bisect_right(cum, mix_rng.random()), len(sources) - 1)
+        i = min(bisect.bisect_right(cum, mix_rng.random()), len(sources) - 1)  # min: cum[-1] may round to just below 1.0
         src = sources[i]
-        if not queues[i]:
+        if not queues[i]:  # a split document's pieces go out on this input's next draws
             rec = next(readers[i], None)
             if rec is None:
                 stats.exhausted = src.name
-                return
-            doc = stats.docs[src.name]
+                return  # stop rather than repeat an input, which would skew the mix
+            doc = stats.docs[src.name]  # 0-based document index within this input
             stats.docs[src.name] += 1
             if src.split and split_rng.random() < split_ratio:
                 stats.docs_split[src.name] += 1
