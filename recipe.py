@@ -216,7 +216,7 @@ def mix(sources: list[SourceSpec], readers: list[Iterator], *, seed: int = 0, sp
     queues: list[deque] = [deque() for _ in sources]
     n = 0
     while n_texts is None or n < n_texts:
-        i = min(bisect.bisect_right(cum, mix_rng.random()), len(sources) - 1)  # min: cum[-1] may round to just below 1.0
+        i = min(bisect.bisect_right(cum, mix_rng.random()), len(sources) - 1)  # cum[-1] may round below 1
         src = sources[i]
         if not queues[i]:  # a split document's pieces go out on this input's next draws
             rec = next(readers[i], None)
