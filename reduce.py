@@ -67,17 +67,17 @@ def pca(x: Tensor, d: int, center: bool = True) -> tuple[Tensor, Tensor]:
     matrix x x^T that eq. 2 compares, the mean direction included."""
     if x.dim() != 2 or not 0 < d <= x.shape[1]:
         raise ReduceError(f"pca: need (N, D) vectors and 0 < d <= D, got {tuple(x.shape)} and d={d}")
-    xd = x.double()
+    xd = x.double()  # fp64: close eigenvalues of cov stay separable
     mean = xd.mean(0) if center else xd.new_zeros(xd.shape[1])  # (D,)
-    xc = xd - mean
+    xc = xd - mean  # (N, D); center=False leaves x as is: cov = x^T x / (N-1)
     cov = xc.T @ xc / max(1, xd.shape[0] - 1)                    # (D, D)
     evals, evecs = torch.linalg.eigh(cov)                        # ascending
     comp = evecs[:, evals.argsort(descending=True)[:d]].T        # (d, D)
     sign = torch.sign(comp.gather(1, comp.abs().argmax(1, keepdim=True)))  # (d, 1)
-    return (comp * sign).float(), mean.float()
+    return (comp * sign).float(), mean.float()  # fp32, the heads' dtype
 
 
-INITS = ("svd", "truncate", "pca", "random")
+INITS = ("svd", "truncate", "pca", "random")  # --init choices; the default ('random') is set in build_parser
 
 
 def make_heads(x: Tensor, dims: list[int], init: str, seed: int) -> dict[int, torch.nn.Linear]:
@@ -89,15 +89,15 @@ def make_heads(x: Tensor, dims: list[int], init: str, seed: int) -> dict[int, to
     D = x.shape[1]
     heads = {}
     for d in dims:
-        torch.manual_seed(seed + d)
-        lin = torch.nn.Linear(D, d)
+        torch.manual_seed(seed + d)  # per dim: a head's init does not depend on the other --dims
+        lin = torch.nn.Linear(D, d)  # weight (d, D), bias (d,)
         with torch.no_grad():
             if init in ("svd", "pca"):
-                comp, mean = pca(x, d, center=init == "pca")
+                comp, mean = pca(x, d, center=init == "pca")  # (d, D), (D,); mean = 0 for svd
                 lin.weight.copy_(comp)
-                lin.bias.copy_(-comp @ mean)
+                lin.bias.copy_(-comp @ mean)  # W x + b = comp (x - mean); b = 0 for svd
             elif init == "truncate":
-                lin.weight.copy_(torch.eye(D)[:d])
+                lin.weight.copy_(torch.eye(D)[:d])  # x[:d]; the normalize() after the head renormalises
                 lin.bias.zero_()
         heads[d] = lin
     return heads
@@ -106,30 +106,31 @@ def make_heads(x: Tensor, dims: list[int], init: str, seed: int) -> dict[int, to
 def apply_heads(x: Tensor, heads: dict[int, torch.nn.Module]) -> dict[int, Tensor]:
     """{d: (N, d) L2-normalised reduced vectors} of full vectors x (N, D) (normalised as the model outputs them)."""
     with torch.no_grad():
-        return {d: F.normalize(h(x.float()), dim=-1) for d, h in heads.items()}
+        return {d: F.normalize(h(x.float()), dim=-1) for d, h in heads.items()}  # (N, d) each: the same map as training
 
 
 def head_loss(s: Tensor, t: Tensor, weights: tuple[float, float], margin: float) -> tuple[Tensor, dict[str, float]]:
     """eq. 2 + eq. 3 of one head: s (m, d) normalised reduced vectors, t (m, D) the model's own full vectors."""
+    # t is a constant: losses.py detaches it, so only the head gets gradients (eq. 2, eq. 3)
     sim, resim = L.similarity_loss(s, t), L.resim_loss(s, t, margin=margin)
     return weights[0] * sim + weights[1] * resim, {"sim": sim.item(), "resim": resim.item()}
 
 
 def evaluate_heads(x: Tensor, heads: dict, weights, margin: float, batch: int, seed: int) -> dict[int, dict]:
     """Mean unweighted losses of every head over fixed batches of x (the held-out rows): {d: {"sim", "resim"}}."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(x.shape[0], generator=g)
+    g = torch.Generator().manual_seed(seed)  # same seed, same batches: before/after comparable
+    order = torch.randperm(x.shape[0], generator=g)  # (N,)
     out = {d: {"sim": 0.0, "resim": 0.0} for d in heads}
     n = 0
     with torch.no_grad():
-        for i in range(0, x.shape[0] - batch + 1, batch):
-            t = x[order[i:i + batch]]
+        for i in range(0, x.shape[0] - batch + 1, batch):  # full batches only: in-batch losses depend on m
+            t = x[order[i:i + batch]]  # (batch, D)
             for d, h in heads.items():
                 _, parts = head_loss(F.normalize(h(t), dim=-1), t, weights, margin)
                 for k in parts:
                     out[d][k] += parts[k]
             n += 1
-    return {d: {k: v / max(n, 1) for k, v in p.items()} for d, p in out.items()}
+    return {d: {k: v / max(n, 1) for k, v in p.items()} for d, p in out.items()}  # mean over batches
 
 
 def train_heads(x: Tensor, heads: dict[int, torch.nn.Linear], steps: int, batch: int, lr: float,
@@ -140,26 +141,26 @@ def train_heads(x: Tensor, heads: dict[int, torch.nn.Linear], steps: int, batch:
     batches.  Progress (rate, ETA, the last losses) on stderr.  Returns the per-step log records."""
     if x.shape[0] < batch:
         raise ReduceError(f"reduce: {x.shape[0]} training vectors, fewer than one batch of {batch}")
-    params = [p for h in heads.values() for p in h.parameters()]
+    params = [p for h in heads.values() for p in h.parameters()]  # one optimizer; the heads share no parameter
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = max(1, round(warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
+    warm = max(1, round(warmup * steps))  # warmup steps, >= 1: the lambda divides by it
+    sched = torch.optim.lr_scheduler.LambdaLR(  # lr factor: linear up to 1, then cosine down to 0
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # batch order fixed by --seed alone
     hist = []
     bar = progress(total=steps, desc="reduce: heads", unit="step")
     for step in range(1, steps + 1):
         t = x[torch.randint(0, x.shape[0], (batch,), generator=g)]   # (m, D) constants: the frozen model's vectors
-        total, rec = 0.0, {"step": step}
+        total, rec = 0.0, {"step": step}  # rec: this step's log, "{d}.sim" / "{d}.resim"
         for d, h in heads.items():
             loss, parts = head_loss(F.normalize(h(t), dim=-1), t, weights, margin)
-            total = total + loss
+            total = total + loss  # each head gets the gradient of its own term only
             rec.update({f"{d}.{k}": v for k, v in parts.items()})
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
         sched.step()
-        rec["loss"] = total.item()
+        rec["loss"] = total.item()  # weighted, summed over heads
         hist.append(rec)
         bar.update(1)
         if step % log_every == 0 or step == steps:
@@ -179,7 +180,7 @@ def save_heads(out: Path, heads: dict[int, torch.nn.Linear], meta: dict) -> None
         state[f"{d}.weight"] = h.weight.detach().float().contiguous()   # (d, D)
         state[f"{d}.bias"] = h.bias.detach().float().contiguous()       # (d,)
     atomic_write(out / "heads.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    atomic_write(out / "heads.json", json.dumps(meta, indent=1) + "\n")
+    atomic_write(out / "heads.json", json.dumps(meta, indent=1) + "\n")  # main() rewrites it with the exports
 
 
 def load_heads(out: str | Path) -> dict[int, torch.nn.Linear]:
@@ -190,9 +191,9 @@ def load_heads(out: str | Path) -> dict[int, torch.nn.Linear]:
         raise ReduceError(f"{f}: not found (is {out} the --out of a finished reduce.py run?)")
     st = load_file(str(f))
     heads = {}
-    for d in sorted({int(k.split(".")[0]) for k in st}, reverse=True):
+    for d in sorted({int(k.split(".")[0]) for k in st}, reverse=True):  # keys "{d}.weight": widest first
         w, b = st[f"{d}.weight"], st[f"{d}.bias"]
-        lin = torch.nn.Linear(w.shape[1], w.shape[0])
+        lin = torch.nn.Linear(w.shape[1], w.shape[0])  # w (d, D) -> Linear(D, d)
         with torch.no_grad():
             lin.weight.copy_(w)
             lin.bias.copy_(b)
@@ -209,24 +210,24 @@ def export_sentence_transformers(src: Path, out_dir: Path, head: torch.nn.Linear
     if not modules_file.is_file():
         raise ReduceError(f"{src}: no modules.json: not a sentence-transformers folder, so no standard folder can "
                           f"be exported (the heads are in heads.safetensors)")
-    modules = json.loads(modules_file.read_text())
-    used = {m.get("path", "") for m in modules}
-    k = len(modules)
-    new = [("Normalize", f"{k}_Normalize")] if not model_normalizes else []
+    modules = json.loads(modules_file.read_text())  # [{idx, name, path, type}] in pipeline order
+    used = {m.get("path", "") for m in modules}  # folders taken ("" = the source root)
+    k = len(modules)  # new folders "{idx}_{Type}" after the source's
+    new = [("Normalize", f"{k}_Normalize")] if not model_normalizes else []  # heads expect unit x
     k += len(new)
     new += [("Dense", f"{k}_Dense"), ("Normalize", f"{k + 1}_Normalize")]
     for _, path in new:
-        if path in used or (src / path).exists():
+        if path in used or (src / path).exists():  # never overwrite a source folder
             raise ReduceError(f"{src}: already has a {path} folder; cannot append the reduction head")
 
     def fill(tmp: Path) -> None:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        shutil.copytree(src, tmp, dirs_exist_ok=True)  # atomic_dir already made tmp
         mods = list(modules)
         for typ, path in new:
             (tmp / path).mkdir()
             mods.append({"idx": len(mods), "name": str(len(mods)), "path": path,
                          "type": f"sentence_transformers.models.{typ}"})
-        dense = tmp / new[-2][1]
+        dense = tmp / new[-2][1]  # new ends with Dense, Normalize
         d, D = head.weight.shape                                    # (d, D)
         (dense / "config.json").write_text(json.dumps({"in_features": D, "out_features": d, "bias": True,
                                                        "activation_function": "torch.nn.modules.linear.Identity"},
@@ -234,9 +235,9 @@ def export_sentence_transformers(src: Path, out_dir: Path, head: torch.nn.Linear
         save_file({"linear.weight": head.weight.detach().float().contiguous(),
                    "linear.bias": head.bias.detach().float().contiguous()}, str(dense / "model.safetensors"),
                   metadata={"format": "pt"})
-        (tmp / "modules.json").write_text(json.dumps(mods, indent=2))
+        (tmp / "modules.json").write_text(json.dumps(mods, indent=2))  # the copy's modules.json only
 
-    atomic_dir(out_dir, fill)
+    atomic_dir(out_dir, fill)  # a kill leaves the old folder or the new, never half
     return out_dir
 
 
@@ -246,7 +247,7 @@ def export_sentence_transformers(src: Path, out_dir: Path, head: torch.nn.Linear
 def prepare_texts(out: Path, texts: list[str] | None, data_dir: str | None, max_texts: int | None, seed: int) -> Path:
     """OUT/texts.jsonl (rows {"id", "text", "hash"}): the given files' texts (deduplicated, empty skipped, a random
     `max_texts` of them) or data.py's recipe over the shared text folder."""
-    import data as D
+    import data as D  # here D is data.py, not a dim
     path = out / "texts.jsonl"
     if texts:
         rows, seen, skips = [], set(), __import__("collections").Counter()
@@ -254,7 +255,7 @@ def prepare_texts(out: Path, texts: list[str] | None, data_dir: str | None, max_
             if not Path(f).exists():
                 raise ReduceError(f"reduce.py: --texts {f}: no such file")
             for t in D.read_texts(f, skips=skips):
-                if t.strip() and t not in seen:
+                if t.strip() and t not in seen:  # exact duplicates once, blanks dropped
                     seen.add(t)
                     rows.append(t)
         if skips:
@@ -262,12 +263,13 @@ def prepare_texts(out: Path, texts: list[str] | None, data_dir: str | None, max_
         if not rows:
             raise ReduceError(f"reduce.py: no usable text in {texts}")
     else:
+        # default: data.py writes OUT/data/texts.jsonl (its recipe); only the texts are kept
         meta = D.build(out / "data", data_dir=data_dir, seed=seed, progress=False, **TEXT_RECIPE)
         rows = [json.loads(ln)["text"] for ln in (out / "data" / "texts.jsonl").read_text(encoding="utf-8").splitlines()
                 if ln.strip()]
         print(f"[reduce] texts: data.py recipe over {meta.get('data_dir', data_dir or D.default_data_dir())}: "
               f"{len(rows):,} texts", file=sys.stderr)
-    if max_texts and len(rows) > max_texts:
+    if max_texts and len(rows) > max_texts:  # a seeded sample, file order kept
         rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_texts))]
     body = "".join(json.dumps({"id": i, "text": t, "hash": D.text_hash(t)}, ensure_ascii=False) + "\n"
                    for i, t in enumerate(rows))
@@ -310,12 +312,12 @@ def main(argv=None) -> dict:
         teacher = T.load_teacher(a.model)
     except (T.TeacherError, OSError, ValueError) as e:
         raise SystemExit(f"reduce.py: --model {a.model}: {e}")
-    D = teacher.dim
-    dims = sorted(set(a.dims), reverse=True)
+    D = teacher.dim  # full dim of the cached vectors
+    dims = sorted(set(a.dims), reverse=True)  # widest first, duplicates dropped
     bad = [d for d in dims if not 0 < d < D]
     if bad:
         raise SystemExit(f"reduce.py: --dims {bad}: every dim must be between 1 and the model's dim {D} - 1")
-    if a.steps < 1 or a.batch < 2:
+    if a.steps < 1 or a.batch < 2:  # eq. 2 / eq. 3 compare pairs within a batch
         raise SystemExit(f"reduce.py: need --steps >= 1 and --batch >= 2, got {a.steps} and {a.batch}")
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -325,13 +327,13 @@ def main(argv=None) -> dict:
 
     # 2. one encoding pass of the frozen model (resumable cache shards)
     t0 = time.time()
-    build_cache([teacher], texts, out / "cache", batch_size=a.encode_batch, shard_size=4096)
+    build_cache([teacher], texts, out / "cache", batch_size=a.encode_batch, shard_size=4096)  # finished shards reused
     cache = TeacherCache(out / "cache")
     x = cache.targets(torch.arange(cache.n_rows))                  # (N, D) fp32, normalised
     t_encode = time.time() - t0
-    n_val = min(a.val_texts, x.shape[0] // 10)
+    n_val = min(a.val_texts, x.shape[0] // 10)  # at most 10% held out
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(a.seed))
-    x_val, x_train = x[perm[:n_val]], x[perm[n_val:]]
+    x_val, x_train = x[perm[:n_val]], x[perm[n_val:]]  # (n_val, D), (N - n_val, D)
     if x_train.shape[0] < a.batch:
         raise SystemExit(f"reduce.py: only {x_train.shape[0]} training texts after holding out {n_val}; need at "
                          f"least --batch {a.batch}")
@@ -340,12 +342,12 @@ def main(argv=None) -> dict:
 
     # 3. heads
     t0 = time.time()
-    w, m = tuple(a.loss_weights), a.margin
-    heads = make_heads(x_train, dims, a.init, a.seed)
-    vb = min(a.batch, max(2, n_val))
-    before = evaluate_heads(x_val, heads, w, m, vb, a.seed) if n_val >= 2 else {}
+    w, m = tuple(a.loss_weights), a.margin  # (lambda2, lambda3), margin of eq. 3
+    heads = make_heads(x_train, dims, a.init, a.seed)  # pca/svd fit on train rows only
+    vb = min(a.batch, max(2, n_val))  # the training m unless fewer are held out
+    before = evaluate_heads(x_val, heads, w, m, vb, a.seed) if n_val >= 2 else {}  # the init's losses
     hist = train_heads(x_train, heads, a.steps, a.batch, a.lr, w, m, seed=a.seed)
-    after = evaluate_heads(x_val, heads, w, m, vb, a.seed) if n_val >= 2 else {}
+    after = evaluate_heads(x_val, heads, w, m, vb, a.seed) if n_val >= 2 else {}  # same batches as before
     t_train = time.time() - t0
 
     # 4. export
@@ -355,9 +357,9 @@ def main(argv=None) -> dict:
                 val_losses_before={str(d): v for d, v in before.items()},
                 val_losses_after={str(d): v for d, v in after.items()},
                 times_s=dict(encode=round(t_encode, 1), train=round(t_train, 1)))
-    save_heads(out, heads, meta)
+    save_heads(out, heads, meta)  # heads.json rewritten below with the exports
     exported = {}
-    src = Path(teacher.spec.get("path", ""))
+    src = Path(teacher.spec.get("path", ""))  # the folder the model was read from
     # a standard folder only where the folder's own pipeline IS what was encoded: a sentence-transformers folder read
     # by teachers.SentenceTransformerTeacher, without a Matryoshka `dim=` cut or a prompt the folder does not apply
     why_not = ("not a sentence-transformers folder read by teachers.SentenceTransformerTeacher"
@@ -373,7 +375,7 @@ def main(argv=None) -> dict:
               f"{out / 'heads.safetensors'} only (apply with reduce.load_heads / reduce.apply_heads)",
               file=sys.stderr)
     meta["exported"] = {str(d): p for d, p in exported.items()}
-    atomic_write(out / "heads.json", json.dumps(meta, indent=1) + "\n")
+    atomic_write(out / "heads.json", json.dumps(meta, indent=1) + "\n")  # now with "exported"
     for d in dims:
         if after:
             print(f"[reduce] dim {d}: held-out sim {before[d]['sim']:.5f} -> {after[d]['sim']:.5f}, resim "
