@@ -42,7 +42,7 @@ class CheckpointError(UserError):
 
 def resolve_checkpoint(src: str | os.PathLike) -> Path:
     """`src` is a local directory (used as is) or a hub id (downloaded with huggingface_hub when online)."""
-    path = Path(src).expanduser()
+    path = Path(src).expanduser()  # `~/models/x` works; a hub id such as org/name is not a folder here
     if path.is_dir():
         return path
     if path.exists():
@@ -50,7 +50,7 @@ def resolve_checkpoint(src: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download  # only for hub ids (online); slow to import
 
-        return Path(snapshot_download(str(src)))
+        return Path(snapshot_download(str(src)))  # the local cache folder; a second call reuses it
     except Exception as e:  # offline, unknown repo, no permission, ...
         raise CheckpointError(
             f"{src!r} is not a local directory and could not be fetched from the hugging face hub "
@@ -62,7 +62,7 @@ def _safetensors_keys(file: Path) -> list[str]:
         raise CheckpointError(f"{file}: safetensors file not found")
     try:
         with safe_open(str(file), framework="pt") as f:
-            return list(f.keys())
+            return list(f.keys())  # header only: no tensor bytes are read
     except Exception as e:
         raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from e
 
@@ -74,12 +74,12 @@ def _keys_by_file(ckpt_dir: Path) -> dict[str, list[str]]:
     single = ckpt_dir / "model.safetensors"
     if index.is_file():
         try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]  # {key: shard file}
         except Exception as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
         by_file: dict[str, list[str]] = {}
         for key, fname in weight_map.items():
-            by_file.setdefault(fname, []).append(key)
+            by_file.setdefault(fname, []).append(key)  # grouped per shard: each file is opened once
         return by_file
     if single.is_file():
         return {single.name: _safetensors_keys(single)}
@@ -98,22 +98,22 @@ def read_safetensors(ckpt_dir: str | os.PathLike, prefix_filter: str | Sequence[
     A missing, truncated or corrupt file raises CheckpointError naming the file.
     """
     ckpt_dir = Path(ckpt_dir)
-    prefixes = (prefix_filter,) if isinstance(prefix_filter, str) else tuple(prefix_filter or ())
+    prefixes = (prefix_filter,) if isinstance(prefix_filter, str) else tuple(prefix_filter or ())  # () keeps every key
     state: dict[str, Tensor] = {}
     for fname, keys in _keys_by_file(ckpt_dir).items():
         file = ckpt_dir / fname
-        present = set(_safetensors_keys(file))
-        absent = [k for k in keys if k not in present]
+        present = set(_safetensors_keys(file))  # also proves the header is readable
+        absent = [k for k in keys if k not in present]  # an index out of step with its shards (a partial copy)
         if absent:
             raise CheckpointError(f"{file}: keys listed in model.safetensors.index.json but missing from the file: "
                                   f"{absent[:10]}")
-        wanted = [k for k in keys if not prefixes or k.startswith(prefixes)]
+        wanted = [k for k in keys if not prefixes or k.startswith(prefixes)]  # any prefix matches
         try:
             with safe_open(str(file), framework="pt") as f:
                 for k in wanted:  # memory-mapped: only the wanted tensors are read from disk
                     state[k] = f.get_tensor(k)
         except CheckpointError:
-            raise
+            raise  # already names the file: not wrapped twice
         except Exception as e:
             raise CheckpointError(f"{file}: failed reading tensor data (truncated or corrupt?): {e}") from e
     return state
@@ -148,14 +148,15 @@ def load_state_strict(module: nn.Module, state: dict[str, Tensor], prefix: str =
     buffers (the RoPE frequencies) are rebuilt afterwards on the parameters' device.
     """
     what = what or type(module).__name__
-    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    own = module.state_dict()
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # prefix stripped
+    own = module.state_dict()  # on meta: names, shapes, dtypes, no storage
     missing = [k for k in own if k not in sub]
     unexpected = [k for k in sub if k not in own]
-    bad_shape = [k for k in own if k in sub and tuple(sub[k].shape) != tuple(own[k].shape)]
+    bad_shape = [k for k in own if k in sub and tuple(sub[k].shape) != tuple(own[k].shape)]  # all mismatches at once
     if missing or unexpected or bad_shape:
         lines = [f"cannot load {what} (key prefix {prefix!r}):"]
         if missing:
+            # 20 names at most: a wrong prefix lists hundreds
             lines.append(f"  {len(missing)} missing key(s): " + ", ".join(
                 f"{prefix}{k} {fmt_shape(own[k])}" for k in missing[:20]) + (" ..." if len(missing) > 20 else ""))
         if unexpected:
@@ -165,11 +166,13 @@ def load_state_strict(module: nn.Module, state: dict[str, Tensor], prefix: str =
             lines.append("  shape mismatch: " + ", ".join(
                 f"{prefix}{k} checkpoint {fmt_shape(sub[k])} vs model {fmt_shape(own[k])}" for k in bad_shape[:20]))
         raise CheckpointError("\n".join(lines))
+    # floats take the module's dtype (a bf16 build loads bf16); integer tensors keep theirs
     casted = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in sub.items()}
-    module.load_state_dict(casted, strict=True, assign=True)
+    module.load_state_dict(casted, strict=True, assign=True)  # the tensors become the parameters: no copy into meta
     for m in module.modules():
         if hasattr(m, "reset_nonpersistent_buffers"):
-            m.reset_nonpersistent_buffers()
+            m.reset_nonpersistent_buffers()  # not in the state dict, so still meta after assign
+    # anything left on meta would fail only at the first forward
     still_meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if still_meta:
         raise CheckpointError(f"cannot load {what}: tensors left without data after loading: {still_meta[:10]}")
@@ -191,8 +194,8 @@ def check_config_values(where: str, cfg: dict, limits: dict[str, dict]) -> None:
     not null: CheckpointError `FILE: KEY: expected an integer, got '32'` instead of a crash deep in a constructor."""
     for key, kw in limits.items():
         if cfg.get(key) is not None:
-            kw = dict(kw)
-            why = check_value(cfg[key], kw.pop("kind", "int"), **kw)
+            kw = dict(kw)  # a copy: the pop below must not edit the caller's table
+            why = check_value(cfg[key], kw.pop("kind", "int"), **kw)  # None when valid, else the reason in words
             if why:
                 raise CheckpointError(f"{where}: {key}: {why}")
 
@@ -203,7 +206,7 @@ def read_config(cfg: dict | str | os.PathLike) -> tuple[str, dict]:
     if isinstance(cfg, dict):
         return "config dict", cfg
     p = Path(cfg)
-    p = p / "config.json" if p.is_dir() else p
+    p = p / "config.json" if p.is_dir() else p  # the folder or the file itself
     return str(p), read_json(p)
 
 
@@ -222,7 +225,7 @@ def read_dense_folder(folder: Path) -> tuple[Tensor, Tensor | None]:
     state = read_weights(folder)
     if "linear.weight" not in state:
         raise CheckpointError(f"{folder}: no 'linear.weight' key (found {sorted(state)[:6]})")
-    w, b = state["linear.weight"], state.get("linear.bias")
+    w, b = state["linear.weight"], state.get("linear.bias")  # w (D, hidden); bias optional
     if tuple(w.shape) != (cfg["out_features"], cfg["in_features"]):
         raise CheckpointError(f"{folder}: linear.weight {fmt_shape(w)} does not match config "
                               f"({cfg['out_features']}, {cfg['in_features']})")
@@ -232,10 +235,10 @@ def read_dense_folder(folder: Path) -> tuple[Tensor, Tensor | None]:
 def stella_dense_folders(path: Path) -> dict[int, Path]:
     """{D: folder} for the `2_Dense_{D}` folders of a stella checkpoint (`2_Dense` alone is D = 1024 in stella)."""
     found: dict[int, Path] = {}
-    for f in sorted(Path(path).glob("2_Dense*")):
+    for f in sorted(Path(path).glob("2_Dense*")):  # `2_Dense` sorts before `2_Dense_1024`: setdefault keeps it
         if not f.is_dir() or not (f / "config.json").is_file():
             continue
-        found.setdefault(int(read_json(f / "config.json")["out_features"]), f)
+        found.setdefault(int(read_json(f / "config.json")["out_features"]), f)  # D from the config
     return found
 
 
@@ -251,22 +254,22 @@ def atomic_write(path: str | os.PathLike, data: bytes | memoryview | str | Calla
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # same folder: the rename stays on one filesystem
     try:
         if callable(data):
-            data(tmp)
+            data(tmp)  # a writer that wants a path (save_file)
         else:
             with open(tmp, "wb") as f:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
         with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.fsync(f.fileno())  # bytes on disk before the rename, else a crash could publish an empty file
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
     except OSError as e:
         if is_disk_full(e):
             raise DiskFullError(path, "the write was abandoned; the previous file is unchanged") from e
         raise
     finally:
-        if tmp.exists():
+        if tmp.exists():  # only after a failure: a successful replace consumed tmp
             tmp.unlink()
 
 
@@ -276,20 +279,21 @@ def atomic_dir(out_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path
     the old folder or the new one complete, plus at most a hidden `.NAME.tmp-*` / `.NAME.old-*` sibling."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))  # sibling: atomic renames
     try:
         fill(tmp)
         make_readable(tmp)  # mkdtemp made it 0700 and safetensors writes 0600: a model folder is shared
         old = None
         if out_dir.exists():
+            # a kill between the two renames below leaves only this copy
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
+            os.replace(out_dir, old)  # moved aside: a rename cannot replace a non-empty folder
         os.replace(tmp, out_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException as e:
+    except BaseException as e:  # Ctrl-C too: the tmp folder never stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(os_error_in(e)):
+        if is_disk_full(os_error_in(e)):  # the OSError may sit in the cause chain
             raise DiskFullError(out_dir, "the folder was abandoned (no partial copy left); any previous one is "
                                          "unchanged") from e
         raise
@@ -305,20 +309,22 @@ def rng_state() -> dict:
     _, keys, pos, has_gauss, gauss = np.random.get_state()  # MT19937: 624 uint32 words, position, gauss cache
     version, words, py_gauss = random.getstate()           # (3, 625 ints, None)
     s = dict(torch=torch.get_rng_state(),
+             # numpy's uint32 words fit int64 exactly
              numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
                         gauss=float(gauss)),
              python=dict(version=version, words=torch.tensor(words, dtype=torch.int64), gauss=py_gauss))
     if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
+        s["cuda"] = torch.cuda.get_rng_state_all()  # one state tensor per visible GPU
     return s
 
 
 def set_rng_state(s: dict):
     torch.set_rng_state(s["torch"])
     n, p = s["numpy"], s["python"]
+    # the int64 words go back to numpy's uint32
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate((p["version"], tuple(p["words"].tolist()), p["gauss"]))
-    if "cuda" in s and torch.cuda.is_available():
+    random.setstate((p["version"], tuple(p["words"].tolist()), p["gauss"]))  # setstate wants a tuple
+    if "cuda" in s and torch.cuda.is_available():  # a CPU-only resume skips the GPU streams
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
@@ -333,7 +339,7 @@ def file_digest(path: str | os.PathLike, digest_size: int = 16) -> str:
     """blake2b of a file's bytes, read in 16 MB pieces (about 1 GB/s: seconds for a checkpoint, once per save)."""
     h = hashlib.blake2b(digest_size=digest_size)
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
+        for chunk in iter(lambda: f.read(1 << 24), b""):  # 16 MiB: constant memory for multi-GB shards
             h.update(chunk)
     return h.hexdigest()
 
@@ -341,7 +347,7 @@ def file_digest(path: str | os.PathLike, digest_size: int = 16) -> str:
 def write_checksums(folder: str | os.PathLike) -> None:
     folder = Path(folder)
     files = {p.name: dict(size=p.stat().st_size, blake2b=file_digest(p))
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}  # top-level files; never itself
     atomic_write(folder / CHECKSUMS, json.dumps(files, indent=1) + "\n")
 
 
@@ -364,9 +370,9 @@ def folder_problem(folder: str | os.PathLike, required: Sequence[str] = (), hash
         f = folder / name
         if not f.is_file():
             return f"{name} missing"
-        if f.stat().st_size != w["size"]:
+        if f.stat().st_size != w["size"]:  # cheap test first: a truncated copy fails without hashing
             return f"{name} has {f.stat().st_size} bytes, {w['size']} were written"
-        if hashes and file_digest(f) != w["blake2b"]:
+        if hashes and file_digest(f) != w["blake2b"]:  # hashes=False: sizes only, no full read
             return f"{name} differs from what was written (checksum)"
     return None
 
@@ -377,14 +383,15 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: dict, state: dict[str
     `model-0000K-of-0000N.safetensors` of at most `max_shard_bytes` + model.safetensors.index.json, the layout
     read_safetensors reads back) and, when a tokenizer is given, its tokenizer.json (`tokenizer.save(dir)`);
     `extra(dir)` writes more files into the folder before it appears (the sentence-transformers modules)."""
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}  # save_file wants contiguous
 
     def fill(tmp: Path) -> None:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))  # atomic_dir publishes it
         shards: list[dict[str, Tensor]] = [{}]
         size = 0
         for k, v in state.items():  # greedy, in key order: a shard closes when the next tensor would overflow it
             nbytes = v.numel() * v.element_size()
+            # `shards[-1] and`: a tensor over the limit gets a shard of its own
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append({})
                 size = 0
@@ -395,10 +402,10 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: dict, state: dict[str
         else:
             weight_map = {}
             for i, sh in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"  # the transformers shard names, 1-based
                 save_file(sh, str(tmp / name), metadata={"format": "pt"})
                 weight_map.update({k: name for k in sh})
-            total = sum(v.numel() * v.element_size() for v in state.values())
+            total = sum(v.numel() * v.element_size() for v in state.values())  # headers excluded
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if tokenizer is not None:
@@ -420,7 +427,7 @@ ST_TYPES = {"Transformer": "sentence_transformers.models.Transformer",
             "Pooling": "sentence_transformers.models.Pooling",
             "Dense": "sentence_transformers.models.Dense",
             "Normalize": "sentence_transformers.models.Normalize"}
-IDENTITY = "torch.nn.modules.linear.Identity"
+IDENTITY = "torch.nn.modules.linear.Identity"  # written explicitly: a Dense config without it gets Tanh
 POOLING_DIR, NORMALIZE_DIR = "1_Pooling", "3_Normalize"
 
 
@@ -439,9 +446,9 @@ def body_config(text_hf: dict, jasper: dict, dtype: torch.dtype) -> dict:
     `is_causal: false` makes transformers (>= 5.2) run the decoder bidirectionally, as model.py does; without it the
     body is causal and the vectors are wrong by ~0.16. The `jasper` block (heads, image tokens, vision config) is
     ignored by transformers and read by JasperConfig.from_hf."""
-    cfg = {k: v for k, v in text_hf.items() if k != "causal"}
-    cfg["is_causal"] = bool(text_hf.get("causal", text_hf.get("is_causal", False)))
-    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg = {k: v for k, v in text_hf.items() if k != "causal"}  # `causal` becomes `is_causal` below
+    cfg["is_causal"] = bool(text_hf.get("causal", text_hf.get("is_causal", False)))  # default False: bidirectional
+    cfg["dtype"] = str(dtype).removeprefix("torch.")  # 'bfloat16', not 'torch.bfloat16'
     cfg["jasper"] = jasper
     return cfg
 
@@ -467,11 +474,13 @@ def write_st_modules(out: Path, hidden: int, heads: dict[int, tuple[Tensor, Tens
         d.mkdir(parents=True, exist_ok=True)
         _json(d / "config.json", {"in_features": int(w.shape[1]), "out_features": int(w.shape[0]),
                                   "bias": b is not None, "activation_function": IDENTITY})
-        state = {"linear.weight": w.detach().to("cpu").contiguous()}
+        state = {"linear.weight": w.detach().to("cpu").contiguous()}  # (D, hidden): nn.Linear's layout
         if b is not None:
             state["linear.bias"] = b.detach().to("cpu").contiguous()
+        # s=state binds this head's dict at definition time
         atomic_write(d / "model.safetensors", lambda p, s=state: save_file(s, str(p), metadata={"format": "pt"}))
     (out / POOLING_DIR).mkdir(exist_ok=True)
+    # mean over every real token, instruction included (include_prompt), as JasperModel.pool
     _json(out / POOLING_DIR / "config.json", {
         "word_embedding_dimension": hidden, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
@@ -482,6 +491,7 @@ def write_st_modules(out: Path, hidden: int, heads: dict[int, tuple[Tensor, Tens
     if tokenizer_type:
         sbert["tokenizer_args"] = {"tokenizer_type": tokenizer_type}
     _json(out / "sentence_bert_config.json", sbert)
+    # prompts: name -> instruction_prompt text; none is applied unless asked for
     _json(out / "config_sentence_transformers.json", {
         "model_type": "SentenceTransformer", "prompts": dict(prompts), "default_prompt_name": None,
         "similarity_fn_name": "cosine"})
@@ -502,7 +512,7 @@ def write_modules_json(out: Path, default_head: int) -> None:
 def set_default_head(folder: str | os.PathLike, D: int) -> Path:
     """Make head D the one sentence-transformers returns (rewrites modules.json; the weights are untouched)."""
     folder = Path(folder)
-    check_standard_folder(folder)
+    check_standard_folder(folder)  # only a complete export is edited
     heads = standard_heads(folder)
     if D not in heads:
         raise CheckpointError(f"{folder / dense_dir(D)}: no such head folder; this export has heads {sorted(heads)}")
@@ -512,6 +522,7 @@ def set_default_head(folder: str | os.PathLike, D: int) -> Path:
 
 
 def standard_heads(folder: Path) -> list[int]:
+    # largest D first; a bare `2_Dense` (stella's) is skipped
     return sorted((int(p.name.rsplit("_", 1)[1]) for p in folder.glob("2_Dense_*")
                    if p.is_dir() and p.name.rsplit("_", 1)[1].isdigit()), reverse=True)
 
@@ -538,12 +549,12 @@ def check_standard_folder(folder: str | os.PathLike, weights: bool = False) -> i
         raise CheckpointError(f"{folder / 'config.json'}: 'is_causal' must be false (transformers would run the "
                               f"body causally)")
     mods = read_json(folder / "modules.json")
-    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in mods]
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in mods]  # class name only: old and new module paths both match
     if kinds != ["Transformer", "Pooling", "Dense", "Normalize"] or mods[0].get("path") != "":
         raise CheckpointError(f"{folder / 'modules.json'}: expected Transformer (path '') -> Pooling -> Dense -> "
                               f"Normalize, found {kinds}")
     pool = read_json(folder / POOLING_DIR / "config.json")
-    modes = [k for k, v in pool.items() if k.startswith("pooling_mode") and v]
+    modes = [k for k, v in pool.items() if k.startswith("pooling_mode") and v]  # the boolean flags that are on
     if modes not in (["pooling_mode_mean_tokens"], ["pooling_mode"]) or pool.get("pooling_mode", "mean") != "mean" \
             or pool.get("include_prompt", True) is not True:
         raise CheckpointError(f"{folder / POOLING_DIR / 'config.json'}: expected mean pooling over all tokens "
@@ -556,21 +567,21 @@ def check_standard_folder(folder: str | os.PathLike, weights: bool = False) -> i
         if dc.get("activation_function") != IDENTITY:
             raise CheckpointError(f"{d / 'config.json'}: activation_function is {dc.get('activation_function')!r}, "
                                   f"expected {IDENTITY!r} (a Dense config without one gets Tanh)")
-        if (dc.get("in_features"), dc.get("out_features")) != (hidden, D):
+        if (dc.get("in_features"), dc.get("out_features")) != (hidden, D):  # (hidden,) -> (D,)
             raise CheckpointError(f"{d / 'config.json'}: in/out_features {dc.get('in_features')}/"
                                   f"{dc.get('out_features')}, expected {hidden}/{D}")
         if not (d / "model.safetensors").is_file():
             raise CheckpointError(f"{d / 'model.safetensors'}: file not found")
-        if mods[2].get("path") == d.name:
+        if mods[2].get("path") == d.name:  # the head modules.json points at
             default = D
     if default is None:
         raise CheckpointError(f"{folder / 'modules.json'}: Dense path {mods[2].get('path')!r} is not a 2_Dense_{{D}} "
                               f"folder of this export")
     if weights:
-        state = read_safetensors(folder, prefix_filter="vector_linear_")
-        for D in (cfg.get("jasper") or {}).get("head_dims", []):
+        state = read_safetensors(folder, prefix_filter="vector_linear_")  # only the head tensors are read
+        for D in (cfg.get("jasper") or {}).get("head_dims", []):  # heads of the jasper block only
             w, b = read_dense_folder(folder / dense_dir(D))
-            if not (torch.equal(w, state[f"vector_linear_{D}.weight"]) and
+            if not (torch.equal(w, state[f"vector_linear_{D}.weight"]) and  # bit-equal: both copies of one tensor
                     torch.equal(b, state[f"vector_linear_{D}.bias"])):
                 raise CheckpointError(f"{folder / dense_dir(D) / 'model.safetensors'}: differs from "
                                       f"vector_linear_{D} in model.safetensors")
@@ -598,13 +609,13 @@ def check_out_dir(out: Path) -> None:
 
 def make_readable(folder: Path) -> None:
     """Files 0644 and folders 0755 (minus the umask): mkdtemp makes 0700 folders and safetensors 0600 files."""
-    umask = os.umask(0)
+    umask = os.umask(0)  # umask() sets as it reads: set 0, then restore
     os.umask(umask)
     for root, dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~umask)
         for f in files:
             p = os.path.join(root, f)
-            if not os.path.islink(p):
+            if not os.path.islink(p):  # chmod would follow the link out of the folder
                 os.chmod(p, 0o666 & ~umask)
 
 
@@ -623,7 +634,7 @@ class _LineWriter:
         self.stream = stream
 
     def write(self, s: str) -> None:
-        s = s.strip("\r\n ")
+        s = s.strip("\r\n ")  # tqdm's \r redraws and padding
         if s:
             self.stream.write(s + "\n")
 
