@@ -48,7 +48,7 @@ from vision import preprocess_images
 
 def text_hash(text: str) -> str:
     """Stable identity of a text: aligns teacher-cache rows with training rows (row id + this hash)."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()  # unlike hash(): not salted per run
 
 
 # ==================================================================================================================
@@ -59,9 +59,10 @@ class DataError(UserError, ValueError):
     """Bad input under on_error="raise", or an unusable source; the message names the file and line (or row)."""
 
 
-ON_ERROR = ("skip", "raise")
+ON_ERROR = ("skip", "raise")  # bad-input policy of every reader: count and go on, or stop at file:line
 DEFAULT_MAX_CHARS = 100_000  # a "huge document" cap: fineweb-edu documents above it are rare, and only the first
                              # 512 tokens (~2-3k chars) of any text are used; it also bounds the memory of one line.
+# what a folder spec picks up (expand_paths); .json.gz is read as JSON lines
 TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".txt", ".txt.gz")
 
 # Hub datasets of the paper (sec. 3.2) -> (default file glob inside the repo, field). field "*" = every string in a
@@ -82,7 +83,7 @@ class Record:
 
 
 def _check_policy(on_error: str) -> None:
-    if on_error not in ON_ERROR:
+    if on_error not in ON_ERROR:  # a programming error (ValueError), not bad data (DataError)
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
 
 
@@ -95,6 +96,7 @@ def _bad(kind: str, where: str, detail: str, on_error: str, skips: Counter | Non
 
 
 def _is_hub_spec(spec: str) -> bool:
+    # a local folder named like a preset id (ORG/NAME) wins over the hub
     return spec.startswith("hf://") or (spec in HUB_PRESETS and not os.path.exists(spec))
 
 
@@ -105,16 +107,16 @@ def _hub_files(spec: str) -> tuple[list[str], str | None]:
     parts = rest.split("/")
     if len(parts) < 2:
         raise DataError(f"hub dataset spec {spec!r}: expected hf://ORG/NAME[/GLOB]")
-    repo, pattern = "/".join(parts[:2]), "/".join(parts[2:])
-    preset_glob, preset_field = HUB_PRESETS.get(repo, ("**/*.parquet", None))
+    repo, pattern = "/".join(parts[:2]), "/".join(parts[2:])  # ORG/NAME, rest = glob in the repo
+    preset_glob, preset_field = HUB_PRESETS.get(repo, ("**/*.parquet", None))  # unknown repo: every parquet file
     pattern = pattern or preset_glob
     hint = ("download the files (e.g. `huggingface-cli download --repo-type dataset "
             f"{repo} --include '{pattern}'`) and pass the local folder or glob instead")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):  # fail fast, no network timeout
         raise DataError(f"hub dataset {repo} ({pattern}): HF_HUB_OFFLINE is set (offline), the hub cannot be reached; {hint}")
     try:
         from huggingface_hub import HfFileSystem  # hub datasets only (online)
-        files = sorted(HfFileSystem().glob(f"datasets/{repo}/{pattern}"))
+        files = sorted(HfFileSystem().glob(f"datasets/{repo}/{pattern}"))  # sorted: a fixed read order
     except Exception as exc:  # network errors come in many types (requests, httpx, OSError, hub errors)
         raise DataError(f"hub dataset {repo} ({pattern}): cannot list files ({type(exc).__name__}: {exc}); "
                         f"this machine may be offline: {hint}") from exc
@@ -133,8 +135,8 @@ def expand_paths(spec: str | Path) -> list[str]:
         return out
     if os.path.isfile(spec):
         return [spec]
-    if any(ch in spec for ch in "*?["):
-        out = sorted(p for p in globlib.glob(spec, recursive=True) if os.path.isfile(p))
+    if any(ch in spec for ch in "*?["):  # glob metacharacters: only after real paths
+        out = sorted(p for p in globlib.glob(spec, recursive=True) if os.path.isfile(p))  # recursive: ** spans folders
         if not out:
             raise DataError(f"{spec}: glob matches no file")
         return out
@@ -148,7 +150,7 @@ def _strings(value: Any) -> Iterator[str]:
     elif isinstance(value, list):
         for v in value:
             yield from _strings(v)
-    elif isinstance(value, dict):
+    elif isinstance(value, dict):  # keys are field names, not texts: values only
         for v in value.values():
             yield from _strings(v)
 
@@ -157,12 +159,12 @@ def _text_problem(text: Any, field: str, max_chars: int) -> tuple[str | None, st
     """The text checks every reader applies: present and a string, not blank, not above max_chars.
     -> (None, "") or (skip kind, detail)."""
     if text is None:
-        return "missing_field", f"no {field!r} field"
+        return "missing_field", f"no {field!r} field"  # JSON null counts as missing
     if not isinstance(text, str):
         return "missing_field", f"field {field!r} is {type(text).__name__}, not a string"
     if not text.strip():
         return "empty_text", f"field {field!r} is empty or whitespace"
-    if len(text) > max_chars:
+    if len(text) > max_chars:  # characters, not bytes or tokens
         return "too_long", f"{len(text):,} chars > max_chars={max_chars:,}"
     return None, ""
 
@@ -182,11 +184,11 @@ def _bounded_lines(fobj, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
     single huge line never sits in memory."""
     lineno = 0
     while True:
-        raw = fobj.readline(max_bytes + 1)
+        raw = fobj.readline(max_bytes + 1)  # +1: room for the newline of a max_bytes line
         if not raw:
             return
         lineno += 1
-        if len(raw) > max_bytes and not raw.endswith(b"\n"):
+        if len(raw) > max_bytes and not raw.endswith(b"\n"):  # cut short: the line goes on
             while raw and not raw.endswith(b"\n"):  # drain the rest of the oversized line
                 raw = fobj.readline(1 << 20)
             yield lineno, None
@@ -197,7 +199,7 @@ def _bounded_lines(fobj, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
 def _line_bytes(max_chars: int) -> int:
     """The longest jsonl line worth parsing for texts of at most max_chars characters (4 bytes per UTF-8 char, plus
     room for the other fields): a longer line is a skip of kind too_long, drained without holding it in memory."""
-    return 4 * max_chars + 4096
+    return 4 * max_chars + 4096  # bytes; ASCII-escaped JSON (\uXXXX, 6 bytes/char) can exceed it
 
 
 def parse_jsonl_line(raw: bytes | None, max_bytes: int) -> tuple[Any, str | None, str]:
@@ -206,14 +208,14 @@ def parse_jsonl_line(raw: bytes | None, max_bytes: int) -> tuple[Any, str | None
     malformed_json. The one parser behind every jsonl reader of the project."""
     if raw is None:
         return None, "too_long", f"line longer than {max_bytes:,} bytes"
-    if not raw.strip():
+    if not raw.strip():  # read_jsonl skips it silently; the readers count it
         return None, "empty_text", "blank line"
     try:
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8")  # strict: a bad byte is a skip, never a silent U+FFFD
     except UnicodeDecodeError as exc:
         return None, "invalid_utf8", str(exc)
     try:
-        return json.loads(line), None, ""
+        return json.loads(line), None, ""  # any JSON value: callers check it is an object
     except json.JSONDecodeError as exc:
         return None, "malformed_json", f"{exc.msg} at column {exc.colno}"
 
@@ -229,11 +231,11 @@ def read_jsonl(path: str | Path, error: type[Exception] = DataError, where: str 
     with open(path, "rb") as f:
         for lineno, raw in _bounded_lines(f, max_bytes):
             row, kind, detail = parse_jsonl_line(raw, max_bytes)
-            if kind == "empty_text":
+            if kind == "empty_text":  # only a blank line gives this kind here
                 continue
             if kind == "malformed_json":
                 raise error(f"{where}{path}:{lineno}: malformed JSON ({detail})")
-            if kind is not None:
+            if kind is not None:  # too_long or invalid_utf8
                 raise error(f"{where}{path}:{lineno}: {kind.replace('_', ' ')}: {detail}")
             if not isinstance(row, dict):
                 raise error(f"{where}{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
@@ -253,8 +255,8 @@ def scan_jsonl(path: Path, check_row: Callable[[Any], tuple[str | None, str]], m
     with open(path, "rb") as f:
         pos = 0
         for lineno, raw in _bounded_lines(f, max_bytes):
-            starts.append(pos)
-            pos = f.tell()
+            starts.append(pos)  # byte offset where this line starts
+            pos = f.tell()  # after the drained rest of a too_long line too
             row, kind, detail = parse_jsonl_line(raw, max_bytes)
             if kind is None:
                 kind, detail = check_row(row)
@@ -262,10 +264,10 @@ def scan_jsonl(path: Path, check_row: Callable[[Any], tuple[str | None, str]], m
                 if on_error == "raise":
                     raise DataError(f"{path}:{lineno}: {kind.replace('_', ' ')}: {detail}")
                 skips[kind] += 1
-                if len(bad) < 100:
+                if len(bad) < 100:  # bounded: a broken file must not grow the index
                     bad.append((lineno, f"{kind}: {detail}"))
-            valid.append(kind is None)
-        starts.append(pos)
+            valid.append(kind is None)  # one flag per line, bad ones too: offsets stay aligned
+        starts.append(pos)  # end of the last line: len(offsets) == n_lines + 1
     return {"offsets": np.asarray(starts, dtype=np.int64), "valid": np.asarray(valid, dtype=bool),
             "skips": dict(skips), "bad": bad}
 
@@ -280,8 +282,8 @@ def _iter_jsonl(fobj, name: str, field: str, max_chars: int, on_error: str, skip
             _bad(kind, where, detail, on_error, skips)
             continue
         source = row.get("source", default_source) if isinstance(row, dict) else default_source
-        source = source if isinstance(source, str) else default_source
-        if field == "*":
+        source = source if isinstance(source, str) else default_source  # a non-string source is ignored
+        if field == "*":  # every string of the row is a text (HUB_PRESETS)
             texts = list(_strings(row))
             if not texts:
                 _bad("missing_field", where, "row holds no string", on_error, skips)
@@ -308,11 +310,11 @@ def _iter_txt(fobj, name: str, max_chars: int, on_error: str, skips: Counter | N
             _bad("too_long", where, f"line over max_chars={max_chars:,}", on_error, skips)
             continue
         try:
-            line = raw.decode("utf-8").rstrip("\r\n")
+            line = raw.decode("utf-8").rstrip("\r\n")  # Windows line ends too
         except UnicodeDecodeError as exc:
             _bad("invalid_utf8", where, str(exc), on_error, skips)
             continue
-        if not line.strip():
+        if not line.strip():  # a separator, not bad input
             continue
         t = _check_text(line, where, max_chars, on_error, skips, "line")
         if t is not None:
@@ -329,7 +331,7 @@ def _iter_parquet(src, name: str, field: str, max_chars: int, on_error: str, ski
         raise DataError(f"{name}: not a readable parquet file ({type(exc).__name__}: {exc})") from exc
     names = pf.schema_arrow.names
     if field == "*":
-        field = "text" if "text" in names else None
+        field = "text" if "text" in names else None  # columnar: '*' means the text column
     if field not in names:
         raise DataError(f"{name}: parquet file has no column {field!r} (columns: {names})")
     cols = [field] + (["source"] if "source" in names and field != "source" else [])
@@ -338,21 +340,21 @@ def _iter_parquet(src, name: str, field: str, max_chars: int, on_error: str, ski
         texts = batch.column(0).to_pylist()
         sources = batch.column(1).to_pylist() if len(cols) > 1 else [None] * len(texts)
         for t, s in zip(texts, sources):
-            row += 1
+            row += 1  # 1-based row over the whole file, for messages
             t = _check_text(t, f"{name}:row {row}", max_chars, on_error, skips, field)
             if t is not None:
                 yield Record(t, s if isinstance(s, str) else default_source, name, row)
 
 
 def _open_binary(path: str, opener=open):
-    f = opener(path, "rb")
+    f = opener(path, "rb")  # opener: open, or HfFileSystem.open for hub files
     return gzip.GzipFile(fileobj=f) if path.endswith(".gz") else f
 
 
 def _iter_file(path: str, field: str, max_chars: int, on_error: str, skips: Counter | None,
                opener=open) -> Iterator[Record]:
-    default_source = Path(path).name.split(".")[0]
-    if path.endswith(".parquet"):
+    default_source = Path(path).name.split(".")[0]  # 'short.jsonl.gz' -> 'short'
+    if path.endswith(".parquet"):  # compressed inside: never wrapped in gzip
         with opener(path, "rb") as f:
             yield from _iter_parquet(f, path, field, max_chars, on_error, skips, default_source)
         return
@@ -374,6 +376,7 @@ def iter_records(spec: str | Path, field: str = "text", *, on_error: str = "skip
         files, preset_field = _hub_files(spec)
         from huggingface_hub import HfFileSystem  # hub datasets only (online)
         fs = HfFileSystem()
+        # a preset's field (e.g. "*") replaces the default "text"; any other field given wins
         use_field = preset_field if (preset_field and field == "text") else field
         for path in files:
             yield from _iter_file(path, use_field, max_chars, on_error, skips, opener=fs.open)
@@ -398,7 +401,7 @@ def recipe_stream(sources: list[SourceSpec], *, on_error: str = "skip", max_char
     """recipe.mix over the inputs' files: each SourceSpec.spec (file, folder, glob or hf://) is streamed by
     iter_records; bad lines are skipped and counted in stats.skips (on_error="skip") or raise naming file:line."""
     _check_policy(on_error)
-    stats = stats if stats is not None else RecipeStats()
+    stats = stats if stats is not None else RecipeStats()  # the caller's stats: build reads counts from it
     # one lazy reader per input: the mix pulls a document from an input only when that input is drawn
     readers = [iter_records(s.spec, s.field, on_error=on_error, max_chars=max_chars, skips=stats.skips)
                for s in sources]
@@ -420,12 +423,13 @@ def build(out_dir: str | Path, passages: str | None = None, short: str | None = 
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     passages = passages or _default_input(data_dir / "text" / "passages.jsonl", "--passages")
     short = short or _default_input(data_dir / "text" / "short.jsonl", "--short")
+    # the mix of sec. 3.2: only passages may be split into sentence pieces (recipe.py)
     sources = [SourceSpec("passages", str(passages), passage_ratio, "passage", True, field),
                SourceSpec("short", str(short), 1.0 - passage_ratio, "short", False, field)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / "texts.jsonl"
-    stats = RecipeStats()
+    final = out_dir / "texts.jsonl"  # row i here == teacher-cache row i
+    stats = RecipeStats()  # filled while the mix streams; read by write_rows and build.json
     bar = progress_bar(total=n_texts, desc="build", unit="texts", enabled=progress)
 
     def write_rows(tmp: Path) -> None:  # streamed into atomic_write's temporary file, renamed when complete
@@ -437,13 +441,13 @@ def build(out_dir: str | Path, passages: str | None = None, short: str | None = 
                 f.write(json.dumps({"id": row, "text": ex.text, "hash": text_hash(ex.text), "source": ex.source,
                                     "kind": ex.kind}, ensure_ascii=False) + "\n")
                 bar.update()
-        if sum(stats.texts.values()) == 0:
+        if sum(stats.texts.values()) == 0:  # raised inside: the empty temp file is never renamed in
             raise DataError(f"build produced no text from {passages} and {short} (skips: {dict(stats.skips)})")
 
-    atomic_write(final, write_rows)
+    atomic_write(final, write_rows)  # a crash leaves no half-written texts.jsonl
     bar.close()
     n = sum(stats.texts.values())
-    if n_texts is not None and n < n_texts:
+    if n_texts is not None and n < n_texts:  # not an error: fewer texts, reported
         print(f"build: input {stats.exhausted!r} ran out after {n:,} of {n_texts:,} texts", file=sys.stderr)
     meta = {"texts": str(final), "n_texts": n, "seed": seed, "inputs": {"passages": str(passages),
             "short": str(short)}, "field": field,
@@ -451,7 +455,7 @@ def build(out_dir: str | Path, passages: str | None = None, short: str | None = 
                        "max_sentences": max_sentences, "shuffle_ratio": shuffle_ratio, "max_chars": max_chars,
                        "on_error": on_error, "n_texts": n_texts},
             "stats": stats.as_dict()}
-    atomic_write(out_dir / "build.json", json.dumps(meta, indent=2))
+    atomic_write(out_dir / "build.json", json.dumps(meta, indent=2))  # parameters + counts: how to rebuild it
     if stats.skips:
         print(f"build: skipped bad input: {dict(stats.skips)}", file=sys.stderr)
     return meta
@@ -468,7 +472,7 @@ def _default_input(path: Path, flag: str) -> str:
 # 3. TrainLoader over texts.jsonl
 # ==================================================================================================================
 
-_INDEX_VERSION = 1
+_INDEX_VERSION = 1  # bump when the index layout changes: old sidecars are rebuilt
 
 
 def _scan_index(path: Path, field: str, max_chars: int, on_error: str) -> dict:
@@ -496,20 +500,20 @@ def load_index(path: str | Path, field: str = "text", max_chars: int = DEFAULT_M
     path = Path(path).resolve()
     st = path.stat()
     cache_dir = Path(os.environ.get("JASPER_CACHE_DIR", Path.home() / ".cache" / "jasper")) / "data-index"
-    key = hashlib.blake2b(str(path).encode(), digest_size=8).hexdigest()
+    key = hashlib.blake2b(str(path).encode(), digest_size=8).hexdigest()  # same name, other folder: other key
     side = cache_dir / f"{path.name}.{key}.index.npz"  # never next to the data: shared data stays untouched
     if cache and side.exists():
         try:
-            z = np.load(side, allow_pickle=False)
+            z = np.load(side, allow_pickle=False)  # no pickle: a sidecar cannot run code
             meta = json.loads(str(z["meta"]))
             if (meta["version"], meta["size"], meta["mtime_ns"], meta["field"], meta["max_chars"]) == (
                     _INDEX_VERSION, st.st_size, st.st_mtime_ns, field, max_chars):
                 idx = dict(meta, offsets=z["offsets"], valid=z["valid"])
-                if on_error == "raise" and idx["bad"]:
+                if on_error == "raise" and idx["bad"]:  # a cached index must fail like a fresh scan
                     line, why = idx["bad"][0]
                     raise DataError(f"{path}:{line}: {why.replace('_', ' ', 1)}")
                 return idx
-        except DataError:
+        except DataError:  # the bad-input error above, not a cache problem
             raise
         except Exception:
             pass  # stale or corrupt sidecar: rebuild
@@ -549,7 +553,7 @@ class Batch:
         return sum(ids.numel() for ids, _ in self.chunks)
 
 
-def _identity(x):
+def _identity(x):  # module-level, not a lambda: picklable for spawned workers
     return x
 
 
@@ -560,14 +564,14 @@ class _StepDataset(torch.utils.data.Dataset):
         self.loader = loader
 
     def __len__(self):
-        return 1 << 62
+        return 1 << 62  # effectively endless: _CountFrom picks the steps
 
     def __getitem__(self, g: int) -> Batch:
         spe = self.loader.steps_per_epoch
         return self.loader.batch_at(g // spe, g % spe)
 
 
-class _CountFrom(torch.utils.data.Sampler):
+class _CountFrom(torch.utils.data.Sampler):  # step ids start, start+1, ... (stop exclusive, None = forever)
     def __init__(self, start: int, stop: int | None):
         self.start, self.stop = start, stop
 
@@ -608,8 +612,8 @@ class TrainLoader:
         self.tokenizer = tokenizer
         self.global_batch, self.max_length, self.seed = global_batch, max_length, seed
         self.rank, self.world_size = rank, world_size
-        self.share = global_batch // world_size
-        self.micro_batch = micro_batch or self.share
+        self.share = global_batch // world_size  # b: rows per rank, exact (checked above)
+        self.micro_batch = micro_batch or self.share  # default: the whole share in one forward
         self.num_workers, self.epochs, self.prefetch_factor = num_workers, epochs, prefetch_factor
         self.field, self.max_chars = field, max_chars
         # packing: the share's texts laid end to end in rows of pack_length tokens (default max_length), each text
@@ -627,10 +631,10 @@ class TrainLoader:
         if self.n_valid < global_batch:
             raise DataError(f"{self.path}: {self.n_valid} usable rows < global_batch {global_batch} "
                             f"(skipped: {self.skips})")
-        self.steps_per_epoch = self.n_valid // global_batch
-        self._epoch, self._step = 0, 0
-        self._perm_cache: tuple[int, np.ndarray] | None = None
-        self._fh = None
+        self.steps_per_epoch = self.n_valid // global_batch  # last incomplete batch dropped
+        self._epoch, self._step = 0, 0  # position of the next batch to yield
+        self._perm_cache: tuple[int, np.ndarray] | None = None  # (epoch, permuted lines): one permutation at a time
+        self._fh = None  # opened lazily, per process (_read_line)
         self._fh_pid = None
 
     # ---- state ---------------------------------------------------------------------------------------------------
@@ -639,7 +643,7 @@ class TrainLoader:
                 "n_valid": self.n_valid, "steps_per_epoch": self.steps_per_epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "global_batch", "n_valid"):
+        for key in ("seed", "global_batch", "n_valid"):  # other values would draw other batches
             if state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume: state {key}={state[key]} but this loader has "
                                  f"{getattr(self, key)} ({self.path})")
@@ -651,8 +655,8 @@ class TrainLoader:
     def permutation(self, epoch: int) -> np.ndarray:
         """Seeded permutation of the usable rows for one epoch (numpy PCG64 seeded by (seed, epoch))."""
         if self._perm_cache is None or self._perm_cache[0] != epoch:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_valid)
-            self._perm_cache = (epoch, self._rows[perm])
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_valid)  # (n_valid,)
+            self._perm_cache = (epoch, self._rows[perm])  # permuted line numbers, not positions
         return self._perm_cache[1]
 
     def global_lines(self, epoch: int, step: int) -> np.ndarray:
@@ -662,26 +666,26 @@ class TrainLoader:
     def _read_line(self, line: int) -> dict:
         if self._fh is None or self._fh_pid != os.getpid():  # one handle per process (DataLoader workers fork)
             self._fh, self._fh_pid = open(self.path, "rb"), os.getpid()
-        a, b = self._offsets[line], self._offsets[line + 1]
+        a, b = self._offsets[line], self._offsets[line + 1]  # the line's bytes, newline included
         self._fh.seek(a)
-        return json.loads(self._fh.read(b - a).decode("utf-8"))
+        return json.loads(self._fh.read(b - a).decode("utf-8"))  # valid lines were checked at indexing
 
     def batch_at(self, epoch: int, step: int) -> Batch:
         lines = self.global_lines(epoch, step)[self.rank * self.share:(self.rank + 1) * self.share]  # (b,)
-        recs = [self._read_line(int(i)) for i in lines]
+        recs = [self._read_line(int(i)) for i in lines]  # b random-access reads, no full-file pass
         texts = [r[self.field] for r in recs]
         rows = [int(r["id"]) if isinstance(r.get("id"), int) else int(i) for r, i in zip(recs, lines)]
         hashes = [r["hash"] if isinstance(r.get("hash"), str) else text_hash(t) for r, t in zip(recs, texts)]
         ids = self.tokenizer.encode_ids(texts, max_length=self.max_length)  # one batched call, truncated
         packed = None
         if self.packing:
-            order, packed = self._pack(ids)
+            order, packed = self._pack(ids)  # order: share positions as packed
         else:
             order = sorted(range(len(ids)), key=lambda j: (-len(ids[j]), j))  # by length, inside this share only
-        ids = [ids[j] for j in order]
+        ids = [ids[j] for j in order]  # rows/hashes below follow the same order
         chunks = [] if self.packing else [self.tokenizer.pad(ids[a:a + self.micro_batch])
                                           for a in range(0, len(ids), self.micro_batch)]
-        input_ids, attention_mask = self.tokenizer.pad(ids)
+        input_ids, attention_mask = self.tokenizer.pad(ids)  # (b, T), T = the share's longest text
         return Batch(input_ids=input_ids, attention_mask=attention_mask,
                      rows=torch.tensor([rows[j] for j in order], dtype=torch.long),
                      hashes=[hashes[j] for j in order], n_tokens=sum(len(x) for x in ids), chunks=chunks,
@@ -692,11 +696,11 @@ class TrainLoader:
         cut into micro-batches of micro_batch rows -> (share positions in the order the micro-batches hold the
         texts, the micro-batches). Like the padded path's length sort this only reorders texts inside the share:
         which texts form the global batch is untouched, and the losses (eq. 1-3) do not depend on the order."""
-        rows = plan_rows([len(x) for x in ids], self.pack_length)
+        rows = plan_rows([len(x) for x in ids], self.pack_length)  # rows of share positions
         order: list[int] = []
         packed = []
         for a in range(0, len(rows), self.micro_batch):
-            base, local = len(order), []
+            base, local = len(order), []  # base: first text of this micro-batch in order
             for row in rows[a:a + self.micro_batch]:
                 local.append(list(range(len(order) - base, len(order) - base + len(row))))
                 order.extend(row)
@@ -706,7 +710,7 @@ class TrainLoader:
 
     # ---- iteration -----------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
-        start = self._epoch * self.steps_per_epoch + self._step
+        start = self._epoch * self.steps_per_epoch + self._step  # global index of the next batch
         stop = None if self.epochs is None else self.epochs * self.steps_per_epoch
         if stop is not None and start >= stop:
             return
@@ -714,12 +718,12 @@ class TrainLoader:
             source = (self.batch_at(g // self.steps_per_epoch, g % self.steps_per_epoch)
                       for g in (range(start, stop) if stop is not None else itertools.count(start)))
         else:
-            source = iter(torch.utils.data.DataLoader(
+            source = iter(torch.utils.data.DataLoader(  # batches come back in step order
                 _StepDataset(self), batch_size=None, sampler=_CountFrom(start, stop), num_workers=self.num_workers,
                 collate_fn=_identity, prefetch_factor=self.prefetch_factor))
         for batch in source:
             g = batch.epoch * self.steps_per_epoch + batch.step + 1  # position of the next batch
-            self._epoch, self._step = divmod(g, self.steps_per_epoch)
+            self._epoch, self._step = divmod(g, self.steps_per_epoch)  # set before the yield
             yield batch
 
     def __getstate__(self):  # DataLoader workers under spawn: no open file handle
@@ -767,8 +771,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             import pyarrow.parquet as pq  # optional (parquet inputs only) and slow to import
             md = pq.ParquetFile(self.path).metadata
             sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-            self._rg_starts = np.cumsum([0] + sizes)
-            self._lines = np.arange(self._rg_starts[-1], dtype=np.int64)
+            self._rg_starts = np.cumsum([0] + sizes)  # (n_groups + 1,) first row of each group
+            self._lines = np.arange(self._rg_starts[-1], dtype=np.int64)  # not pre-validated (see collate)
         else:
             self._rg_starts = None
             idx = scan_jsonl(self.path, self._check_row, _line_bytes(max_chars), on_error)
@@ -797,7 +801,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return len(self._lines)
 
     def _row(self, i: int) -> dict:
-        if self._fh_pid != os.getpid():
+        if self._fh_pid != os.getpid():  # forked worker: drop the parent's handle and cache
             self._fh, self._rg_cache, self._fh_pid = None, None, os.getpid()
         if self._rg_starts is None:
             if self._fh is None:
@@ -806,7 +810,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             self._fh.seek(self._offsets[line])
             return json.loads(self._fh.read(self._offsets[line + 1] - self._offsets[line]).decode("utf-8"))
         import pyarrow.parquet as pq  # optional (parquet inputs only) and slow to import
-        g = int(np.searchsorted(self._rg_starts, i, side="right") - 1)
+        g = int(np.searchsorted(self._rg_starts, i, side="right") - 1)  # row group holding row i
         if self._rg_cache is None or self._rg_cache[0] != g:
             self._rg_cache = (g, pq.ParquetFile(self.path).read_row_group(g).to_pylist())
         return self._rg_cache[1][i - int(self._rg_starts[g])]
@@ -815,9 +819,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         row = self._row(i)
         img = row.get(self.image_field)
         if isinstance(img, dict):  # HF Image feature {"bytes": ..., "path": ...}
-            img = img.get("bytes") or img.get("path")
+            img = img.get("bytes") or img.get("path")  # bytes preferred when both are set
         if isinstance(img, str) and not os.path.isabs(img):
-            img = str(self.image_root / img)
+            img = str(self.image_root / img)  # relative paths: under image_root
         return {"index": i, "image": img, "caption": self._caption(row)}
 
     def collate(self, items: list[dict]) -> dict:
@@ -853,7 +857,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_fh"], d["_fh_pid"], d["_rg_cache"] = None, None, None
+        d["_fh"], d["_fh_pid"], d["_rg_cache"] = None, None, None  # handles cannot be pickled to spawned workers
         return d
 
 
@@ -872,7 +876,7 @@ class ImageBatches:
         self.steps_per_epoch = len(self.ds) // global_batch
         if self.steps_per_epoch == 0:
             raise DataError(f"{path}: {len(self.ds)} usable pairs < global batch {global_batch}")
-        self.g = 0
+        self.g = 0  # next global batch index: the whole resume state
         self.skips: dict[str, int] = dict(self.ds.skips)  # bad rows of the index (the same on every rank)
         self.broken = 0  # images of THIS rank's shares that failed to decode (summed over ranks when logged)
 
@@ -895,9 +899,9 @@ class ImageBatches:
         dl = torch.utils.data.DataLoader(self, batch_size=None, sampler=range(self.g, 1 << 62),
                                          num_workers=self.num_workers, collate_fn=_identity)
         for item in dl:
-            self.g += 1
+            self.g += 1  # after the batch arrived: resume continues after it
             self.broken += item["n_skipped"]
-            ids, mask = self.tok(item["captions"], max_length=self.max_length)
+            ids, mask = self.tok(item["captions"], max_length=self.max_length)  # (n, T) in the main process
             yield dict(pixel_values=item["pixel_values"], input_ids=ids, attention_mask=mask,
                        n_tokens=int(mask.sum()))
 
@@ -936,7 +940,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                               "shuffle_ratio")}))
         if args.max_sentences < args.min_sentences:
             raise DataError(f"--max-sentences {args.max_sentences} < --min-sentences {args.min_sentences}")
-        if Path(args.out).exists() and not Path(args.out).is_dir():
+        if Path(args.out).exists() and not Path(args.out).is_dir():  # before any input is read
             raise DataError(f"--out {args.out}: exists and is not a folder")
         meta = build(args.out, args.passages, args.short, n_texts=args.n_texts, seed=args.seed,
                      passage_ratio=args.passage_ratio, split_ratio=args.split_ratio,
