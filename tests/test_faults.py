@@ -226,15 +226,17 @@ def test_train_out_is_a_file_or_holds_a_run(assets, tmp_path, capsys, no_model_l
     assert_error(cli(TR, targs(assets, out), capsys), "--resume")
 
 
-@pytest.mark.parametrize("edit,key", [({"text_config": {"hidden_size": "32"}}, "hidden_size"),
-                                      ({"head_dims": ["abc"]}, "head_dims"),
-                                      ({"text_config": {"num_hidden_layers": -1}}, "num_hidden_layers"),
-                                      ({"text_config": {"rms_norm_eps": "small"}}, "rms_norm_eps")],
+# An export's config.json is the body's own config (top-level keys) plus our fields in a `jasper` block (issue 14).
+@pytest.mark.parametrize("edit,key", [({"hidden_size": "32"}, "hidden_size"),
+                                      ({"jasper": {"head_dims": ["abc"]}}, "head_dims"),
+                                      ({"num_hidden_layers": -1}, "num_hidden_layers"),
+                                      ({"rms_norm_eps": "small"}, "rms_norm_eps")],
                          ids=["hidden_size-str", "head_dims-str", "layers-negative", "eps-str"])
 def test_train_init_config_json_value(assets, tmp_path, capsys, edit, key):
     init = tmp_path / "init"
     shutil.copytree(assets["init"], init)
     cfg = json.loads((init / "config.json").read_text())
+    assert "jasper" in cfg and "hidden_size" in cfg, "the init fixture is not in the export layout"
     for k, v in edit.items():
         if isinstance(v, dict):
             cfg[k].update(v)
