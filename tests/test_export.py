@@ -32,11 +32,12 @@ TEXTS = ["A man is playing a guitar.", "short", "Stella and Jasper are embedding
 TOL = 1e-6  # max abs difference, fp32
 
 
-def _tiny(tokenizer_dir: Path, head_dims=(48, 32, 16), seed: int = 0, vision=None) -> M.JasperModel:
-    """A tiny random student on a real tokenizer; norms and biases perturbed so no weight is at its init value."""
+def _tiny(tokenizer_dir: Path, head_dims=(48, 32, 16), seed: int = 0, vision=None, **body) -> M.JasperModel:
+    """A tiny random student on a real tokenizer; norms and biases perturbed so no weight is at its init value.
+    `body` overrides Qwen2Config fields (e.g. a Qwen3 body: model_type="qwen3", qk_norm=True, no q/k/v bias)."""
     tok = M.TextTokenizer.from_pretrained(tokenizer_dir, max_length=24)
     text = M.Qwen2Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4)
+                         num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4, **body)
     img = tok.image_token_ids or (151646, 151647, 151648)
     torch.manual_seed(seed)
     m = M.JasperModel(M.JasperConfig(text=text, vision=vision, head_dims=head_dims, max_length=24,
@@ -122,6 +123,19 @@ def test_mteb_resolves_the_stored_prompts(qwen_student, tmp_path):
                              ("SciFact", PromptType.document, "document"), ("STS12", None, "STS12"),
                              ("STS17", None, "STS"), ("NFCorpus", PromptType.query, "Retrieval-query")]:
         assert get_prompt_name(prompts, mteb.get_task(task).metadata, side) == want, task
+
+
+def test_qwen3_student_export_is_standard(tmp_path):
+    """A student with a Qwen3 body (issue 16: q/k norms, explicit head_dim, no q/k/v bias) exports the same standard
+    folder: AutoModel builds a bidirectional Qwen3Model, and SentenceTransformer reproduces every head and prompt."""
+    model = _tiny(qwen_tokenizer_dir(), model_type="qwen3", qk_norm=True, attention_bias=False, head_dim=16)
+    out = model.save_pretrained(tmp_path / "export")
+    body = transformers.AutoModel.from_pretrained(out)
+    assert type(body).__name__ == "Qwen3Model" and body.config.is_causal is False
+    prompts = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
+    for D in model.dims:
+        C.set_default_head(out, D)
+        assert _assert_st_matches(out, model, D) == len(prompts) + 1
 
 
 @pytest.mark.parametrize("which", ["qwen", "wordpiece"])
