@@ -2,11 +2,10 @@
 instruction robustness), at every Matryoshka head, as tables, JSON and plots.
 
 Two engines, one set of embeddings:
-- engine="mteb" (default): the `mteb` package's own tasks, evaluators and protocols (classification undersampling,
-  pytrec_eval retrieval metrics, clustering v-measure, ...), so a score means what an MTEB score means. Our encoders
-  reach mteb through `MTEBEncoder`, which implements mteb's encoder protocol. With `data_dir`, each task's data is
-  read from local files (layout below) and injected into the mteb task object before evaluation, so mteb never
-  touches the hub; without it, mteb loads the task from the hub as usual.
+- engine="mteb" (default): every (task, head) runs through `mteb.evaluate` with a complete ModelMeta, so a score
+  means what an MTEB score means, and mteb's standard results folder is written (eval_mteb.py: encoder protocol,
+  ModelMeta, local-data injection). With `data_dir`, each task's data is read from local files (layout below) and
+  injected into the mteb task object, so mteb never touches the hub; without it, mteb loads the task as usual.
 - engine="builtin": a small numpy/torch path for STS (cosine Spearman) and retrieval (nDCG@10, pytrec_eval
   semantics) with no mteb/scipy/sklearn import, used by `quick_eval` during training. It agrees with mteb to 1e-4
   (tests/test_eval.py).
@@ -23,12 +22,13 @@ clustering, PairClassification -> pair_classification, Reranking -> reranking, S
   {query-id, corpus-ids} for reranking.
 - multilingual tasks: `<Task>/<hf_subset>/...`, or files directly in `<Task>/` for the task's English subset.
 
-Instructions (sec. 3.3 / Table 2): queries are encoded as "Instruct: {instruction}\\nQuery: {text}" (the
-formatting lives in the encoders), documents without. Which texts are "queries" follows MTEB's wrapper for the
-released Jasper (mteb/models/model_implementations/jasper_models.py): retrieval/reranking queries get the
+Instructions (sec. 3.3 / Table 2): the paper's original or synonym set (<data dir>/paper/jasper_instructions.json);
+a task it lacks gets mteb's own prompt for it, and the run says so. Queries are encoded as
+"Instruct: {instruction}\\nQuery: {text}" (the formatting lives in the encoders), documents without. Which texts
+are queries follows mteb's own wrapper for the released Jasper (docs/eval.md): retrieval/reranking queries get the
 instruction, corpus documents do not; symmetric tasks (STS, classification, clustering, pair classification,
 summarization), where mteb passes no prompt type, get it on every text. Encoders that do not follow instructions
-(BERT-family, e.g. all-MiniLM-L6-v2) get none. See docs/eval.md for the instruction sets.
+(BERT-family, e.g. all-MiniLM-L6-v2) get none.
 """
 from __future__ import annotations
 
@@ -59,11 +59,15 @@ class EvalError(UserError, ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # Instructions
 # ---------------------------------------------------------------------------------------------------------------
-# "original": the per-task prompts of the MTEB task metadata, i.e. exactly what MTEB's wrapper for the released
-# Jasper model (NovaSearch/jasper_en_vision_language_v1) sends (task metadata `prompt`, else the abstask default
-# prompt). The paper's Table 2 text could not be retrieved offline; these are the released model's documented MTEB
-# prompts (see docs/eval.md). The table below mirrors mteb's metadata for the tasks in ../shared/data so that the
-# built-in path needs no mteb import; tests assert it equals mteb's metadata.
+# The paper's instructions (sec. 3.3, Table 2): one "original" and one GPT-4o "synonym" instruction per MTEB task of
+# Table 3, with Table 3's scores for each set. The paper prints Table 2 without task names; the file maps each
+# instruction to its task (see docs/eval.md). It lives with the data: <data dir>/paper/jasper_instructions.json.
+PAPER_INSTRUCTIONS = Path("paper") / "jasper_instructions.json"
+INSTRUCTION_SETS = ("original", "synonym", "none")
+
+# The documented default for a task the paper's table does not list: the prompt MTEB's own wrapper for the released
+# Jasper sends (task metadata `prompt`, else the abstask default prompt). On the mteb path it is read from mteb's
+# metadata; this table mirrors it for the local tasks so the built-in path needs no mteb import (a test checks it).
 ORIGINAL_PROMPTS: dict[str, str | dict[str, str]] = {
     "STSBenchmark": "Retrieve semantically similar text.",
     "STS12": "Retrieve semantically similar text.",
@@ -76,42 +80,70 @@ ORIGINAL_PROMPTS: dict[str, str | dict[str, str]] = {
 TYPE_DEFAULT_PROMPTS = {"STS": "Retrieve semantically similar text.",
                         "Retrieval": "Given a web search query, retrieve relevant passages that answer the query"}
 
-# "synonym" (Table 3 robustness): every instruction rewritten with synonyms. OUR OWN deterministic rewrite of the
-# original instruction (word-level synonym map), NOT the paper's Table 2 synonym text, which we could not retrieve.
-_SYNONYMS = {
-    "retrieve": "fetch", "given": "provided", "find": "locate", "relevant": "pertinent", "similar": "alike",
-    "semantically": "meaningfully", "documents": "texts", "document": "text", "passages": "paragraphs",
-    "query": "question", "identify": "determine", "classify": "categorize", "answer": "respond to",
-    "support": "back", "refute": "contradict", "corresponding": "matching", "text": "passage", "claim": "statement",
-    "topic": "subject", "questions": "queries", "question": "inquiry", "duplicate": "repeated",
-    "equivalent": "identical", "scientific": "academic", "online": "internet", "intents": "intentions",
-    "given,": "provided,",
-}
+
+class Instructions:
+    """One instruction set ("original" | "synonym" | "none") and the paper's table it draws from.
+
+    `table` is {task: instruction} for the chosen set, `paper` the whole file (Table 3 scores for `--instructions
+    compare`). A task the table lacks gets the documented default (mteb's prompt for it) and is reported once.
+    """
+
+    def __init__(self, kind: str = "original", path: str | os.PathLike | None = None, data_dir=None):
+        if kind not in INSTRUCTION_SETS:
+            raise EvalError(f"instructions must be {'|'.join(INSTRUCTION_SETS)}, got {kind!r}")
+        self.kind, self.path, self.paper, self.table = kind, None, None, {}
+        self.fallbacks: dict[str, str | None] = {}
+        if kind == "none":
+            return
+        self.path = Path(path) if path else paper_instructions_path(data_dir)
+        if self.path is None or not self.path.is_file():
+            if path or kind == "synonym":
+                raise EvalError(f"--instructions {kind} needs the paper's instruction table: "
+                                f"{path or PAPER_INSTRUCTIONS} not found (--instructions-file PATH)")
+            _progress(f"[eval] the paper's instruction table ({PAPER_INSTRUCTIONS}) is not in the data dir: every "
+                      "task gets mteb's prompt for it (the documented default)")
+            return
+        self.paper = read_json(self.path, "instruction table", error=EvalError)
+        try:
+            self.table = {t: e[kind] for t, e in self.paper["instructions"].items()}
+        except (KeyError, TypeError):
+            raise EvalError(f"{self.path}: expected {{'instructions': {{task: {{'original', 'synonym'}}}}}}") from None
+
+    def __repr__(self) -> str:
+        return self.kind
+
+    def note_fallback(self, task: str, text: str | None) -> None:
+        """Say (once per task) that a task has no entry in the paper's table and what it gets instead."""
+        if self.kind != "none" and self.paper is not None and task not in self.table and task not in self.fallbacks:
+            self.fallbacks[task] = text
+            _progress(f"[eval] {task}: not in the paper's instruction table ({self.path}); using the default "
+                      f"(mteb's prompt for it): {text!r}")
 
 
-def synonym_instruction(instruction: str) -> str:
-    """Word-level synonym rewrite of an instruction (case of the first letter kept)."""
-    def swap(m: re.Match) -> str:
-        w = m.group(0)
-        s = _SYNONYMS.get(w.lower())
-        if s is None:
-            return w
-        return s[0].upper() + s[1:] if w[0].isupper() else s
-    return re.sub(r"[A-Za-z]+", swap, instruction)
+def paper_instructions_path(data_dir=None) -> Path | None:
+    """<data_dir>/paper/jasper_instructions.json, else the same file in the default data dir."""
+    for d in (data_dir, data.default_data_dir()):  # the one definition of the default data dir (data.py)
+        if d is not None and d != "hub" and (Path(d) / PAPER_INSTRUCTIONS).is_file():
+            return Path(d) / PAPER_INSTRUCTIONS
+    return None
 
 
-def task_instruction(task_name: str, task_type: str, prompt_type: str | None, instructions: str = "original",
-                     metadata_prompt: Any = "__lookup__", abstask_prompt: str | None = None) -> str | None:
+def task_instruction(task_name: str, task_type: str, prompt_type: str | None,
+                     instructions: "Instructions | str" = "original", metadata_prompt: Any = "__lookup__",
+                     abstask_prompt: str | None = None) -> str | None:
     """The instruction for one side of one task; None for documents or when instructions are off.
 
-    prompt_type: "query", "document" or None (symmetric task: every text gets the instruction).
-    metadata_prompt / abstask_prompt: the mteb task's `metadata.prompt` and abstask default (mteb path); when not
-    given, the built-in table is used.
+    prompt_type: "query", "document" or None (symmetric task: every text gets the instruction). The paper's table
+    wins; a task it lacks gets the default: `metadata_prompt` / `abstask_prompt` (the mteb task's `metadata.prompt`
+    and abstask default, given on the mteb path), else the built-in tables. This mirrors mteb's Jasper wrapper with
+    the table as its `prompts_dict` (AbsEncoder.get_instruction: task entry first, then the task's own prompt).
     """
-    if instructions == "none" or prompt_type == "document":
+    if not isinstance(instructions, Instructions):
+        instructions = Instructions(instructions)
+    if instructions.kind == "none" or prompt_type == "document":
         return None
-    if instructions not in ("original", "synonym"):
-        raise EvalError(f"instructions must be original|synonym|none, got {instructions!r}")
+    if task_name in instructions.table:
+        return instructions.table[task_name]
     prompt = ORIGINAL_PROMPTS.get(task_name) if metadata_prompt == "__lookup__" else metadata_prompt
     if isinstance(prompt, dict):  # mteb: a dict prompt is per prompt type; no entry -> empty
         prompt = prompt.get(prompt_type) if prompt_type else None
@@ -119,9 +151,8 @@ def task_instruction(task_name: str, task_type: str, prompt_type: str | None, in
             prompt = TYPE_DEFAULT_PROMPTS.get(task_type)
     if not prompt:
         prompt = abstask_prompt if abstask_prompt is not None else TYPE_DEFAULT_PROMPTS.get(task_type)
-    if not prompt:
-        return None
-    return synonym_instruction(prompt) if instructions == "synonym" else prompt
+    instructions.note_fallback(task_name, prompt or None)
+    return prompt or None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,6 +204,20 @@ def uses_instructions(encoder) -> bool:
     if flag is not None:
         return bool(flag)
     return "bert" not in type(encoder).__name__.lower()
+
+
+def mteb_name(spec: str, name: str | None = None) -> str:
+    """'org/model' as mteb wants it: a hub id as is; a local folder as local/<folder> (parent added for the generic
+    names train.py writes: runs/s3/final -> local/s3-final)."""
+    if name:
+        return name if "/" in name else f"local/{name}"
+    p = Path(spec)
+    if not p.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        return spec
+    p = p.resolve()
+    generic = p.name in ("final", "latest", "export") or p.name.startswith("step")
+    base = f"{p.parent.name}-{p.name}" if generic else p.name
+    return f"local/{base or 'model'}"
 
 
 def _progress(msg: str) -> None:
@@ -467,7 +512,7 @@ def _in_type_dir(data_dir: Path, task: str, ttype: str) -> bool:
 
 
 def _builtin_eval(cache: EmbeddingCache, data_dir: Path, task: str, split: str, dim: int | None,
-                  instructions: str, meta: dict | None = None) -> dict:
+                  instructions: "Instructions | str", meta: dict | None = None) -> dict:
     meta = meta or {}
     ttype = None
     for t in ("STS", "Retrieval"):
@@ -496,7 +541,7 @@ def _builtin_eval(cache: EmbeddingCache, data_dir: Path, task: str, split: str, 
 
 
 def quick_eval(encoder, data_dir, task: str = "STSBenchmark", split: str = "dev", dim: int | None = None,
-               instructions: str | None = None, batch_size: int = 32) -> float:
+               instructions: "Instructions | str | None" = None, batch_size: int = 32) -> float:
     """Main score of one STS/retrieval task with the built-in path (used by train.py during training).
 
     `encoder` may be an encoder or an EmbeddingCache wrapping one. Instructions default to "original" for
@@ -505,282 +550,25 @@ def quick_eval(encoder, data_dir, task: str = "STSBenchmark", split: str = "dev"
     cache = encoder if isinstance(encoder, EmbeddingCache) else EmbeddingCache(encoder, batch_size, False)
     if instructions is None:
         instructions = "original" if uses_instructions(cache.encoder) else "none"
+    if not isinstance(instructions, Instructions):
+        instructions = Instructions(instructions, data_dir=data_dir)
     return float(_builtin_eval(cache, Path(data_dir), task, split, dim, instructions)["main_score"])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# mteb path. mteb and datasets are imported inside the functions that use them: importing them takes seconds and
-# pulls in sklearn/scipy, which the built-in engine (quick_eval during training, the demo) never needs.
-# ---------------------------------------------------------------------------------------------------------------
-def get_mteb_task(name: str):
-    import mteb
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return mteb.get_task(name)
-        except KeyError as e:
-            raise EvalError(f"unknown MTEB task {name!r}: {e.args[0] if e.args else e}") from None
-
-
-def _mteb_adapter_class():
-    """Built lazily so the built-in path never imports mteb."""
-    from mteb.models.abs_encoder import AbsEncoder
-    from mteb.models.model_meta import ModelMeta, ScoringFunction
-
-    class MTEBEncoder(AbsEncoder):
-        """mteb EncoderProtocol over an EmbeddingCache; `dim` / `instructions` select the head and prompt set."""
-
-        def __init__(self, cache: EmbeddingCache, name: str = "local/encoder", dim: int | None = None,
-                     instructions: str = "original"):
-            self.cache = cache
-            self.dim = dim
-            self.instructions = instructions if uses_instructions(cache.encoder) else "none"
-            self.model_name = name
-            self.mteb_model_meta = ModelMeta(
-                loader=None, name=name if "/" in name else f"local/{name}", revision="local", release_date=None,
-                languages=None, n_parameters=None, memory_usage_mb=None, max_tokens=None, embed_dim=dim,
-                license=None, open_weights=True, public_training_code=None, public_training_data=None,
-                framework=["PyTorch"], similarity_fn_name=ScoringFunction.COSINE,
-                use_instructions=self.instructions != "none", training_datasets=None)
-
-        def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
-            texts = [t for batch in inputs for t in batch["text"]]
-            from mteb.abstasks.abstask import get_abstask_prompt
-            ptype = prompt_type.value if prompt_type is not None else None
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                abst = get_abstask_prompt(task_metadata.name)
-            instr = task_instruction(task_metadata.name, task_metadata.type, ptype, self.instructions,
-                                     metadata_prompt=task_metadata.prompt, abstask_prompt=abst or None)
-            return self.cache.get(texts, self.dim, instr)
-
-    return MTEBEncoder
-
-
-def _rows_to_dataset(rows: list[dict]):
-    from datasets import Dataset
-    return Dataset.from_list(rows)
-
-
-def _english_subset(task) -> str:
-    subs = list(task.hf_subsets)
-    for s in subs:
-        if s in ("en", "eng", "en-en", "eng-Latn", "default") or s.startswith("en"):
-            return s
-    return subs[0]
-
-
-def inject_local_data(task, data_dir: Path, split: str) -> list[str]:
-    """Fill `task.dataset` from local files, run the task's own `dataset_transform`, mark it loaded.
-
-    Returns the hf subsets to evaluate. Never touches the hub.
-    """
-    from datasets import DatasetDict
-    from mteb.abstasks.retrieval import AbsTaskRetrieval
-    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
-
-    name, ttype = task.metadata.name, task.metadata.type
-    tdir = find_task_dir(data_dir, name, ttype)
-    if task.metadata.is_multilingual:
-        local = [s for s in task.hf_subsets if (tdir / s).is_dir()]
-        subset_dirs = {s: tdir / s for s in local} or {_english_subset(task): tdir}
-    else:
-        subset_dirs = {"default": tdir}
-
-    retrieval = isinstance(task, AbsTaskRetrieval)
-    dataset: dict = {}
-    for subset, sdir in subset_dirs.items():
-        if retrieval:
-            dataset[subset] = {split: _load_retrieval_split(sdir, split, name, RetrievalSplitData)}
-        else:
-            splits = [split]
-            train_split = getattr(task, "train_split", None)
-            if ttype in ("Classification", "MultilabelClassification") and train_split and train_split != split:
-                splits.append(train_split)
-            dd = {}
-            for sp in splits:
-                path = _split_file(sdir, sp, name)
-                rows = read_jsonl(path, name)
-                _check_row_fields(task, rows, path)
-                dd[sp] = _rows_to_dataset(rows)
-            dataset[subset] = DatasetDict(dd)
-    if task.metadata.is_multilingual or retrieval:
-        task.dataset = dataset
-    else:
-        task.dataset = dataset["default"]
-    task.hf_subsets = list(subset_dirs)
-    raw = task.dataset
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            task.dataset_transform()
-    except Exception as e:  # noqa: BLE001 - a task's own transform expects its hub columns
-        # Local files may already be in the abstask's column layout (e.g. sentence1 where the hub has sent1):
-        # then the task's renaming transform does not apply and the raw rows are used as they are.
-        if retrieval or not _missing_columns(task, _apply_aliases(task, raw)):
-            task.dataset = raw
-        else:
-            raise EvalError(f"task {name}: data in {tdir} has neither the task's hub columns (its dataset_transform "
-                            f"failed: {type(e).__name__}: {e}) nor the columns "
-                            f"{_required_columns(task)}") from None
-    if not retrieval:
-        task.dataset = _apply_aliases(task, task.dataset)
-        missing = _missing_columns(task, task.dataset)
-        if missing:
-            raise EvalError(f"task {name}: data in {tdir} lacks column(s) {missing} after the task's transform")
-    task.data_loaded = True
-    return list(subset_dirs)
-
-
-_ALIASES = {"labels": ("label",), "label": ("labels",), "sentence1": ("sent1",), "sentence2": ("sent2",),
-            "sentences": ("sentence", "text"), "text": ("sentence",)}
-
-
-def _split_dicts(task, dataset) -> list:
-    return list(dataset.values()) if task.metadata.is_multilingual else [dataset]
-
-
-def _missing_columns(task, dataset) -> list[str]:
-    req = _required_columns(task)
-    miss = []
-    for dd in _split_dicts(task, dataset):
-        for ds in dd.values():
-            miss += [c for c in req if c not in ds.column_names and c not in miss]
-    # pair classification v1 stores one row of lists; those columns are checked by mteb itself
-    return miss
-
-
-def _apply_aliases(task, dataset):
-    req = _required_columns(task)
-    from datasets import DatasetDict
-
-    def fix(dd):
-        out = {}
-        for sp, ds in dd.items():
-            for c in req:
-                if c not in ds.column_names:
-                    alt = next((a for a in _ALIASES.get(c, ()) if a in ds.column_names), None)
-                    if alt is not None:
-                        ds = ds.rename_column(alt, c)
-            out[sp] = ds
-        return DatasetDict(out)
-    if task.metadata.is_multilingual:
-        return {k: fix(v) for k, v in dataset.items()}
-    return fix(dataset)
-
-
-def _check_row_fields(task, rows: list[dict], path: Path) -> None:
-    """Fields the abstask reads, checked per row (only when the task does not rename columns itself)."""
-    from mteb.abstasks.abstask import AbsTask
-    cls = type(task)
-    own_transform = any("dataset_transform" in c.__dict__ for c in cls.__mro__[: cls.__mro__.index(AbsTask)]
-                        if c.__module__.startswith("mteb.tasks"))
-    if own_transform:
-        return
-    cols = [c for c in _required_columns(task) if not any(a in rows[0] for a in _ALIASES.get(c, ()))]
-    require_fields(rows, cols, path, task.metadata.name)
-
-
-def _required_columns(task) -> list[str]:
-    t = task.metadata.type
-    if t == "STS":
-        cols = [c for c in task.column_names if isinstance(c, str)] + ["score"]
-    elif t in ("Classification", "Clustering", "MultilabelClassification"):
-        cols = [c for c in (getattr(task, "input_column_name", None), getattr(task, "label_column_name", None))
-                if isinstance(c, str)]
-    elif t == "PairClassification":
-        cols = [c for c in (task.input1_column_name, task.input2_column_name, task.label_column_name)
-                if isinstance(c, str)]
-    elif t == "Summarization":
-        cols = [task.text_column_name, task.human_summaries_column_name, task.machine_summaries_column_name,
-                task.relevancy_column_name]
-    else:
-        cols = []
-    return cols
-
-
-def _load_retrieval_split(sdir: Path, split: str, name: str, RetrievalSplitData):
-    from datasets import Dataset
-    old = sdir / f"{split}.jsonl"
-    if not (sdir / "corpus.jsonl").exists() and old.exists():
-        return _old_reranking_format(old, split, name, RetrievalSplitData)
-    corpus, queries, qrels = load_beir(sdir, split, name)
-    top_ranked = None
-    for p in (sdir / "top_ranked" / f"{split}.jsonl", sdir / "top_ranked.jsonl"):
-        if p.exists():
-            rows = read_jsonl(p, name)
-            require_fields(rows, ("query-id", "corpus-ids"), p, name)
-            top_ranked = {str(r["query-id"]): [str(x) for x in r["corpus-ids"]] for r in rows}
-            break
-    keep = set(qrels)
-    queries = [q for q in queries if q["id"] in keep]
-    if not queries:
-        raise EvalError(f"task {name}: no query of {sdir / 'queries.jsonl'} has a judgement in qrels/{split}.tsv")
-    return RetrievalSplitData(corpus=Dataset.from_list(corpus), queries=Dataset.from_list(queries),
-                              relevant_docs=qrels, top_ranked=top_ranked)
-
-
-def _old_reranking_format(path: Path, split: str, name: str, RetrievalSplitData):
-    """mteb's AbsTaskReranking.transform_old_dataset_format: rows {query, positive: [...], negative: [...]}."""
-    from datasets import Dataset
-    rows = read_jsonl(path, name)
-    require_fields(rows, ("query", "positive", "negative"), path, name)
-    corpus, queries, qrels, top = [], [], {}, {}
-    idx = 0
-    for r in rows:
-        if len(r["positive"]) == 0 or len(r["negative"]) == 0:
-            continue
-        qid = f"{split}_query{idx}"
-        idx += 1
-        queries.append({"id": qid, "text": r["query"]})
-        qrels[qid], top[qid] = {}, []
-        for kind, docs, rel in (("apositive", r["positive"], 1), ("negative", r["negative"], 0)):
-            for i, doc in enumerate(docs):
-                did = f"{kind}_{qid}_{str(i).zfill(5)}"
-                corpus.append({"id": did, "title": "", "text": doc})
-                top[qid].append(did)
-                qrels[qid][did] = rel
-    return RetrievalSplitData(corpus=Dataset.from_list(corpus), queries=Dataset.from_list(queries),
-                              relevant_docs=qrels, top_ranked=top)
-
-
-def _default_split(task) -> str:
-    splits = list(task.metadata.eval_splits)
-    return "test" if "test" in splits else splits[0]
-
-
-def _mteb_eval(adapter, task, split: str, batch_size: int) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = task.evaluate(adapter, split, encode_kwargs={"batch_size": batch_size})
-    main = task.metadata.main_score
-    per_subset = {s: {k: _jsonable(v) for k, v in sc.items()} for s, sc in res.items()}
-    mains = [float(sc["main_score"]) for sc in res.values()]
-    return {"main_metric": main, "main_score": float(np.mean(mains)), "scores": per_subset,
-            "type": task.metadata.type}
-
-
-def _jsonable(v):
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
-def evaluate(encoder, tasks: str | Sequence[str], data_dir=None, dims=None, instructions: str = "original",
-             engine: str = "mteb", batch_size: int = 32, split: str | None = None,
-             show_progress: bool | None = None) -> dict:
+def evaluate(encoder, tasks: str | Sequence[str], data_dir=None, dims=None,
+             instructions: "Instructions | str" = "original", engine: str = "mteb", batch_size: int = 32,
+             split: str | None = None, show_progress: bool | None = None, results_dir=None,
+             name: str | None = None, spec: str | None = None, instructions_file=None) -> dict:
     """Evaluate `encoder` on MTEB tasks for every requested head dim.
 
-    Returns {"engine", "instructions", "dims", "results": {task: {dim_key: {"main_metric", "main_score",
-    "scores", "type", "split", "time_s"}}}} where dim_key is str(dim) or "native" for dim=None.
-    `encoder` may be an EmbeddingCache to share embeddings across calls.
+    Returns {"model", "revision", "engine", "instructions", "dims", "results": {task: {dim_key: {"main_metric",
+    "main_score", "scores", "type", "split", "time_s"}}}} where dim_key is str(dim) or "native" for dim=None.
+    `encoder` may be an EmbeddingCache to share embeddings across calls. The mteb engine runs each (task, head)
+    through `mteb.evaluate` with the head's ModelMeta (see `model_meta`); `results_dir` receives mteb's results
+    folder. `name` is the mteb model name (default from `spec`, the path / hub id the encoder came from).
     """
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -788,17 +576,21 @@ def evaluate(encoder, tasks: str | Sequence[str], data_dir=None, dims=None, inst
         raise EvalError("no tasks given")
     if engine not in ("mteb", "builtin"):
         raise EvalError(f"engine must be 'mteb' or 'builtin', got {engine!r}")
-    if instructions not in ("original", "synonym", "none"):
-        raise EvalError(f"instructions must be original|synonym|none, got {instructions!r}")
     cache = encoder if isinstance(encoder, EmbeddingCache) else EmbeddingCache(encoder, batch_size, show_progress)
     enc = cache.encoder
+    kind = instructions.kind if isinstance(instructions, Instructions) else instructions
+    if kind not in INSTRUCTION_SETS:
+        raise EvalError(f"instructions must be {'|'.join(INSTRUCTION_SETS)}, got {kind!r}")
+    if not uses_instructions(enc):
+        instructions = Instructions("none")  # BERT-family encoders are evaluated without (their published way)
+    elif not isinstance(instructions, Instructions):
+        instructions = Instructions(kind, instructions_file, data_dir)
     avail = encoder_dims(enc)
     dims_l: list[int | None] = [None] if not dims else [int(d) for d in dims]
     bad = [d for d in dims_l if d is not None and avail and d not in avail]
     if bad:
         raise EvalError(f"dims {bad} not available; encoder heads: {list(avail)}")
     cache.dims = tuple(dict.fromkeys(d for d in (*cache.dims, *dims_l) if d is not None))
-    eff_instr = instructions if uses_instructions(enc) else "none"
     if data_dir is not None:
         data_dir = Path(data_dir)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -808,31 +600,39 @@ def evaluate(encoder, tasks: str | Sequence[str], data_dir=None, dims=None, inst
                         "(--data-dir DIR or $JASPER_DATA_DIR)")
 
     results: dict[str, dict] = {}
-    name = getattr(enc, "name", None) or type(enc).__name__
+    label = str(getattr(enc, "name", None) or type(enc).__name__)
+    label = mteb_name(spec, name) if spec or name else label if "/" in label else f"local/{label}"
+    revision = None
     if engine == "mteb":
-        adapter = _mteb_adapter_class()(cache, name=str(name), instructions=eff_instr)
-        task_objs = {t: get_mteb_task(t) for t in tasks}  # unknown names fail before any encoding
+        import eval_mteb as EM  # only this engine imports mteb
+        adapter = EM.MTEBEncoder(cache, name=label, instructions=instructions, spec=spec)
+        revision = adapter._revision
+        task_objs = {t: EM.get_mteb_task(t) for t in tasks}  # unknown names fail before any encoding
     for t in tasks:
         results[t] = {}
         for d in dims_l:
             t0 = time.time()
             key = "native" if d is None else str(d)
             if engine == "builtin":
-                sp = split or ("test")
-                r = _builtin_eval(cache, data_dir, t, sp, d, eff_instr)
+                sp = split or "test"
+                r = _builtin_eval(cache, data_dir, t, sp, d, instructions)
             else:
-                task = get_mteb_task(t) if d != dims_l[0] else task_objs[t]
-                sp = split or _default_split(task)
+                task = EM.get_mteb_task(t) if d != dims_l[0] else task_objs[t]
+                sp = split or EM.default_split(task)
+                task.filter_eval_splits([sp])
                 if data_dir is not None:
-                    inject_local_data(task, data_dir, sp)
+                    EM.inject_local_data(task, data_dir, sp)
                 adapter.dim = d
+                adapter.mteb_model_meta = adapter.meta()
                 _progress(f"[eval] {t} ({task.metadata.type}, split {sp}, dim {key}) ...")
-                r = _mteb_eval(adapter, task, sp, batch_size)
+                r = EM.run_task(adapter, task, sp, batch_size, results_dir)
             r["split"] = sp
             r["time_s"] = round(time.time() - t0, 3)
             results[t][key] = r
             _progress(f"[eval] {t} dim={key}: {r['main_metric']} = {r['main_score']:.5f} ({r['time_s']:.1f}s)")
-    return {"model": str(name), "engine": engine, "instructions": eff_instr,
+    return {"model": label, "revision": revision, "engine": engine, "instructions": instructions.kind,
+            "instructions_file": str(instructions.path) if instructions.path else None,
+            "instruction_fallbacks": dict(instructions.fallbacks),
             "dims": [("native" if d is None else d) for d in dims_l], "results": results}
 
 
@@ -843,6 +643,44 @@ def markdown_table(report: dict) -> str:
     for t, per in report["results"].items():
         metric = next(iter(per.values()))["main_metric"]
         lines.append(f"| {t} | {metric} | " + " | ".join(f"{per[k]['main_score']:.5f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def compare_instructions(encoder, tasks, **kw) -> dict:
+    """Table 3's experiment: every task with the paper's original and synonym instructions (one EmbeddingCache, so
+    texts without an instruction are encoded once), with the paper's two figures where it reports the task."""
+    cache = encoder if isinstance(encoder, EmbeddingCache) else \
+        EmbeddingCache(encoder, kw.get("batch_size", 32), kw.get("show_progress"))
+    if not uses_instructions(cache.encoder):
+        raise EvalError("--instructions compare needs an instruction-following encoder; this one takes none")
+    runs = {k: evaluate(cache, tasks, instructions=k, **kw) for k in ("original", "synonym")}
+    paper = Instructions("original", kw.get("instructions_file"), kw.get("data_dir")).paper or {}
+    published = {r["task"]: r for r in paper.get("table3", [])}
+    rows = []
+    for t, per in runs["original"]["results"].items():
+        for key, r in per.items():
+            o, s = r["main_score"], runs["synonym"]["results"][t][key]["main_score"]
+            p = published.get(t, {})
+            rows.append({"task": t, "dim": key, "metric": r["main_metric"], "original": o, "synonym": s,
+                         "diff": s - o, "paper_original": p.get("original"), "paper_synonym": p.get("synonym")})
+    return {"model": runs["original"]["model"], "revision": runs["original"]["revision"],
+            "engine": runs["original"]["engine"], "dims": runs["original"]["dims"], "compare": rows,
+            "paper_average": paper.get("average"), "runs": runs}
+
+
+def compare_table(report: dict) -> str:
+    """task | dim | ours original / synonym / diff | the paper's original / synonym / diff (Table 3, the released
+    Jasper), '-' where the paper does not report the task."""
+    f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = ["| task | dim | original | synonym | diff | paper original | paper synonym | paper diff |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["compare"]:
+        po, ps = r["paper_original"], r["paper_synonym"]
+        lines.append(f"| {r['task']} | {r['dim']} | {f(r['original'])} | {f(r['synonym'])} | {r['diff']:+.4f} | "
+                     f"{f(po)} | {f(ps)} | {'-' if po is None else f'{ps - po:+.4f}'} |")
+    avg = report.get("paper_average")
+    if avg:
+        lines.append(f"\nThe paper's averages over its 53 tasks: original {avg['original']}, synonym {avg['synonym']}.")
     return "\n".join(lines)
 
 
@@ -876,23 +714,34 @@ def save_json(report: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = ArgumentParser(prog="eval.py", description="Evaluate an encoder on MTEB tasks (mteb engine; local data offline).")
-    ap.add_argument("--model", required=True, help="local dir or hub id (Jasper/student, stella, NV-Embed-v2, BERT)")
+    ap = ArgumentParser(prog="eval.py", description="Evaluate an encoder on MTEB tasks (mteb engine; local data "
+                        "offline).")
+    ap.add_argument("--model", required=True, help="local dir or hub id: Jasper / exported student, stella, "
+                    "NV-Embed-v2, or any sentence-transformers model teachers.load_teacher reads")
     ap.add_argument("--tasks", required=True, help="comma-separated MTEB task names")
     ap.add_argument("--data-dir", default=None, help="local data laid out like ../shared/data (offline); default: "
                     "$JASPER_DATA_DIR, else ../shared/data when it exists, else the hub (mteb engine); "
                     "'hub' forces the hub")
     ap.add_argument("--dims", default=None, help="comma-separated head dims, e.g. 12288,1024,512,256")
-    ap.add_argument("--instructions", default="original", choices=["original", "synonym", "none"])
+    ap.add_argument("--instructions", default="original", choices=[*INSTRUCTION_SETS, "compare"],
+                    help="the paper's Table 2 set; compare: both sets side by side with Table 3's figures")
+    ap.add_argument("--instructions-file", default=None, help="the paper's instruction table (default: "
+                    f"<data dir>/{PAPER_INSTRUCTIONS})")
     ap.add_argument("--engine", default="mteb", choices=["mteb", "builtin"])
     ap.add_argument("--split", default=None, help="override the split (default: test, or the task's eval split)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=None, help="cut texts at this many tokens (default: the "
                     "model's own limit)")
-    ap.add_argument("--out", default=None, help="results JSON (a PNG plot goes next to it when >1 dim)")
+    ap.add_argument("--out", default=None, help="results JSON; the markdown table (.md), the plot (.png, >1 dim) "
+                    "and mteb's results folder (mteb/ beside it) go next to it")
+    ap.add_argument("--results-dir", default=None, help="mteb's results folder (default: mteb/ next to --out)")
+    ap.add_argument("--name", default=None, help="model name in mteb's results (default: the hub id, or "
+                    "local/<folder>)")
     args = ap.parse_args(argv)
     # every flag and path checked before the model loads (errors: one line, exit 2, via cli() / errors.run_cli)
     check_args(args, dict(batch_size=dict(lo=1), max_length=dict(lo=1)))
+    out = Path(args.out) if args.out else None
+    results_dir = args.results_dir or (out.parent / "mteb" if out else None)
     try:
         dims = [int(x) for x in args.dims.split(",")] if args.dims else None
     except ValueError:
@@ -912,15 +761,24 @@ def main(argv=None) -> int:
     if args.out and Path(args.out).is_dir():
         raise EvalError(f"--out {args.out}: is a folder (expected a results .json file)")
     enc = load_encoder(args.model, **({"max_length": args.max_length} if args.max_length else {}))
-    report = evaluate(enc, args.tasks, data_dir=data_dir, dims=dims, instructions=args.instructions,
-                      engine=args.engine, batch_size=args.batch_size, split=args.split)
+    kw = dict(data_dir=data_dir, dims=dims, engine=args.engine, batch_size=args.batch_size, split=args.split,
+              results_dir=results_dir if args.engine == "mteb" else None, name=args.name, spec=args.model,
+              instructions_file=args.instructions_file)
+    if args.instructions == "compare":
+        report = compare_instructions(enc, args.tasks, **kw)
+        table = compare_table(report)
+    else:
+        report = evaluate(enc, args.tasks, instructions=args.instructions, **kw)
+        table = markdown_table(report)
     report["model_spec"] = args.model
-    print(markdown_table(report))
-    if args.out:
-        save_json(report, Path(args.out))
-        print(f"wrote {args.out}", file=sys.stderr)
-    if len(report["dims"]) > 1:
-        png = Path(args.out).with_suffix(".png") if args.out else Path("eval_dims.png")
+    print(table)
+    if out:
+        save_json(report, out)
+        atomic_write(out.with_suffix(".md"), lambda p: Path(p).write_text(table + "\n", encoding="utf-8"))
+        print(f"wrote {out}, {out.with_suffix('.md')}" + (f", mteb results in {results_dir}/results"
+                                                         if kw["results_dir"] else ""), file=sys.stderr)
+    if len(report["dims"]) > 1 and "results" in report:
+        png = out.with_suffix(".png") if out else Path("eval_dims.png")
         plot_dims(report, png)
         print(f"wrote {png}", file=sys.stderr)
     return 0
@@ -932,4 +790,5 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    import eval  # run the importable module, so eval_mteb and this CLI share one copy of its classes
+    sys.exit(eval.cli())
