@@ -199,11 +199,14 @@ def encoder_dims(encoder) -> tuple[int, ...]:
 
 
 def uses_instructions(encoder) -> bool:
-    """BERT-family encoders (MiniLM) take no instructions; instruction-tuned LLM encoders do."""
+    """Jasper students, stella and NV-Embed-v2 take the paper's instructions. BERT-family encoders (MiniLM) and any
+    sentence-transformers folder (teachers.SentenceTransformerTeacher) take none: they are evaluated as mteb's
+    sentence-transformers wrapper runs a model without task prompts (their own default prompt, if any, applies)."""
     flag = getattr(encoder, "uses_instructions", None)
     if flag is not None:
         return bool(flag)
-    return "bert" not in type(encoder).__name__.lower()
+    return not any("bert" in c.__name__.lower() or "SentenceTransformer" in c.__name__
+                   for c in type(encoder).__mro__)
 
 
 def mteb_name(spec: str, name: str | None = None) -> str:

@@ -183,6 +183,27 @@ def test_cli_writes_mteb_results_folder_with_full_model_meta(tiny_dir, data_dir,
     assert abs(again.task_results[0].get_score() - rep["results"]["BIOSSES"]["16"]["main_score"]) <= 1e-6
 
 
+def test_any_sentence_transformers_folder_matches_mteb_on_sentence_transformers(tmp_path, data_dir):
+    """--model on a sentence-transformers folder (a tiny Qwen3 body with mean pooling and Normalize, built and saved
+    by sentence-transformers): eval.py's score equals mteb.evaluate on the library's own SentenceTransformer of the
+    same folder (mteb's wrapper; no prompts, no instructions on either side)."""
+    import mteb
+    from sentence_transformers import SentenceTransformer
+    from test_st_teacher import build_st
+    folder = build_st(tmp_path, "qwen3", "mean")
+    out = tmp_path / "res" / "st.json"
+    assert ev.main(["--model", str(folder), "--tasks", "BIOSSES", "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    ours = json.loads(out.read_text())
+    assert ours["instructions"] == "none" and ours["model"] == "local/st"
+    task = EM.get_mteb_task("BIOSSES")
+    EM.inject_local_data(task, data_dir, "test")
+    ref = mteb.evaluate(SentenceTransformer(str(folder), device="cpu"), task, cache=None, co2_tracker=False,
+                        show_progress_bar=False)
+    assert abs(ours["results"]["BIOSSES"]["native"]["main_score"] - ref.task_results[0].get_score()) <= 1e-4
+    meta = json.loads(next((tmp_path / "res" / "mteb" / "results").rglob("model_meta.json")).read_text())
+    assert meta["n_parameters"] == sum(p.numel() for p in ev.load_encoder(folder).module.parameters())
+
+
 def test_weights_hash_tracks_content(tiny_dir):
     a, b = ev.load_encoder(tiny_dir), ev.load_encoder(tiny_dir)
     assert EM.weights_hash(a) == EM.weights_hash(b)
