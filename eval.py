@@ -38,7 +38,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
