@@ -595,13 +595,16 @@ class TrainLoader:
     yielded, so a restored loader continues with exactly the batches the uninterrupted one would have yielded,
     with any num_workers (a batch is a pure function of seed, epoch, step and rank) and even a different world size.
     `.skips` counts bad rows left out of the index (kinds as in iter_records, plus hash_mismatch).
+    `holdout=K` sets K usable rows aside before anything is drawn (`holdout_lines`, chosen by `holdout_seed` alone,
+    so every stage and seed of a pipeline over the same file holds out the same texts): they never reach a batch,
+    and `holdout_records()` reads them for evaluation during training.
     """
 
     def __init__(self, texts_path: str | Path, tokenizer, global_batch: int, max_length: int, seed: int,
                  rank: int = 0, world_size: int = 1, *, micro_batch: int | None = None, num_workers: int = 0,
                  epochs: int | None = None, field: str = "text", on_error: str = "skip",
                  max_chars: int = DEFAULT_MAX_CHARS, prefetch_factor: int = 2, index_cache: bool = True,
-                 packing: bool = True, pack_length: int | None = None):
+                 packing: bool = True, pack_length: int | None = None, holdout: int = 0, holdout_seed: int = 0):
         _check_policy(on_error)
         if global_batch <= 0 or world_size <= 0 or global_batch % world_size:
             raise ValueError(f"global_batch ({global_batch}) must be a positive multiple of world_size "
@@ -625,6 +628,11 @@ class TrainLoader:
         idx = load_index(self.path, field, max_chars, on_error, cache=index_cache)
         self._offsets = idx["offsets"]                       # (n_lines + 1,) int64 byte offsets
         self._rows = np.flatnonzero(idx["valid"]).astype(np.int64)  # (n_valid,) usable line numbers (0-based)
+        if not 0 <= holdout < len(self._rows):
+            raise DataError(f"{self.path}: cannot hold out {holdout} of {len(self._rows)} usable rows")
+        self.holdout_lines = np.sort(np.random.default_rng([holdout_seed, 0x4E1D]).choice(
+            self._rows, holdout, replace=False))  # (holdout,) 0-based lines set aside, never in a batch
+        self._rows = np.setdiff1d(self._rows, self.holdout_lines)
         self.skips: dict[str, int] = dict(idx["skips"])
         self.bad_lines: list = idx["bad"]                     # first 100 (1-based line, reason)
         self.n_valid = len(self._rows)
@@ -670,12 +678,20 @@ class TrainLoader:
         self._fh.seek(a)
         return json.loads(self._fh.read(b - a).decode("utf-8"))  # valid lines were checked at indexing
 
-    def batch_at(self, epoch: int, step: int) -> Batch:
-        lines = self.global_lines(epoch, step)[self.rank * self.share:(self.rank + 1) * self.share]  # (b,)
-        recs = [self._read_line(int(i)) for i in lines]  # b random-access reads, no full-file pass
+    def records(self, lines) -> tuple[list[str], list[int], list[str]]:
+        """(texts, row ids, text hashes) of 0-based lines: the row id is the "id" field (= teacher-cache row)."""
+        recs = [self._read_line(int(i)) for i in lines]
         texts = [r[self.field] for r in recs]
         rows = [int(r["id"]) if isinstance(r.get("id"), int) else int(i) for r, i in zip(recs, lines)]
         hashes = [r["hash"] if isinstance(r.get("hash"), str) else text_hash(t) for r, t in zip(recs, texts)]
+        return texts, rows, hashes
+
+    def holdout_records(self) -> tuple[list[str], list[int], list[str]]:
+        return self.records(self.holdout_lines)
+
+    def batch_at(self, epoch: int, step: int) -> Batch:
+        lines = self.global_lines(epoch, step)[self.rank * self.share:(self.rank + 1) * self.share]  # (b,)
+        texts, rows, hashes = self.records(lines)
         ids = self.tokenizer.encode_ids(texts, max_length=self.max_length)  # one batched call, truncated
         packed = None
         if self.packing:

@@ -55,6 +55,7 @@ from eval import load_encoder, quick_eval
 from model import JasperConfig, JasperModel
 from teacher_cache import TeacherCache, read_cache_input
 from teachers import MultiTeacher, load_teacher
+from train_eval import TrainEval, best_eval, eval_line, plot_eval
 from vision import SiglipVisionEncoder
 
 # ======================================================================================================================
@@ -145,6 +146,12 @@ class TrainConfig:
                             "/ transformers folder (docs/checkpoints.md)")
     eval_data: str | None = _f(None, "after the export, quick STSBenchmark-dev score of the final model (eval.py) "
                                      "with this shared data dir; empty = skip")
+    eval_every: int = _f(0, "stages 1-3: every N steps (and at the last), cosine and MSE of student FC1 vs teacher "
+                            "on held-out texts, sim-matrix MSE and STSBenchmark dev Spearman at every head (0 = off)")
+    eval_holdout: int = _f(256, "texts held out of training for --eval-every (never in a batch; rows recorded in "
+                                "config.json)")
+    eval_instructions: str = _f("original", "instruction set for the STSBenchmark dev score during training "
+                                            "(eval.py's sets)", choices=["original", "synonym", "none"])
     config: str | None = _f(None, "JSON file of config values (keys = field names); CLI flags override it")
 
     def __post_init__(self):
@@ -247,6 +254,8 @@ def _read_json_config(path: str) -> dict[str, Any]:
     out = {}
     for k, v in raw.items():
         k2 = k.replace("-", "_")  # keys may be spelled as flags (max-length) or fields
+        if k2 == "eval_heldout":  # a record train.py writes into config.json, not a setting
+            continue
         if k2 not in names:
             raise ConfigError(f"--config {path}: unknown key {k!r} (known: {sorted(names)})")
         out[k2] = v
@@ -504,7 +513,8 @@ class TextTargets:
 def build_text_loader(cfg: TrainConfig, tokenizer, d: Dist) -> TrainLoader:
     # this rank's share b = batch / world_size of each global batch
     return TrainLoader(cfg.texts, tokenizer, global_batch=cfg.batch, max_length=cfg.max_length, seed=cfg.seed,
-                         rank=d.rank, world_size=d.world_size, micro_batch=cfg.micro_batch, packing=cfg.packing)
+                       rank=d.rank, world_size=d.world_size, micro_batch=cfg.micro_batch, packing=cfg.packing,
+                       holdout=cfg.eval_holdout if cfg.eval_every else 0)  # the --eval-every slice
 
 
 def build_image_loader(cfg: TrainConfig, tokenizer, d: Dist) -> ImageBatches:
@@ -735,7 +745,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     data_iter = iter(run.loader)
     while run.step < run.end:  # run.end: --stop-at or --steps
         loss_val, parts, gnorm, lr_now, n_tokens = optimizer_step(run, next(data_iter))
-        log_step(run, loss_val, parts, gnorm, lr_now, n_tokens)
+        log_step(run, loss_val, parts, gnorm, lr_now, n_tokens, evaluate_step(run))
         # also at the end: --stop-at leaves a resumable checkpoint
         if (cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or run.step == run.end:
             run.last_ckpt = str(save_checkpoint(run))
@@ -745,6 +755,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
 
 def set_up(cfg: TrainConfig, d: Dist) -> tuple[Path, Path]:
     """The output folder (refusing to overwrite another run's checkpoints), its config.json, and the seeds."""
+    if cfg.eval_every and cfg.stage == 4:
+        raise SystemExit("train.py: --eval-every is for the text stages 1-3 (stage 4 has no held-out texts)")
     if cfg.batch % d.world_size:
         raise ConfigError(f"--batch {cfg.batch} is not divisible by the {d.world_size} ranks")
     out = Path(cfg.out)
@@ -787,6 +799,7 @@ class RunState:
     last_ckpt: str | None = None
     log: Logger | None = None
     clock: Any = None
+    evaluator: TrainEval | None = None  # --eval-every
 
 
 def build_state(cfg: TrainConfig, d: Dist, out: Path, ckdir: Path) -> RunState:
@@ -811,6 +824,10 @@ def build_state(cfg: TrainConfig, d: Dist, out: Path, ckdir: Path) -> RunState:
         if cfg.mrl_teacher == "self" and len(dims) < 2:
             raise ConfigError(f"--mrl-teacher self needs heads shorter than FC1 to teach; the student "
                               f"has only {dims}")
+        if cfg.eval_every and d.main:  # the held-out slice is part of the run's record: cache rows, 0-based lines
+            atomic_write(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "eval_heldout": {
+                "rows": loader.holdout_records()[1], "lines": loader.holdout_lines.tolist(), "holdout_seed": 0}},
+                indent=1) + "\n")
     else:
         loader = build_image_loader(cfg, tokenizer, d)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16,
@@ -836,6 +853,8 @@ def resume_or_start(run: RunState) -> None:
                   f"batch {cfg.batch} | lr {cfg.lr:g} | steps {cfg.steps}"
                   + (f" | resumed at step {run.step}" if run.step else ""))
     run.clock = Clock(start_step=run.step)
+    if cfg.eval_every:
+        run.evaluator = TrainEval(cfg, run.loader, run.targets, head_dims(run.model), run.autocast, run.log)
 
 
 def global_vectors(run: RunState, batch) -> tuple[dict, Any, int]:
@@ -889,8 +908,23 @@ class Clock:
     t_window: float = dataclasses.field(default_factory=time.time)
 
 
-def log_step(run: RunState, loss_val: float, parts: dict, gnorm: float, lr_now: float, n_tokens: int) -> None:
-    """metrics.jsonl gets every step (loss parts per head, lr, grad norm, tokens, skips); stdout every log_every."""
+def evaluate_step(run: RunState) -> dict | None:
+    """Every --eval-every steps and at the last: TrainEval's record, or {"error": ...} when it fails. A failure is
+    printed and training goes on (under torchrun every rank runs the evaluation: the sharded forward needs all)."""
+    if run.evaluator is None or (run.step % run.cfg.eval_every and run.step != run.end):
+        return None
+    try:
+        ev = run.evaluator(run.model)
+    except Exception as e:  # noqa: BLE001 - monitoring must never end a training run
+        ev = {"error": f"{type(e).__name__}: {e}"}
+    run.log.print(eval_line(run.step, ev))
+    return ev
+
+
+def log_step(run: RunState, loss_val: float, parts: dict, gnorm: float, lr_now: float, n_tokens: int,
+             ev: dict | None = None) -> None:
+    """metrics.jsonl gets every step (loss parts per head, lr, grad norm, tokens, skips, the evaluation record of
+    an --eval-every step); stdout every log_every."""
     cfg, d, clock, step = run.cfg, run.d, run.clock, run.step
     tokens = all_sum(n_tokens, d)  # a collective: every rank calls it every step
     clock.tok_window += tokens
@@ -904,6 +938,8 @@ def log_step(run: RunState, loss_val: float, parts: dict, gnorm: float, lr_now: 
             skips["broken_image"] = broken
     if skips:
         rec["skips"] = skips
+    if ev is not None:
+        rec["eval"] = ev
     run.log.metrics(rec)
     if step % cfg.log_every == 0 or step == cfg.steps:
         rate = clock.tok_window / max(1e-9, now - clock.t_window)
@@ -918,9 +954,17 @@ def log_step(run: RunState, loss_val: float, parts: dict, gnorm: float, lr_now: 
 
 
 def finish(run: RunState) -> dict:
-    """The HF-layout export of a completed stage (and, with --eval-data, its STSBenchmark dev score)."""
+    """The best evaluated step (--eval-every) and its curves; the HF-layout export of a completed stage (and, with
+    --eval-data, its STSBenchmark dev score)."""
     cfg, d, out = run.cfg, run.d, run.out
     summary = dict(step=run.step, loss=run.loss, checkpoint=run.last_ckpt)
+    if run.evaluator is not None and d.main:
+        best = best_eval(out / "metrics.jsonl")
+        if best:
+            summary["best_eval"] = best
+            failed = f"; {best['n_failed']} failed" if best["n_failed"] else ""
+            run.log.print(f"eval: best step {best['step']} ({best['by']}) of {best['n_evals']} evaluations"
+                          f"{failed}; curves in {plot_eval(out / 'metrics.jsonl', out / 'eval_curves.png')}")
     if cfg.export and run.step == cfg.steps:
         summary["export"] = str(out / "final")
         if run.clock.start_step == run.step and (out / "final" / "config.json").is_file():

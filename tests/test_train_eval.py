@@ -1,0 +1,124 @@
+"""train.py --eval-every N: the held-out slice (never in a batch, recorded in config.json), the evaluation record
+in metrics.jsonl (held-out cosine / MSE, sim-matrix MSE and STSBenchmark dev Spearman at every head), the plot,
+the best step in the summary, and a failing evaluation that is reported while training goes on.
+
+Tiny random student, 192 real texts and their MiniLM cache (tests/train_fixtures.py); a small STSBenchmark dev
+file in a temporary data dir keeps each evaluation fast.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import data as D
+import model as M
+import train as TR
+from common import qwen_tokenizer_dir
+from train_fixtures import make_cache, make_texts, make_tiny_jasper, read_metrics
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, data_dir):
+    d = tmp_path_factory.mktemp("train_eval")
+    init = make_tiny_jasper(d / "init", layers=2, vision=False)
+    texts = make_texts(d / "data", n=192)
+    cache = make_cache(texts, d / "cache")
+    sts = d / "evaldata" / "sts" / "STSBenchmark"
+    sts.mkdir(parents=True)
+    rows = (data_dir / "sts" / "STSBenchmark" / "dev.jsonl").read_text().splitlines()[:60]
+    (sts / "dev.jsonl").write_text("\n".join(rows) + "\n")
+    return dict(init=init, texts=texts, cache=cache, eval_data=d / "evaldata")
+
+
+def _cfg(a, out: Path, **kw) -> TR.TrainConfig:
+    base = dict(stage=3, init=str(a["init"]), texts=str(a["texts"]), teacher_cache=str(a["cache"]), out=str(out),
+                batch=16, micro_batch=8, steps=6, max_length=32, dtype="fp32", log_every=100, ckpt_every=0,
+                export=False, eval_every=3, eval_holdout=24, eval_data=str(a["eval_data"]))
+    base.update(kw)
+    return TR.TrainConfig(**base)
+
+
+def test_holdout_lines_never_drawn_and_fixed_across_seeds(assets):
+    tok = M.TextTokenizer.from_pretrained(qwen_tokenizer_dir(), max_length=32)
+    plain = D.TrainLoader(assets["texts"], tok, global_batch=16, max_length=32, seed=0)
+    held = {}
+    for seed in (0, 7):
+        ld = D.TrainLoader(assets["texts"], tok, global_batch=16, max_length=32, seed=seed, holdout=24, epochs=3)
+        assert len(ld.holdout_lines) == 24 and ld.n_valid == plain.n_valid - 24
+        out = {int(r) for b in ld for r in b.rows}
+        assert not out & set(ld.holdout_records()[1])  # three epochs: no held-out row in any batch
+        assert len(out) >= ld.n_valid - 15  # everything else is drawn (an epoch drops < one batch)
+        held[seed] = ld.holdout_lines.tolist()
+    assert held[0] == held[7]  # the slice does not follow the training seed: stages of a pipeline share it
+    with pytest.raises(D.DataError, match="cannot hold out"):
+        D.TrainLoader(assets["texts"], tok, global_batch=16, max_length=32, seed=0, holdout=10 ** 6)
+
+
+def test_eval_every_logs_records_and_plots(assets, tmp_path, monkeypatch, capsys):
+    seen = []
+    real = D.TrainLoader.batch_at
+    monkeypatch.setattr(D.TrainLoader, "batch_at", lambda self, e, s: seen.append(r := real(self, e, s)) or r)
+    out = tmp_path / "run"
+    summary = TR.train(_cfg(assets, out))
+    cfg = json.loads((out / "config.json").read_text())
+    held = cfg["eval_heldout"]["rows"]
+    assert len(held) == 24 and cfg["eval_every"] == 3
+    assert not {int(r) for b in seen for r in b.rows} & set(held)  # never in a training batch
+    recs = read_metrics(out)
+    evs = {r["step"]: r["eval"] for r in recs if "eval" in r}
+    assert set(evs) == {3, 6}
+    heads = ["384", "64", "32", "16"]
+    for ev in evs.values():
+        assert -1 <= ev["heldout_cos"] <= 1 and ev["heldout_mse"] >= 0
+        assert list(ev["heldout_sim_mse"]) == heads and list(ev["stsb_dev"]) == heads
+        assert all(-1 <= v <= 1 for v in ev["stsb_dev"].values())
+    # unit vectors: the mean squared error over the D coordinates is (2 - 2 cos) / D
+    ev = evs[6]
+    assert ev["heldout_mse"] == pytest.approx((2 - 2 * ev["heldout_cos"]) / 384, rel=1e-4)
+    best = summary["best_eval"]
+    assert best["step"] in (3, 6) and best["n_evals"] == 2 and best["n_failed"] == 0
+    want = max(evs, key=lambda s: evs[s]["stsb_dev"]["384"])
+    assert best["step"] == want
+    text = capsys.readouterr().out
+    assert f"eval: best step {want} (STSBenchmark dev Spearman" in text and "eval step 3 | held-out cos" in text
+    assert (out / "eval_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --config accepts the run's own config.json back (the held-out record is not a setting)
+    assert TR.parse_config(["--config", str(out / "config.json")]).eval_every == 3
+
+
+def test_eval_failure_is_reported_and_training_continues(assets, tmp_path, monkeypatch, capsys):
+    calls = []
+    real = TR.TrainEval.__call__
+
+    def flaky(self, model):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("disk vanished")
+        return real(self, model)
+    monkeypatch.setattr(TR.TrainEval, "__call__", flaky)
+    out = tmp_path / "run"
+    summary = TR.train(_cfg(assets, out, steps=9))
+    assert summary["step"] == 9  # all steps ran
+    recs = read_metrics(out)
+    assert [r["step"] for r in recs] == list(range(1, 10))
+    evs = {r["step"]: r["eval"] for r in recs if "eval" in r}
+    assert evs[3] == {"error": "RuntimeError: disk vanished"} and "stsb_dev" in evs[6] and "stsb_dev" in evs[9]
+    text = capsys.readouterr().out
+    assert "eval step 3 FAILED (RuntimeError: disk vanished); training continues" in text
+    assert summary["best_eval"]["n_failed"] == 1 and summary["best_eval"]["step"] in (6, 9)
+    # the model kept training after the failure: losses after it are finite and the model is in train mode
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+
+
+def test_eval_without_sts_data_and_stage4_refusal(assets, tmp_path, capsys):
+    summary = TR.train(_cfg(assets, tmp_path / "run", eval_data=str(tmp_path / "nothing"), steps=3))
+    ev = read_metrics(tmp_path / "run")[-1]["eval"]
+    assert "heldout_cos" in ev and "stsb_dev" not in ev
+    assert "no STSBenchmark dev score during training" in capsys.readouterr().out
+    assert summary["best_eval"]["by"].startswith("held-out cosine")
+    with pytest.raises(SystemExit, match="--eval-every is for the text stages"):
+        TR.train(TR.TrainConfig(stage=4, out=str(tmp_path / "s4"), eval_every=5, init=str(assets["init"]),
+                                images="x.jsonl"))
