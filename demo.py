@@ -70,7 +70,7 @@ DEMO_EVAL_MAX_LENGTH = 64               # the student is evaluated on up to 64 t
 # Precedence: train.py's defaults < DEMO_CONFIG < --config file < command-line flags.
 DEMO_CONFIG = dict(out="runs/demo", max_length=32, batch=64, micro_batch=64, lr=5e-4, steps=1500,
                        warmup_ratio=0.05, dtype="bf16", ckpt_every=0, keep_ckpts=1, log_every=100, eval_data=None,
-                       loss_weights=[10.0, 12.5, 1.25])
+                       loss_weights=[10.0, 12.5, 1.25], eval_instructions="none")  # the demo's protocol
 
 
 def make_demo_student(teacher_dir, head_dims=DEMO_HEAD_DIMS, max_length: int = 32, seed: int = 0,
@@ -129,20 +129,28 @@ def _demo_plots(out: Path, stage_dirs: list[Path], results: dict, dims, split: s
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     paths = []
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    runs = [[row for _, row in read_jsonl(sd / "metrics.jsonl")] for sd in stage_dirs]
+    evals = any("eval" in r for recs in runs for r in recs)  # --eval-every: a third panel
+    fig, ax = plt.subplots(1, 3 if evals else 2, figsize=(18 if evals else 12, 4))
     offset = 0
-    for k, sd in enumerate(stage_dirs, start=1):
-        recs = [row for _, row in read_jsonl(sd / "metrics.jsonl")]
+    for k, recs in enumerate(runs, start=1):
         x = [offset + r["step"] for r in recs]
         ax[0].plot(x, [r["loss"] for r in recs], lw=0.6, label=f"stage {k} total")
         for key in sorted(k2 for k2 in recs[0] if k2.endswith(".cos")):
             ax[1].plot(x, [r[key] for r in recs], lw=0.6, label=f"stage {k} {key}")
+        ev = [(offset + r["step"], r["eval"]) for r in recs if "stsb_dev" in r.get("eval", {})]
+        if ev:
+            for D in ev[0][1]["stsb_dev"]:
+                ax[2].plot([s for s, _ in ev], [e["stsb_dev"][D] for _, e in ev], "o-", ms=3, lw=0.8,
+                           label=f"stage {k} head {D}")
         offset = x[-1]
         for a in ax:
             a.axvline(offset, color="grey", lw=0.5, ls=":")
     ax[0].set(xlabel="optimizer step (stages back to back)", ylabel="loss (eq. 4)", yscale="log",
               title="training loss")
     ax[1].set(xlabel="optimizer step", ylabel="1 - cos(student FC1, teacher)", title="cosine loss (eq. 1)")
+    if evals:
+        ax[2].set(xlabel="optimizer step", ylabel="cosine Spearman", title="STSBenchmark dev during training")
     for a in ax:
         a.legend(fontsize=7)
     paths.append(_save_png(fig, out / "loss_curves.png"))
@@ -219,7 +227,8 @@ def _demo_train(cfg: TrainConfig, out: Path, texts: Path, init: Path, times: dic
         sd = out / f"stage{k}"
         scfg = dataclasses.replace(cfg, config=None, stage=k, init=str(prev), init_format="jasper", out=str(sd),
                                    texts=str(texts), teacher_cache=str(out / "cache"), teacher=[], steps=steps[k - 1],
-                                   lr=cfg.lr * DEMO_STAGE_LR_MULT[k - 1], seed=cfg.seed + k, eval_data=None,
+                                   lr=cfg.lr * DEMO_STAGE_LR_MULT[k - 1], seed=cfg.seed + k,
+                                   eval_data=str(_demo_data_dir(cfg)) if cfg.eval_every else None,
                                    resume=False, export=True, stop_at=None,
                                    mrl_teacher=cfg.mrl_teacher if k == 3 else "teacher")  # FC2-4 exist in stage 3
         t0 = time.time()

@@ -144,8 +144,10 @@ class TrainConfig:
                              "starts at step 0 when OUT has no checkpoint yet")
     export: bool = _f(True, "export the final model to OUT/final: our files, also a standard sentence-transformers "
                             "/ transformers folder (docs/checkpoints.md)")
-    eval_data: str | None = _f(None, "after the export, quick STSBenchmark-dev score of the final model (eval.py) "
-                                     "with this shared data dir; empty = skip")
+    eval_data: str | None = _f(None, "the shared data dir: after the export, quick STSBenchmark-dev score of the final "
+                                     "model (eval.py; empty = skip); with --eval-every, where its STSBenchmark dev "
+                                     "comes from (default: the shared data dir; the last evaluation replaces the "
+                                     "quick score)")
     eval_every: int = _f(0, "stages 1-3: every N steps (and at the last), cosine and MSE of student FC1 vs teacher "
                             "on held-out texts, sim-matrix MSE and STSBenchmark dev Spearman at every head (0 = off)")
     eval_holdout: int = _f(256, "texts held out of training for --eval-every (never in a batch; rows recorded in "
@@ -976,7 +978,7 @@ def finish(run: RunState) -> dict:
             raise DiskFullError(e.path, f"the export was abandoned (no partial folder left); the checkpoint of step "
                                         f"{run.step} is intact: free space and rerun with --resume to export") from e
         run.log.print(f"exported {out / 'final'}")
-        if cfg.eval_data and d.main:
+        if cfg.eval_data and d.main and run.evaluator is None:  # --eval-every scored the last step already
             score = quick_eval(load_encoder(out / "final"), cfg.eval_data)  # rank 0 only: the others are done
             summary["stsb_dev"] = score
             run.log.print(f"STSBenchmark dev spearman {score:.4f}")
