@@ -207,7 +207,7 @@ LIMITS: dict[str, dict[str, Any]] = dict(
     min_lr_ratio=dict(lo=0, hi=1), weight_decay=dict(lo=0), adam_betas=dict(lo=0, hi=1, hi_open=True, length=2),
     adam_eps=dict(lo=0, lo_open=True), grad_clip=dict(lo=0), loss_weights=dict(lo=0, length=3), margin=dict(lo=0),
     seed=dict(lo=0, hi=2**32 - 1), log_every=dict(lo=1), ckpt_every=dict(lo=0), keep_ckpts=dict(lo=0),
-    stop_at=dict(lo=1))
+    stop_at=dict(lo=1), eval_every=dict(lo=0), eval_holdout=dict(lo=1))
 
 
 def parse_config(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, prog: str | None = None,
@@ -732,6 +732,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.mrl_teacher == "self" and cfg.stage != 3:  # checked here, not at parsing: demo.py passes it to stage 3
         raise ConfigError(f"--mrl-teacher self applies to stage 3 (FC2-4 learn from FC1), not stage "
                          f"{cfg.stage}")
+    if cfg.eval_every and cfg.stage == 4:
+        raise ConfigError("--eval-every is for the text stages 1-3 (stage 4 has no held-out texts)")
     check_inputs(cfg)  # paths and the init's config.json, before the process group and any model
     d = setup_distributed(cfg.device)
     try:
@@ -757,8 +759,6 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
 
 def set_up(cfg: TrainConfig, d: Dist) -> tuple[Path, Path]:
     """The output folder (refusing to overwrite another run's checkpoints), its config.json, and the seeds."""
-    if cfg.eval_every and cfg.stage == 4:
-        raise SystemExit("train.py: --eval-every is for the text stages 1-3 (stage 4 has no held-out texts)")
     if cfg.batch % d.world_size:
         raise ConfigError(f"--batch {cfg.batch} is not divisible by the {d.world_size} ranks")
     out = Path(cfg.out)

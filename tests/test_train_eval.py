@@ -114,11 +114,12 @@ def test_eval_failure_is_reported_and_training_continues(assets, tmp_path, monke
 
 
 def test_eval_without_sts_data_and_stage4_refusal(assets, tmp_path, capsys):
-    summary = TR.train(_cfg(assets, tmp_path / "run", eval_data=str(tmp_path / "nothing"), steps=3))
+    (tmp_path / "empty").mkdir()  # a data dir without sts/STSBenchmark
+    summary = TR.train(_cfg(assets, tmp_path / "run", eval_data=str(tmp_path / "empty"), steps=3))
     ev = read_metrics(tmp_path / "run")[-1]["eval"]
     assert "heldout_cos" in ev and "stsb_dev" not in ev
     assert "no STSBenchmark dev score during training" in capsys.readouterr().out
     assert summary["best_eval"]["by"].startswith("held-out cosine")
-    with pytest.raises(SystemExit, match="--eval-every is for the text stages"):
+    with pytest.raises(TR.ConfigError, match="--eval-every is for the text stages"):
         TR.train(TR.TrainConfig(stage=4, out=str(tmp_path / "s4"), eval_every=5, init=str(assets["init"]),
                                 images="x.jsonl"))
