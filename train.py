@@ -661,6 +661,11 @@ def check_resume_settings(ts: dict, cfg: TrainConfig, d: Dist, path: Path) -> No
             raise ConfigError(f"--resume: checkpoint {path} is of a run with {k}={saved[k]!r}, this command has "
                               f"{k}={now[k]!r}, which defines {what}: use the run's value, or another --out for a "
                               "new run")
+    held = lambda c: c.get("eval_holdout", 0) if c.get("eval_every") else 0  # noqa: E731 - rows out of the loader
+    if held(saved) != held(now):  # the slice is taken out of the rows the batches are drawn from: another order
+        raise ConfigError(f"--resume: checkpoint {path} is of a run that held out {held(saved)} texts for "
+                          f"--eval-every, this command holds out {held(now)}: the slice defines the data order; use "
+                          f"the run's --eval-every/--eval-holdout (the interval may change), or another --out")
     if cfg.steps < int(ts["step"]):
         raise ConfigError(f"--resume: --steps {cfg.steps} is below step {ts['step']} that {path} has reached")
     changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]

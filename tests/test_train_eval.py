@@ -17,7 +17,7 @@ import data as D
 import model as M
 import train as TR
 from common import qwen_tokenizer_dir
-from train_fixtures import make_cache, make_texts, make_tiny_jasper, read_metrics
+from train_fixtures import make_cache, make_texts, make_tiny_jasper, read_metrics, run_train
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,38 @@ def test_eval_without_sts_data_and_stage4_refusal(assets, tmp_path, capsys):
     with pytest.raises(TR.ConfigError, match="--eval-every is for the text stages"):
         TR.train(TR.TrainConfig(stage=4, out=str(tmp_path / "s4"), eval_every=5, init=str(assets["init"]),
                                 images="x.jsonl"))
+
+
+@pytest.mark.slow
+def test_eval_under_torchrun_matches_one_process(assets, tmp_path):
+    """Every rank runs the evaluation through the FSDP-sharded model (inference mode, between optimizer steps):
+    2 processes log the same evaluation records as 1 process on the same global batches, and training after an
+    evaluation is unchanged (same losses)."""
+    args = ["--stage", "3", "--init", str(assets["init"]), "--texts", str(assets["texts"]), "--teacher-cache",
+            str(assets["cache"]), "--batch", "16", "--micro-batch", "8", "--steps", "4", "--max-length", "32",
+            "--dtype", "fp32", "--ckpt-every", "0", "--no-export", "--eval-every", "2", "--eval-holdout", "24",
+            "--eval-data", str(assets["eval_data"])]
+    run_train(args + ["--out", str(tmp_path / "p1")])
+    run_train(args + ["--out", str(tmp_path / "p2")], nproc=2)
+    m1, m2 = read_metrics(tmp_path / "p1"), read_metrics(tmp_path / "p2")
+    e1 = {r["step"]: r["eval"] for r in m1 if "eval" in r}
+    e2 = {r["step"]: r["eval"] for r in m2 if "eval" in r}
+    assert set(e1) == set(e2) == {2, 4}
+    for s in e1:
+        assert e2[s]["heldout_cos"] == pytest.approx(e1[s]["heldout_cos"], rel=1e-5)
+        for D, v in e1[s]["stsb_dev"].items():
+            assert e2[s]["stsb_dev"][D] == pytest.approx(v, abs=1e-4)
+    for r1, r2 in zip(m1, m2):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+
+
+def test_resume_refuses_a_changed_holdout(assets, tmp_path):
+    """The held-out slice is taken out of the loader's rows, so it defines the data order: --resume with another
+    --eval-holdout (or with --eval-every switched on or off) is refused with the reason, not silently reshuffled."""
+    out = tmp_path / "run"
+    TR.train(_cfg(assets, out, steps=4, stop_at=2, ckpt_every=2))
+    with pytest.raises(TR.ConfigError, match="held out 24 texts"):
+        TR.train(_cfg(assets, out, steps=4, resume=True, eval_holdout=32))
+    with pytest.raises(TR.ConfigError, match="held out 24 texts"):
+        TR.train(_cfg(assets, out, steps=4, resume=True, eval_every=0))
+    assert TR.train(_cfg(assets, out, steps=4, resume=True, eval_every=1))["step"] == 4  # the interval may change
