@@ -5,7 +5,9 @@ Reading: safetensors checkpoints (one file or shards + index), strict key/shape 
 `2_Dense_{D}` head folders of stella. Writing: `atomic_write` for single files and `atomic_dir` for whole folders
 (the HF layout of an exported student), so a kill at any moment never leaves a half-written file behind. The export
 folder is also a standard sentence-transformers / transformers model: its module files, checks and default head.
-Folder layouts: docs/checkpoints.md.
+The other direction, reading any sentence-transformers folder's modules.json / Pooling / prompts into an `STLayout`,
+lives here too (teachers.py builds its teachers from it), so both sides of that layout are in one place.
+Folder layouts: docs/checkpoints.md, docs/teachers.md.
 
 This is the bottom module of the project: every other file imports it and it imports no project file. That is why
 the two small console helpers every stage needs (`progress` and `fmt_duration`) live at its end.
@@ -21,6 +23,8 @@ import random
 import shutil
 import sys
 import tempfile
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -501,6 +505,37 @@ def write_st_modules(out: Path, hidden: int, heads: dict[int, tuple[Tensor, Tens
     _json(out / "tokenizer_config.json", tok_cfg)
 
 
+def save_export(out_dir: str | os.PathLike, config: dict, state: dict[str, Tensor], tokenizer, head_dims: Sequence[int],
+                hidden: int, max_length: int, prompts: dict[str, str] | None, default_head: int | None = None,
+                max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """The export folder of a student (JasperModel.save_pretrained's files; docs/checkpoints.md "The export folder"):
+    the Hugging Face layout of `config` + `state` (keys `vector_linear_{D}.*` hold the heads) and, with a tokenizer,
+    the sentence-transformers modules beside it, all published at once by atomic_dir.
+
+    `default_head` (default: the largest, FC1) is checked before anything is written; so is `out_dir`, which must be
+    absent, empty or a previous export (check_out_dir). Without a tokenizer the folder is still ours (from_pretrained
+    reads it) but not a sentence-transformers model, and a warning says so."""
+    default_head = max(head_dims) if default_head is None else int(default_head)
+    if default_head not in head_dims:  # refused before anything is written
+        raise CheckpointError(f"default head {default_head} is not one of the model's heads {sorted(head_dims)}")
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    if tokenizer is None:
+        warnings.warn(f"{out_dir}: saved without a tokenizer: JasperModel.from_pretrained reads it, "
+                      f"sentence-transformers cannot (no tokenizer.json, no modules.json)")
+        return save_hf_checkpoint(out_dir, config, state, None, max_shard_bytes=max_shard_bytes)
+    # {D: (weight (D, hidden), bias (D,))}: every head gets its own 2_Dense_{D}; the default one is in modules.json
+    heads = {D: (state[f"vector_linear_{D}.weight"], state.get(f"vector_linear_{D}.bias")) for D in head_dims}
+    # a WordPiece tokenizer.json (a BERT-vocabulary student) must say so, or transformers builds a Qwen2 one for it
+    wordpiece = type(tokenizer.tok.model).__name__ == "WordPiece"
+    pad_token = tokenizer.tok.id_to_token(tokenizer.pad_id)
+
+    def st_modules(tmp: Path) -> None:  # runs inside atomic_dir's temporary folder, before it is published
+        write_st_modules(tmp, hidden, heads, default_head, max_length, prompts,
+                         tokenizer_type="bert" if wordpiece else None, pad_token=pad_token)
+    return save_hf_checkpoint(out_dir, config, state, tokenizer, max_shard_bytes=max_shard_bytes, extra=st_modules)
+
+
 def write_modules_json(out: Path, default_head: int) -> None:
     _json(out / "modules.json", [
         {"idx": 0, "name": "0", "path": "", "type": ST_TYPES["Transformer"]},
@@ -617,6 +652,114 @@ def make_readable(folder: Path) -> None:
             p = os.path.join(root, f)
             if not os.path.islink(p):  # chmod would follow the link out of the folder
                 os.chmod(p, 0o666 & ~umask)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading any sentence-transformers folder (the teachers' side of the layout written above): modules.json ->
+# Transformer (the body folder) -> Pooling -> Dense* -> Normalize, with the prompts and sentence_bert_config.json, read
+# from the files sentence-transformers itself writes so a teacher's vectors equal that library's (docs/teachers.md).
+# JSON only, no weights: teachers.py builds the modules from an STLayout. Errors name the file and the module.
+# ---------------------------------------------------------------------------------------------------------------------
+# Pooling as sentence-transformers' Pooling module defines it (the `pooling_mode` of a `1_Pooling/config.json`); the
+# pooling itself is model.pool_tokens, which imports these names from here.
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+_LEGACY_POOLING_KEYS = {  # 1_Pooling/config.json written before sentence-transformers 5.x, in the library's order
+    "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken"}
+
+
+@dataclass
+class STLayout:
+    """What a sentence-transformers folder asks for, read from its JSON files (no weights)."""
+    body_dir: Path                                  # the Transformer module's folder (path "" = the folder itself)
+    pooling: tuple[str, ...] = ("mean",)            # POOLING_MODES, concatenated in order
+    include_prompt: bool = True                     # False: prompt tokens are left out of the pooling
+    pool_dim: int | None = None                     # Pooling `embedding_dimension` (= the body's hidden size)
+    steps: list = field(default_factory=list)       # after pooling, in order: ("dense", dir) | ("normalize",)
+    prompts: dict = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    max_seq_length: int | None = None
+    do_lower_case: bool = False
+    modules: list = field(default_factory=list)     # the module types, for the spec
+
+
+def read_pooling_config(file: Path,
+                        error: type[Exception] = CheckpointError) -> tuple[tuple[str, ...], bool, int | None]:
+    """(modes, include_prompt, embedding_dimension) of a `1_Pooling/config.json`, new (`pooling_mode`) or legacy
+    (`pooling_mode_*` booleans; none set means mean, as sentence-transformers reads it) format."""
+    pc = read_json(file, "sentence-transformers Pooling config", error=error)
+    if "pooling_mode" in pc:
+        modes = pc["pooling_mode"]
+        modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    else:
+        modes = tuple(mode for k, mode in _LEGACY_POOLING_KEYS.items() if pc.get(k)) or ("mean",)
+    bad = [m for m in modes if m not in POOLING_MODES]
+    if bad:
+        raise error(f"{file}: pooling mode(s) {bad} not supported ({list(POOLING_MODES)})")
+    dim = pc.get("embedding_dimension", pc.get("word_embedding_dimension"))  # either name of the field
+    return modes, bool(pc.get("include_prompt", True)), dim
+
+
+def read_st_layout(ckpt: Path, error: type[Exception] = CheckpointError) -> STLayout:
+    """Parse modules.json (+ sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/config.json).
+
+    A folder without modules.json is read as sentence-transformers reads it: the Transformer alone + mean pooling,
+    no Dense, no Normalize. A module type other than Transformer / Pooling / Dense / Normalize is refused, naming
+    the module and the file. `error`: the exception class raised (teachers.py passes its TeacherError).
+    """
+    mf = ckpt / "modules.json"
+    lay = STLayout(body_dir=ckpt)
+    if not mf.is_file():
+        lay.modules = ["Transformer (no modules.json: sentence-transformers' fallback)", "Pooling(mean)"]
+    else:
+        mods = read_json(mf, "sentence-transformers modules", error=error)
+        if not isinstance(mods, list) or not mods:
+            raise error(f"{mf}: expected a non-empty list of modules")
+        seen_pool = False
+        for i, m in enumerate(mods):
+            typ = str(m.get("type", ""))
+            kind = typ.rsplit(".", 1)[-1]
+            where = f"{mf}: module {m.get('idx', i)} {m.get('name', '')!r} ({typ}, path {m.get('path', '')!r})"
+            if kind not in ST_MODULES:
+                raise error(f"{where}: module type not supported (supported: {', '.join(ST_MODULES)})")
+            folder = ckpt / m.get("path", "")
+            if (i == 0) != (kind == "Transformer"):
+                raise error(f"{where}: the Transformer must be the first module and appear once")
+            if kind == "Transformer":
+                lay.body_dir = folder
+            elif kind == "Pooling":
+                if seen_pool:
+                    raise error(f"{where}: a second Pooling module is not supported")
+                seen_pool = True
+                lay.pooling, lay.include_prompt, lay.pool_dim = read_pooling_config(folder / "config.json", error)
+            elif not seen_pool:
+                raise error(f"{where}: {kind} before any Pooling module (token-level heads are not supported)")
+            else:
+                lay.steps.append(("dense", folder) if kind == "Dense" else ("normalize",))
+            lay.modules.append(kind)
+        if not seen_pool:
+            raise error(f"{mf}: no Pooling module (a token-level model, not a sentence embedder)")
+    sbc = lay.body_dir / "sentence_bert_config.json"
+    if not sbc.is_file():
+        sbc = ckpt / "sentence_bert_config.json"
+    if sbc.is_file():
+        s = read_json(sbc, error=error)
+        lay.max_seq_length, lay.do_lower_case = s.get("max_seq_length"), bool(s.get("do_lower_case", False))
+        if "message" in (s.get("modality_config") or {}):
+            raise error(f"{sbc}: modality_config lists 'message': sentence-transformers renders every text "
+                        "through the tokenizer's chat template for this folder, which this teacher does not "
+                        "do; remove the 'message' entry to encode plain text")
+    cst = ckpt / "config_sentence_transformers.json"
+    if cst.is_file():
+        c = read_json(cst, error=error)
+        lay.prompts = {k: v for k, v in (c.get("prompts") or {}).items() if isinstance(v, str)}
+        lay.default_prompt_name = c.get("default_prompt_name")
+        if lay.default_prompt_name and lay.default_prompt_name not in lay.prompts:
+            raise error(f"{cst}: default_prompt_name {lay.default_prompt_name!r} is not among the prompts "
+                        f"{sorted(lay.prompts)}")
+    return lay
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """What a user sees when something goes wrong: the project's error class, value checks, and the one way every CLI
 reports a failure.
 
-Every root script raises a `UserError` subclass (data.DataError, teachers.TeacherError, the cache's CacheError,
-checkpoints.CheckpointError, eval.EvalError, train.ConfigError) for anything the user can fix: a flag, a config
-key, a file, a line, a damaged cache or checkpoint, a full disk. Its message names the file, line or key.
+Every root script raises a `UserError` subclass (data.DataError, TeacherError (defined here: bert.py and
+teachers.py both raise it), the cache's CacheError, checkpoints.CheckpointError, eval.EvalError, train.ConfigError)
+for anything the user can fix: a flag, a config key, a file, a line, a damaged cache or checkpoint, a full disk.
+Its message names the file, line or key.
 `run_cli(main)` is what each script's `__main__` runs: such an error, or an OS error (missing file, permission,
 disk full), becomes ONE line `error: ...` on stderr and exit code 2; `JASPER_TRACEBACK=1` prints the traceback
 too. Anything else is a bug and keeps its traceback (exit code 1). docs: README "When things go wrong".
@@ -21,6 +22,11 @@ from typing import Any, Callable, Sequence
 
 class UserError(Exception):
     """Bad input or a damaged file the user can act on; the message names the file, line or key."""
+
+
+class TeacherError(UserError, ValueError):
+    """A teacher that cannot be built as asked (unknown layout, unsupported config); the message names the file.
+    Defined here rather than in teachers.py so that bert.py (a teacher body teachers.py imports) raises it too."""
 
 
 class DiskFullError(UserError):

@@ -91,11 +91,14 @@ class Instructions:
         if kind not in INSTRUCTION_SETS:
             raise EvalError(f"instructions must be {'|'.join(INSTRUCTION_SETS)}, got {kind!r}")
         self.kind, self.path, self.paper, self.table = kind, None, None, {}
+        # {task: the default it got}: reported once per task and written into the report (instruction_fallbacks),
+        # so a score made with mteb's prompt instead of Table 2's is never mistaken for a paper setting
         self.fallbacks: dict[str, str | None] = {}
         if kind == "none":
             return
         self.path = Path(path) if path else paper_instructions_path(data_dir)
         if self.path is None or not self.path.is_file():
+            # the synonym set exists only in the paper's table (Table 2); "original" has a documented fallback
             if path or kind == "synonym":
                 raise EvalError(f"--instructions {kind} needs the paper's instruction table: "
                                 f"{path or PAPER_INSTRUCTIONS} not found (--instructions-file PATH)")
@@ -109,7 +112,7 @@ class Instructions:
             raise EvalError(f"{self.path}: expected {{'instructions': {{task: {{'original', 'synonym'}}}}}}") from None
 
     def __repr__(self) -> str:
-        return self.kind
+        return self.kind  # what the report's "instructions" field and the progress lines show
 
     def note_fallback(self, task: str, text: str | None) -> None:
         """Say (once per task) that a task has no entry in the paper's table and what it gets instead."""
@@ -142,13 +145,14 @@ def task_instruction(task_name: str, task_type: str, prompt_type: str | None,
     if instructions.kind == "none" or prompt_type == "document":
         return None
     if task_name in instructions.table:
-        return instructions.table[task_name]
+        return instructions.table[task_name]  # Table 2, verbatim
+    # "__lookup__" = the built-in path (no mteb metadata at hand): our mirror of mteb's prompts stands in for it
     prompt = ORIGINAL_PROMPTS.get(task_name) if metadata_prompt == "__lookup__" else metadata_prompt
     if isinstance(prompt, dict):  # mteb: a dict prompt is per prompt type; no entry -> empty
         prompt = prompt.get(prompt_type) if prompt_type else None
         if prompt is None and metadata_prompt == "__lookup__":
             prompt = TYPE_DEFAULT_PROMPTS.get(task_type)
-    if not prompt:
+    if not prompt:  # "" or None: mteb falls through to the abstask's default prompt, and so do we
         prompt = abstask_prompt if abstask_prompt is not None else TYPE_DEFAULT_PROMPTS.get(task_type)
     instructions.note_fallback(task_name, prompt or None)
     return prompt or None
@@ -165,9 +169,11 @@ def _is_jasper(spec: str) -> bool:
         if not cfg_path.exists():
             return False
         cfg = read_json(cfg_path, "model config", error=EvalError)
+        # our exports carry a `jasper` block (docs/checkpoints.md); the released Jasper names itself in
+        # architectures / model_type and lists its heads as head_dims or vector_dim
         arch = " ".join(cfg.get("architectures") or []) + " " + str(cfg.get("model_type", ""))
         return "head_dims" in cfg or "jasper" in arch.lower() or "vector_dim" in cfg or "jasper" in cfg
-    return "jasper" in spec.lower()
+    return "jasper" in spec.lower()  # a hub id not downloaded yet: only its name can tell
 
 
 def load_encoder(spec: str | os.PathLike, **kw) -> Any:
@@ -217,6 +223,7 @@ def mteb_name(spec: str, name: str | None = None) -> str:
     if not p.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         return spec
     p = p.resolve()
+    # train.py names its exports runs/<stage>/final, .../step1000: "final" alone would merge every run's results
     generic = p.name in ("final", "latest", "export") or p.name.startswith("step")
     base = f"{p.parent.name}-{p.name}" if generic else p.name
     return f"local/{base or 'model'}"
@@ -236,7 +243,9 @@ class EmbeddingCache:
         self.encoder = encoder
         self.batch_size = batch_size
         self.show_progress = show_progress
-        self.chunk = chunk
+        self.chunk = chunk  # texts per encoder call: the progress bar advances and outputs are stored per chunk
+        # {(head dim, instruction): {text: (D,) float32 row}}; the same text under another instruction is another
+        # vector (the instruction is part of the encoded string), under another head another projection
         self._store: dict[tuple[int | None, str | None], dict[str, np.ndarray]] = {}
         self.n_encoded = 0
         # The heads that will be asked for (evaluate() sets them). An encoder with `encodes_many_dims`
@@ -246,13 +255,14 @@ class EmbeddingCache:
     def _encode(self, texts: list[str], dims: list[int | None], instruction: str | None) -> list[np.ndarray]:
         kw: dict[str, Any] = {"instruction": instruction, "batch_size": self.batch_size, "show_progress": False}
         if len(dims) > 1:
-            kw["dim"] = dims
+            kw["dim"] = dims  # JasperModel: one body pass, every head projects the same pooled vector (FC1..FC4)
         elif dims[0] is not None and len(encoder_dims(self.encoder)) > 1:  # single-head encoders take no `dim`
             kw["dim"] = dims[0]
         with torch.inference_mode():
             out = self.encoder.encode(texts, **kw)
-        outs = [out[d] for d in dims] if len(dims) > 1 else [out]
+        outs = [out[d] for d in dims] if len(dims) > 1 else [out]  # {D: (n, D)} from a many-head call, else (n, D)
         arrays = []
+        # shape checks: an encoder that silently drops texts or ignores `dim` would otherwise score the wrong rows
         for d, o in zip(dims, outs):
             if isinstance(o, torch.Tensor):
                 o = o.detach().float().cpu().numpy()
@@ -266,11 +276,13 @@ class EmbeddingCache:
 
     def get(self, texts: Sequence[str], dim: int | None = None, instruction: str | None = None) -> np.ndarray:
         store = self._store.setdefault((dim, instruction), {})
+        # distinct texts not encoded yet, in first-seen order: STS pairs and corpora repeat texts, and the second
+        # head, set or task reuses the first one's documents (Table 3's compare encodes documents once)
         todo = list(dict.fromkeys(t for t in texts if t not in store))
         if todo:
             group: list[int | None] = [dim]
             if dim in self.dims and len(self.dims) > 1 and getattr(self.encoder, "encodes_many_dims", False):
-                group = list(self.dims)
+                group = list(self.dims)  # fill every asked head now: later heads then find their rows stored
             show = self.show_progress if self.show_progress is not None else len(todo) >= 256
             bar = progress(total=len(todo), desc=f"[eval] encode (dim={'/'.join(str(d or 'native') for d in group)})",
                            unit="texts", enabled=show)
@@ -284,8 +296,8 @@ class EmbeddingCache:
                 bar.update(len(part))
             bar.close()
         if not texts:
-            return np.zeros((0, dim or 0), dtype=np.float32)
-        return np.stack([store[t] for t in texts])
+            return np.zeros((0, dim or 0), dtype=np.float32)  # (0, D): np.stack refuses an empty list
+        return np.stack([store[t] for t in texts])  # (N, D), rows in the order of `texts`
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,9 +340,10 @@ def read_qrels(path: Path, task: str = "") -> dict[str, dict[str, int]]:
         for lineno, line in enumerate(f, 1):
             parts = line.rstrip("\n").split("\t")
             if lineno == 1 and not _is_int(parts[-1]):
-                continue  # header
+                continue  # header (BEIR writes `query-id corpus-id score`; a file without one starts with data)
             if not line.strip():
                 continue
+            # 3 columns (BEIR) or 4 (TREC's `qid iter docid rel`): the doc id is always second to last
             if len(parts) not in (3, 4) or not _is_int(parts[-1]):
                 raise EvalError(f"task {task}: {path}:{lineno}: expected 'query-id<TAB>corpus-id<TAB>score', "
                                 f"got {line.rstrip()!r}")
@@ -355,13 +368,15 @@ def find_task_dir(data_dir: Path, task_name: str, task_type: str | None) -> Path
     if not data_dir.is_dir():
         raise EvalError(f"data dir {data_dir} does not exist")
     names = [task_name]
+    # a versioned mteb name (STSBenchmark.v2) reads the unversioned folder; "Banking77Classification" may live in
+    # "classification/Banking77": the type is already in the folder above, so the suffix may be dropped
     base = task_name.split(".v")[0] if re.search(r"\.v\d+$", task_name) else task_name
     names.append(base)
     for suffix in ("PairClassification", "Classification", "Clustering", "Reranking", "Retrieval", "STS",
                    "Summarization", "BitextMining"):
         if base.endswith(suffix) and len(base) > len(suffix):
             names.append(base[: -len(suffix)])
-    type_dirs = list(TYPE_DIRS.get(task_type or "", ()))
+    type_dirs = list(TYPE_DIRS.get(task_type or "", ()))  # the task type's own folder first, then any other
     type_dirs += [p.name for p in sorted(data_dir.iterdir()) if p.is_dir() and p.name not in type_dirs]
     tried = []
     for td in type_dirs:
@@ -399,7 +414,7 @@ def load_beir(task_dir: Path, split: str, task: str) -> tuple[list[dict], list[d
     queries = read_jsonl(queries_p, task)
     for rows, p in ((corpus, corpus_p), (queries, queries_p)):
         for i, r in enumerate(rows, 1):
-            rid = r.get("_id", r.get("id"))
+            rid = r.get("_id", r.get("id"))  # BEIR's `_id`; `id` as mteb's newer datasets write it
             if rid is None or not isinstance(r.get("text"), str):
                 raise EvalError(f"task {task}: {p}:{i}: each row needs '_id' and a string 'text'")
             r["id"] = str(rid)
@@ -426,6 +441,7 @@ def _rankdata(x: np.ndarray) -> np.ndarray:
     xs = x[order]
     ranks = np.empty(len(x), dtype=np.float64)
     i = 0
+    # a run of equal values at sorted positions i..j shares the mean of the ranks i+1 .. j+1 = (i + j) / 2 + 1
     while i < len(x):
         j = i
         while j + 1 < len(x) and xs[j + 1] == xs[i]:
@@ -436,10 +452,12 @@ def _rankdata(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    # Spearman's rho = the Pearson correlation of the (tie-averaged) ranks, exactly scipy.stats.spearmanr
     return pearson(_rankdata(a), _rankdata(b))
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    # r = <a - mean a, b - mean b> / (|a - mean a| |b - mean b|), in float64 as scipy computes it
     a = np.asarray(a, dtype=np.float64) - np.mean(a)
     b = np.asarray(b, dtype=np.float64) - np.mean(b)
     return float((a @ b) / math.sqrt((a @ a) * (b @ b)))
@@ -455,8 +473,9 @@ def _cosine_rows(e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
 def builtin_sts(cache: EmbeddingCache, rows: list[dict], dim: int | None, instruction: str | None) -> dict:
     s1 = [r["sentence1"] for r in rows]
     s2 = [r["sentence2"] for r in rows]
-    gold = np.array([float(r["score"]) for r in rows])
-    cos = _cosine_rows(cache.get(s1, dim, instruction), cache.get(s2, dim, instruction))
+    gold = np.array([float(r["score"]) for r in rows])                                    # (N,)
+    # both sentences get the instruction: STS is symmetric, mteb passes no prompt type (docs/eval.md)
+    cos = _cosine_rows(cache.get(s1, dim, instruction), cache.get(s2, dim, instruction))  # (N,)
     return {"cosine_spearman": spearman(gold, cos), "cosine_pearson": pearson(gold, cos)}
 
 
@@ -467,6 +486,8 @@ def ndcg_at_k(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], k:
         rel = qrels.get(qid)
         if rel is None:
             continue
+        # DCG@k = sum over ranks i = 0..k-1 of rel_i / log2(i + 2) (linear gain, as trec_eval); IDCG@k the same
+        # over the judged relevances in their best order, so a perfect ranking scores 1
         dcg = sum(rel.get(d, 0) / math.log2(i + 2) for i, d in enumerate(docs[:k]) if rel.get(d, 0) > 0)
         ideal = sorted((r for r in rel.values() if r > 0), reverse=True)[:k]
         idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
@@ -483,19 +504,21 @@ def builtin_retrieval(cache: EmbeddingCache, corpus: list[dict], queries: list[d
     queries = [q for q in queries if len(qrels.get(q["id"], {})) > 0]
     # mteb `_combine_queries_with_instruction_text`: a per-query instruction column is appended to the text
     qtexts = [q["text"] + " " + q["instruction"] if q.get("instruction") is not None else q["text"] for q in queries]
-    q = torch.from_numpy(cache.get(qtexts, dim, instruction))
-    d = torch.from_numpy(cache.get([document_text(r) for r in corpus], dim, None))
+    q = torch.from_numpy(cache.get(qtexts, dim, instruction))                       # (Q, D): queries get it
+    d = torch.from_numpy(cache.get([document_text(r) for r in corpus], dim, None))  # (N, D): documents never do
     q = torch.nn.functional.normalize(q, p=2, dim=1)
     d = torch.nn.functional.normalize(d, p=2, dim=1)
     doc_ids = [r["id"] for r in corpus]
-    kk = min(top_k + 1, len(doc_ids))
+    kk = min(top_k + 1, len(doc_ids))  # one extra: after dropping a self hit, top_k documents are still left
     ranked: dict[str, list[str]] = {}
-    for s in range(0, len(queries), 256):
+    for s in range(0, len(queries), 256):  # 256 queries at a time: a (256, N) score block, never (Q, N)
         sims = q[s:s + 256] @ d.T  # (b, n_docs) float32
         vals, idx = torch.topk(sims, kk, dim=1)
         for qi in range(sims.shape[0]):
             qid = queries[s + qi]["id"]
             pairs = [(float(v), doc_ids[j]) for v, j in zip(vals[qi].tolist(), idx[qi].tolist())]
+            # topk's order among equal scores is arbitrary; pytrec_eval sorts by (score, doc id) descending, and
+            # nDCG depends on that order when scores tie
             pairs = sorted(pairs, key=lambda p: (p[0], p[1]), reverse=True)[:top_k]
             if ignore_identical_ids:
                 pairs = [p for p in pairs if p[1] != qid]
@@ -525,6 +548,7 @@ def _builtin_eval(cache: EmbeddingCache, data_dir: Path, task: str, split: str, 
         raise EvalError(f"task {task}: the built-in engine supports STS and retrieval tasks found under "
                         f"{data_dir}/sts or {data_dir}/retrieval; use engine='mteb' for other tasks")
     tdir = find_task_dir(data_dir, task, ttype)
+    # mteb's metadata prompts when a caller has them; otherwise task_instruction uses our mirror (ORIGINAL_PROMPTS)
     instr_kw = {k: meta[k] for k in ("metadata_prompt", "abstask_prompt") if k in meta}
     if ttype == "STS":
         path = _split_file(tdir, split, task)
@@ -535,6 +559,7 @@ def _builtin_eval(cache: EmbeddingCache, data_dir: Path, task: str, split: str, 
         return {"main_metric": "cosine_spearman", "main_score": scores["cosine_spearman"], "scores": scores,
                 "type": "STS"}
     corpus, queries, qrels = load_beir(tdir, split, task)
+    # retrieval is asymmetric: the instruction is the query side's only (documents are encoded plain)
     instr = task_instruction(task, "Retrieval", "query", instructions, **instr_kw)
     scores = builtin_retrieval(cache, corpus, queries, qrels, dim, instr,
                                ignore_identical_ids=meta.get("ignore_identical_ids", False),
@@ -571,64 +596,31 @@ def evaluate(encoder, tasks: str | Sequence[str], data_dir=None, dims=None,
     `encoder` may be an EmbeddingCache to share embeddings across calls. The mteb engine runs each (task, head)
     through `mteb.evaluate` with the head's ModelMeta (see `model_meta`); `results_dir` receives mteb's results
     folder. `name` is the mteb model name (default from `spec`, the path / hub id the encoder came from).
+
+    Named steps: check the request (tasks, engine, instruction set, heads, data folder), name the model, build the
+    engine's runner for one (task, head), then run the grid task by task, head by head (the Matryoshka heads
+    FC1..FC4, docs/model.md: one score per head, so a table row shows what each smaller head costs).
     """
-    if isinstance(tasks, str):
-        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not tasks:
-        raise EvalError("no tasks given")
+    tasks = _task_names(tasks)
     if engine not in ("mteb", "builtin"):
         raise EvalError(f"engine must be 'mteb' or 'builtin', got {engine!r}")
     cache = encoder if isinstance(encoder, EmbeddingCache) else EmbeddingCache(encoder, batch_size, show_progress)
-    enc = cache.encoder
-    kind = instructions.kind if isinstance(instructions, Instructions) else instructions
-    if kind not in INSTRUCTION_SETS:
-        raise EvalError(f"instructions must be {'|'.join(INSTRUCTION_SETS)}, got {kind!r}")
-    if not uses_instructions(enc):
-        instructions = Instructions("none")  # BERT-family encoders are evaluated without (their published way)
-    elif not isinstance(instructions, Instructions):
-        instructions = Instructions(kind, instructions_file, data_dir)
-    avail = encoder_dims(enc)
-    dims_l: list[int | None] = [None] if not dims else [int(d) for d in dims]
-    bad = [d for d in dims_l if d is not None and avail and d not in avail]
-    if bad:
-        raise EvalError(f"dims {bad} not available; encoder heads: {list(avail)}")
-    cache.dims = tuple(dict.fromkeys(d for d in (*cache.dims, *dims_l) if d is not None))
-    if data_dir is not None:
-        data_dir = Path(data_dir)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    elif engine == "builtin":
-        raise EvalError("the built-in engine needs data_dir: a local data folder like ../shared/data "
-                        "(--data-dir DIR or $JASPER_DATA_DIR)")
-
+    instructions = _instruction_set(cache.encoder, instructions, instructions_file, data_dir)
+    dims_l = _head_dims(cache, dims)
+    data_dir = _eval_data_dir(data_dir, engine)
+    label = _model_label(cache.encoder, spec, name)
+    if engine == "builtin":
+        run_one, revision = _builtin_runner(cache, data_dir, instructions, split), None
+    else:
+        run_one, revision = _mteb_runner(cache, tasks, label, instructions, spec, data_dir, split, batch_size,
+                                         results_dir, first_dim=dims_l[0])
     results: dict[str, dict] = {}
-    label = str(getattr(enc, "name", None) or type(enc).__name__)
-    label = mteb_name(spec, name) if spec or name else label if "/" in label else f"local/{label}"
-    revision = None
-    if engine == "mteb":
-        import eval_mteb as EM  # only this engine imports mteb
-        adapter = EM.MTEBEncoder(cache, name=label, instructions=instructions, spec=spec)
-        revision = adapter._revision
-        task_objs = {t: EM.get_mteb_task(t) for t in tasks}  # unknown names fail before any encoding
     for t in tasks:
         results[t] = {}
         for d in dims_l:
             t0 = time.time()
-            key = "native" if d is None else str(d)
-            if engine == "builtin":
-                sp = split or "test"
-                r = _builtin_eval(cache, data_dir, t, sp, d, instructions)
-            else:
-                task = EM.get_mteb_task(t) if d != dims_l[0] else task_objs[t]
-                sp = split or EM.default_split(task)
-                task.filter_eval_splits([sp])
-                if data_dir is not None:
-                    EM.inject_local_data(task, data_dir, sp)
-                adapter.dim = d
-                adapter.mteb_model_meta = adapter.meta()
-                _progress(f"[eval] {t} ({task.metadata.type}, split {sp}, dim {key}) ...")
-                r = EM.run_task(adapter, task, sp, batch_size, results_dir)
-            r["split"] = sp
+            key = "native" if d is None else str(d)  # a single-output teacher has one "native" column
+            r = run_one(t, d)
             r["time_s"] = round(time.time() - t0, 3)
             results[t][key] = r
             _progress(f"[eval] {t} dim={key}: {r['main_metric']} = {r['main_score']:.5f} ({r['time_s']:.1f}s)")
@@ -638,11 +630,101 @@ def evaluate(encoder, tasks: str | Sequence[str], data_dir=None, dims=None,
             "dims": [("native" if d is None else d) for d in dims_l], "results": results}
 
 
+def _task_names(tasks: str | Sequence[str]) -> list[str]:
+    """"STS12, SciFact" or a list -> task names; none at all is refused before any model work."""
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not tasks:
+        raise EvalError("no tasks given")
+    return list(tasks)
+
+
+def _instruction_set(enc, instructions: "Instructions | str", instructions_file, data_dir) -> Instructions:
+    """The Instructions to use: the asked set (Table 2's original or synonym, or none), read from the paper's table;
+    "none" whatever was asked for an encoder that takes no instructions."""
+    kind = instructions.kind if isinstance(instructions, Instructions) else instructions
+    if kind not in INSTRUCTION_SETS:
+        raise EvalError(f"instructions must be {'|'.join(INSTRUCTION_SETS)}, got {kind!r}")
+    if not uses_instructions(enc):
+        return Instructions("none")  # BERT-family encoders are evaluated without (their published way)
+    if not isinstance(instructions, Instructions):
+        return Instructions(kind, instructions_file, data_dir)
+    return instructions
+
+
+def _head_dims(cache: EmbeddingCache, dims) -> list[int | None]:
+    """The heads to score ([None] = the encoder's one output) after checking each exists; the cache learns them, so a
+    Jasper student fills every head from one body pass (EmbeddingCache.dims)."""
+    avail = encoder_dims(cache.encoder)
+    dims_l: list[int | None] = [None] if not dims else [int(d) for d in dims]
+    bad = [d for d in dims_l if d is not None and avail and d not in avail]
+    if bad:
+        raise EvalError(f"dims {bad} not available; encoder heads: {list(avail)}")
+    cache.dims = tuple(dict.fromkeys(d for d in (*cache.dims, *dims_l) if d is not None))
+    return dims_l
+
+
+def _eval_data_dir(data_dir, engine: str) -> Path | None:
+    """The local data folder as a Path. With one, mteb and datasets are switched offline (a task missing locally
+    must fail loudly, not download); the built-in engine has no hub path, so it needs one."""
+    if data_dir is not None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        return Path(data_dir)
+    if engine == "builtin":
+        raise EvalError("the built-in engine needs data_dir: a local data folder like ../shared/data "
+                        "(--data-dir DIR or $JASPER_DATA_DIR)")
+    return None
+
+
+def _model_label(enc, spec: str | None, name: str | None) -> str:
+    """The model's name in the report and in mteb's results folder ('org/name'; local folders as local/<name>)."""
+    if spec or name:
+        return mteb_name(spec, name)
+    label = str(getattr(enc, "name", None) or type(enc).__name__)
+    return label if "/" in label else f"local/{label}"
+
+
+def _builtin_runner(cache: EmbeddingCache, data_dir: Path, instructions: Instructions, split: str | None):
+    """run(task, dim) -> result dict on the built-in path (STS / retrieval; split "test" unless given)."""
+    def run(task: str, dim: int | None) -> dict:
+        sp = split or "test"
+        r = _builtin_eval(cache, data_dir, task, sp, dim, instructions)
+        r["split"] = sp
+        return r
+    return run
+
+
+def _mteb_runner(cache: EmbeddingCache, tasks: list[str], label: str, instructions: Instructions, spec: str | None,
+                 data_dir: Path | None, split: str | None, batch_size: int, results_dir, first_dim: int | None):
+    """(run(task, dim) -> result dict through `mteb.evaluate`, the weights' revision hash). Every task name is
+    looked up in mteb first, so a typo fails before any encoding."""
+    import eval_mteb as EM  # only this engine imports mteb (slow to import; the built-in path must not need it)
+    adapter = EM.MTEBEncoder(cache, name=label, instructions=instructions, spec=spec)
+    task_objs = {t: EM.get_mteb_task(t) for t in tasks}  # unknown names fail before any encoding
+
+    def run(t: str, d: int | None) -> dict:
+        # an mteb task object keeps its loaded data and filtered splits: the first head uses the one checked above,
+        # every other head a fresh one, so no head sees another's state
+        task = EM.get_mteb_task(t) if d != first_dim else task_objs[t]
+        sp = split or EM.default_split(task)
+        task.filter_eval_splits([sp])
+        if data_dir is not None:
+            EM.inject_local_data(task, data_dir, sp)
+        adapter.dim = d
+        adapter.mteb_model_meta = adapter.meta()  # per-head ModelMeta: each head gets its own results folder
+        _progress(f"[eval] {t} ({task.metadata.type}, split {sp}, dim {'native' if d is None else d}) ...")
+        r = EM.run_task(adapter, task, sp, batch_size, results_dir)
+        r["split"] = sp
+        return r
+    return run, adapter._revision
+
+
 def markdown_table(report: dict) -> str:
     keys = [str(d) for d in report["dims"]]
     lines = ["| task | metric | " + " | ".join(f"dim {k}" for k in keys) + " |",
              "| --- | --- | " + " | ".join("---:" for _ in keys) + " |"]
-    for t, per in report["results"].items():
+    for t, per in report["results"].items():  # one row per task, one column per head: the Matryoshka trade-off
         metric = next(iter(per.values()))["main_metric"]
         lines.append(f"| {t} | {metric} | " + " | ".join(f"{per[k]['main_score']:.5f}" for k in keys) + " |")
     return "\n".join(lines)
@@ -656,11 +738,13 @@ def compare_instructions(encoder, tasks, **kw) -> dict:
     if not uses_instructions(cache.encoder):
         raise EvalError("--instructions compare needs an instruction-following encoder; this one takes none")
     runs = {k: evaluate(cache, tasks, instructions=k, **kw) for k in ("original", "synonym")}
+    # the paper's Table 3 figures (the released Jasper with each set), keyed by task, from the same table file
     paper = Instructions("original", kw.get("instructions_file"), kw.get("data_dir")).paper or {}
     published = {r["task"]: r for r in paper.get("table3", [])}
     rows = []
     for t, per in runs["original"]["results"].items():
         for key, r in per.items():
+            # Table 3's question: does a reworded instruction move the score? diff = synonym - original
             o, s = r["main_score"], runs["synonym"]["results"][t][key]["main_score"]
             p = published.get(t, {})
             rows.append({"task": t, "dim": key, "metric": r["main_metric"], "original": o, "synonym": s,
@@ -687,14 +771,14 @@ def compare_table(report: dict) -> str:
 
 
 def plot_dims(report: dict, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
+    import matplotlib  # imported here: only a multi-head run draws, and matplotlib is slow to import
+    matplotlib.use("Agg")  # files only, no display (training nodes, CI)
     import matplotlib.pyplot as plt
     dims = [d for d in report["dims"] if d != "native"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for t, per in report["results"].items():
         ax.plot(dims, [per[str(d)]["main_score"] for d in dims], marker="o", label=t)
-    ax.set_xscale("log", base=2)
+    ax.set_xscale("log", base=2)  # heads 256 .. 12288 (FC4 .. FC1): each halving of the dim one step apart
     ax.set_xticks(dims)
     ax.set_xticklabels([str(d) for d in dims])
     ax.set_xlabel("embedding dim (Matryoshka head)")
@@ -703,7 +787,7 @@ def plot_dims(report: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))  # format given: the tmp name has no .png
     plt.close(fig)
     return path
 
@@ -743,6 +827,7 @@ def main(argv=None) -> int:
     # every flag and path checked before the model loads (errors: one line, exit 2, via cli() / errors.run_cli)
     check_args(args, dict(batch_size=dict(lo=1), max_length=dict(lo=1)))
     out = Path(args.out) if args.out else None
+    # mteb's own results folder beside our JSON, so both readers of the run find it (docs/eval.md)
     results_dir = args.results_dir or (out.parent / "mteb" if out else None)
     try:
         dims = [int(x) for x in args.dims.split(",")] if args.dims else None
@@ -750,7 +835,7 @@ def main(argv=None) -> int:
         raise EvalError(f"--dims {args.dims}: expected comma-separated positive integers, e.g. 1024,512") from None
     if dims is not None and min(dims) < 1:
         raise EvalError(f"--dims {args.dims}: expected comma-separated positive integers, e.g. 1024,512")
-    data_dir = None if args.data_dir == "hub" else args.data_dir
+    data_dir = None if args.data_dir == "hub" else args.data_dir  # "hub": let mteb download, even with local data
     if data_dir is not None and not Path(data_dir).is_dir():
         raise EvalError(f"--data-dir {data_dir}: no such folder")
     if args.data_dir is None:
@@ -758,10 +843,12 @@ def main(argv=None) -> int:
             data_dir = data.default_data_dir()
             print(f"eval.py: data from {data_dir} (--data-dir to change)", file=sys.stderr)
     m = Path(args.model).expanduser()
+    # a path-looking --model that does not exist is a typo, not a hub id: say so instead of trying the hub
     if not m.exists() and (args.model.startswith(("/", ".", "~")) or args.model.count("/") >= 2):
         raise EvalError(f"--model {args.model}: no such folder (a local checkpoint dir or a hub id ORG/NAME)")
     if args.out and Path(args.out).is_dir():
         raise EvalError(f"--out {args.out}: is a folder (expected a results .json file)")
+    # the model loads only now, after every cheap check: a typo in a flag costs no minutes of loading weights
     enc = load_encoder(args.model, **({"max_length": args.max_length} if args.max_length else {}))
     kw = dict(data_dir=data_dir, dims=dims, engine=args.engine, batch_size=args.batch_size, split=args.split,
               results_dir=results_dir if args.engine == "mteb" else None, name=args.name, spec=args.model,
@@ -772,14 +859,14 @@ def main(argv=None) -> int:
     else:
         report = evaluate(enc, args.tasks, instructions=args.instructions, **kw)
         table = markdown_table(report)
-    report["model_spec"] = args.model
+    report["model_spec"] = args.model  # what was typed (the report's "model" is mteb's name for it)
     print(table)
     if out:
         save_json(report, out)
         atomic_write(out.with_suffix(".md"), lambda p: Path(p).write_text(table + "\n", encoding="utf-8"))
         print(f"wrote {out}, {out.with_suffix('.md')}" + (f", mteb results in {results_dir}/results"
                                                          if kw["results_dir"] else ""), file=sys.stderr)
-    if len(report["dims"]) > 1 and "results" in report:
+    if len(report["dims"]) > 1 and "results" in report:  # a plot only says something across several heads
         png = out.with_suffix(".png") if out else Path("eval_dims.png")
         plot_dims(report, png)
         print(f"wrote {png}", file=sys.stderr)

@@ -35,10 +35,11 @@ from eval import (EmbeddingCache, EvalError, Instructions, _split_file, encoder_
 
 def get_mteb_task(name: str):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # mteb's superseded / beta / renamed-task warnings: noise in an eval log
         try:
             return mteb.get_task(name)
         except KeyError as e:
+            # mteb's KeyError already holds its "Did you mean" suggestion: keep it, as one EvalError line
             raise EvalError(f"unknown MTEB task {name!r}: {e.args[0] if e.args else e}") from None
 
 
@@ -61,12 +62,14 @@ def weights_hash(encoder) -> str | None:
     if not mods:
         return None
     h = hashlib.sha256()
-    for i, m in enumerate(mods):
-        for name, t in sorted(m.state_dict().items()):
+    for i, m in enumerate(mods):  # i: a MultiTeacher's teachers may share key names, their position tells them apart
+        for name, t in sorted(m.state_dict().items()):  # name order: independent of module registration order
             t = t.detach().cpu().contiguous()
+            # name, dtype and shape first: a bf16 and an fp32 copy of the same values are different models to mteb
             h.update(f"{i}.{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            # the raw bytes (bf16 has no numpy dtype, hence the uint8 view); an empty tensor adds nothing
             h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:40]
+    return h.hexdigest()[:40]  # 40 hex digits, a git commit's length: mteb's results folders are named by revision
 
 
 def model_meta(encoder, name: str, dim: int | None, instructions: str, spec: str | None = None,
@@ -76,11 +79,13 @@ def model_meta(encoder, name: str, dim: int | None, instructions: str, spec: str
     instruction set) give each head its own folder under the revision in mteb's results layout. With `spec` (a
     path or hub id), `meta.load_model()` rebuilds this exact encoder through `mteb_loader`."""
     mods = _modules(encoder)
-    params = {id(p): p for m in mods for p in m.parameters()}
+    params = {id(p): p for m in mods for p in m.parameters()}  # by id: a parameter shared by two modules counts once
     n_params = sum(p.numel() for p in params.values()) if mods else None
     mem = sum(p.numel() * p.element_size() for p in params.values()) / 2 ** 20 if mods else None
     dims = encoder_dims(encoder)
     default = "original" if uses_instructions(encoder) else "none"
+    # only what differs from the encoder's default run goes into experiment_kwargs: a one-head teacher run with its
+    # default instructions keeps mteb's plain <revision>/<Task>.json path, as any other model's result
     exp = {**({"dim": dim} if dim is not None and len(dims) > 1 else {}),
            **({"instructions": instructions} if instructions != default else {})}
     return ModelMeta(
@@ -99,6 +104,7 @@ def mteb_loader(model_name: str, revision: str | None = None, *, model: str, dim
     enc = load_encoder(model, **kw)
     if device is not None:
         enc.to(device)
+    # a fresh cache: this encoder was not built by eval.py, so it shares no embeddings with a running evaluation
     ad = MTEBEncoder(EmbeddingCache(enc), name=model_name, instructions=instructions)
     ad.dim = dim
     return ad
@@ -114,41 +120,49 @@ class MTEBEncoder(AbsEncoder):
     def __init__(self, cache: EmbeddingCache, name: str = "local/encoder", dim: int | None = None,
                  instructions: "Instructions | str" = "original", spec: str | None = None):
         self.cache = cache
-        self.dim = dim
+        self.dim = dim  # the head evaluated now; eval.evaluate sets it before each (task, head) run
         on = uses_instructions(cache.encoder)
+        # an encoder that takes no instructions (BERT family) gets the "none" set whatever was asked, as in
+        # eval.evaluate; otherwise an already-read Instructions is kept so its fallback notes stay in one place
         self.instructions = instructions if isinstance(instructions, Instructions) and on else \
             Instructions(instructions if on else "none")
         self.model_name, self.spec = name, spec
-        self._revision = None
-        self.mteb_model_meta = self.meta()
+        self._revision = None  # the weights hash, computed on first use (hashing a 1.5B model takes seconds)
+        self.mteb_model_meta = self.meta()  # mteb reads this attribute (name, revision) when it writes results
 
     def meta(self):
         """The ModelMeta of the current head (revision hashed once per encoder)."""
         if self._revision is None:
             self._revision = weights_hash(self.cache.encoder) or "no_revision_available"
         enc = self.cache.encoder
+        # JasperModel keeps its limit in config.max_length, a teacher as .max_length
         max_tokens = getattr(getattr(enc, "config", None), "max_length", None) or getattr(enc, "max_length", None)
         return model_meta(enc, self.model_name, self.dim, self.instructions.kind, self.spec, self._revision,
                           max_tokens)
 
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
+        # mteb hands a DataLoader of {"text": [...]} batches; the cache batches by length itself, so flatten
         texts = [t for batch in inputs for t in batch["text"]]
+        # "query" / "document" for retrieval and reranking; None for symmetric tasks, where every text gets the
+        # instruction (paper sec. 3.3; docs/eval.md "Instructions")
         ptype = prompt_type.value if prompt_type is not None else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            abst = get_abstask_prompt(task_metadata.name)
+            abst = get_abstask_prompt(task_metadata.name)  # the abstask's default, used when the task has none
+        # the paper's Table 2 entry for the task, else mteb's prompt for it (what mteb's Jasper wrapper sends)
         instr = task_instruction(task_metadata.name, task_metadata.type, ptype, self.instructions,
                                  metadata_prompt=task_metadata.prompt, abstask_prompt=abst or None)
-        return self.cache.get(texts, self.dim, instr)
+        return self.cache.get(texts, self.dim, instr)  # (N, D) float32 numpy, what mteb's similarity code takes
 
 
 def _rows_to_dataset(rows: list[dict]):
-    from datasets import Dataset
+    from datasets import Dataset  # imported on use: `datasets` is mteb's dependency, needed only on this path
     return Dataset.from_list(rows)
 
 
 def _english_subset(task) -> str:
     subs = list(task.hf_subsets)
+    # files directly in <Task>/ of a multilingual task are its English subset; the names vary across tasks
     for s in subs:
         if s in ("en", "eng", "en-en", "eng-Latn", "default") or s.startswith("en"):
             return s
@@ -166,6 +180,7 @@ def inject_local_data(task, data_dir: Path, split: str) -> list[str]:
 
     name, ttype = task.metadata.name, task.metadata.type
     tdir = find_task_dir(data_dir, name, ttype)
+    # {hf subset: its folder}: <Task>/<subset>/ per language where present, else the files in <Task>/ are English
     if task.metadata.is_multilingual:
         local = [s for s in task.hf_subsets if (tdir / s).is_dir()]
         subset_dirs = {s: tdir / s for s in local} or {_english_subset(task): tdir}
@@ -179,6 +194,7 @@ def inject_local_data(task, data_dir: Path, split: str) -> list[str]:
             dataset[subset] = {split: _load_retrieval_split(sdir, split, name, RetrievalSplitData)}
         else:
             splits = [split]
+            # classification trains a logistic regression on the task's train split, so that split is needed too
             train_split = getattr(task, "train_split", None)
             if ttype in ("Classification", "MultilabelClassification") and train_split and train_split != split:
                 splits.append(train_split)
@@ -189,12 +205,14 @@ def inject_local_data(task, data_dir: Path, split: str) -> list[str]:
                 _check_row_fields(task, rows, path)
                 dd[sp] = _rows_to_dataset(rows)
             dataset[subset] = DatasetDict(dd)
+    # the shape each abstask's load_data leaves behind: {subset: ...} for multilingual and retrieval tasks, the
+    # DatasetDict itself for the others
     if task.metadata.is_multilingual or retrieval:
         task.dataset = dataset
     else:
         task.dataset = dataset["default"]
-    task.hf_subsets = list(subset_dirs)
-    raw = task.dataset
+    task.hf_subsets = list(subset_dirs)  # only the subsets we have files for are evaluated
+    raw = task.dataset  # kept: the fallback when the task's own transform does not fit local columns
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -209,19 +227,21 @@ def inject_local_data(task, data_dir: Path, split: str) -> list[str]:
                             f"failed: {type(e).__name__}: {e}) nor the columns "
                             f"{_required_columns(task)}") from None
     if not retrieval:
-        task.dataset = _apply_aliases(task, task.dataset)
-        missing = _missing_columns(task, task.dataset)
+        task.dataset = _apply_aliases(task, task.dataset)  # label/labels, sent1/sentence1, ...
+        missing = _missing_columns(task, task.dataset)  # checked here, so the error names our data folder
         if missing:
             raise EvalError(f"task {name}: data in {tdir} lacks column(s) {missing} after the task's transform")
-    task.data_loaded = True
+    task.data_loaded = True  # mteb's evaluate() skips load_data(), and with it the hub
     return list(subset_dirs)
 
 
+# column an abstask reads -> names the same column has in hub datasets or older local files
 _ALIASES = {"labels": ("label",), "label": ("labels",), "sentence1": ("sent1",), "sentence2": ("sent2",),
             "sentences": ("sentence", "text"), "text": ("sentence",)}
 
 
 def _split_dicts(task, dataset) -> list:
+    # the {split: Dataset} dicts of a dataset: one per subset for a multilingual task, else the dataset itself
     return list(dataset.values()) if task.metadata.is_multilingual else [dataset]
 
 
@@ -239,7 +259,7 @@ def _apply_aliases(task, dataset):
     req = _required_columns(task)
     from datasets import DatasetDict
 
-    def fix(dd):
+    def fix(dd):  # one {split: Dataset}: rename an alias to the required name where the required one is absent
         out = {}
         for sp, ds in dd.items():
             for c in req:
@@ -258,15 +278,19 @@ def _check_row_fields(task, rows: list[dict], path: Path) -> None:
     """Fields the abstask reads, checked per row (only when the task does not rename columns itself)."""
     from mteb.abstasks.abstask import AbsTask
     cls = type(task)
+    # a task class (in mteb.tasks, below AbsTask) that defines dataset_transform renames hub columns itself: its
+    # rows are checked after that transform (_missing_columns), not here
     own_transform = any("dataset_transform" in c.__dict__ for c in cls.__mro__[: cls.__mro__.index(AbsTask)]
                         if c.__module__.startswith("mteb.tasks"))
     if own_transform:
         return
+    # a column whose alias is in the file is renamed later (_apply_aliases), so it is not required under its name
     cols = [c for c in _required_columns(task) if not any(a in rows[0] for a in _ALIASES.get(c, ()))]
     require_fields(rows, cols, path, task.metadata.name)
 
 
 def _required_columns(task) -> list[str]:
+    """The columns the task's abstask reads, named by its own attributes (they differ per task class)."""
     t = task.metadata.type
     if t == "STS":
         cols = [c for c in task.column_names if isinstance(c, str)] + ["score"]
@@ -280,13 +304,14 @@ def _required_columns(task) -> list[str]:
         cols = [task.text_column_name, task.human_summaries_column_name, task.machine_summaries_column_name,
                 task.relevancy_column_name]
     else:
-        cols = []
+        cols = []  # retrieval / reranking: checked by load_beir instead
     return cols
 
 
 def _load_retrieval_split(sdir: Path, split: str, name: str, RetrievalSplitData):
     from datasets import Dataset
     old = sdir / f"{split}.jsonl"
+    # no corpus.jsonl but <split>.jsonl: a reranking task in mteb's old {query, positive, negative} row format
     if not (sdir / "corpus.jsonl").exists() and old.exists():
         return _old_reranking_format(old, split, name, RetrievalSplitData)
     corpus, queries, qrels = load_beir(sdir, split, name)
@@ -297,7 +322,7 @@ def _load_retrieval_split(sdir: Path, split: str, name: str, RetrievalSplitData)
             require_fields(rows, ("query-id", "corpus-ids"), p, name)
             top_ranked = {str(r["query-id"]): [str(x) for x in r["corpus-ids"]] for r in rows}
             break
-    keep = set(qrels)
+    keep = set(qrels)  # mteb evaluates only judged queries; unjudged ones would be encoded for nothing
     queries = [q for q in queries if q["id"] in keep]
     if not queries:
         raise EvalError(f"task {name}: no query of {sdir / 'queries.jsonl'} has a judgement in qrels/{split}.tsv")
@@ -314,11 +339,13 @@ def _old_reranking_format(path: Path, split: str, name: str, RetrievalSplitData)
     idx = 0
     for r in rows:
         if len(r["positive"]) == 0 or len(r["negative"]) == 0:
-            continue
+            continue  # skipped as mteb's transform skips it: nothing to rank against
         qid = f"{split}_query{idx}"
         idx += 1
         queries.append({"id": qid, "text": r["query"]})
         qrels[qid], top[qid] = {}, []
+        # doc ids in mteb's own pattern (apositive_ / negative_ + query id + index): ranking ties are broken by doc
+        # id, so the same ids give the same order on tied scores as mteb's transform
         for kind, docs, rel in (("apositive", r["positive"], 1), ("negative", r["negative"], 0)):
             for i, doc in enumerate(docs):
                 did = f"{kind}_{qid}_{str(i).zfill(5)}"
@@ -331,6 +358,7 @@ def _old_reranking_format(path: Path, split: str, name: str, RetrievalSplitData)
 
 def default_split(task) -> str:
     splits = list(task.metadata.eval_splits)
+    # "test" where the task has it (MTEB's usual evaluation split), else the task's first eval split
     return "test" if "test" in splits else splits[0]
 
 
@@ -338,21 +366,23 @@ def run_task(adapter, task, split: str, batch_size: int, results_dir=None) -> di
     """One task through `mteb.evaluate` (a ModelResult; with `results_dir`, mteb's results folder is written there:
     results/<org__name>/<revision>/[experiments/<dim=..>/]<Task>.json + model_meta.json). Results are always
     recomputed: a cached file may come from other local data under the same task name."""
-    cache = mteb.ResultCache(results_dir) if results_dir is not None else None
+    cache = mteb.ResultCache(results_dir) if results_dir is not None else None  # None: nothing written
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = mteb.evaluate(adapter, task, cache=cache, overwrite_strategy="always", co2_tracker=False,
                             encode_kwargs={"batch_size": batch_size}, show_progress_bar=False)
-    if res.exceptions:
+    if res.exceptions:  # mteb collects a task's failure instead of raising: surface it as one line
         raise EvalError(f"task {task.metadata.name}: {res.exceptions[0].exception}")
-    rows = res.task_results[0].scores[split]
+    rows = res.task_results[0].scores[split]  # one score dict per hf subset (language) of the split
     per_subset = {r["hf_subset"]: {k: _jsonable(v) for k, v in r.items() if k not in ("hf_subset", "languages")}
                   for r in rows}
     return {"main_metric": task.metadata.main_score, "type": task.metadata.type,
+            # one number per task: the mean over its subsets, as MTEB averages a multilingual task
             "main_score": float(np.mean([float(r["main_score"]) for r in rows])), "scores": per_subset}
 
 
 def _jsonable(v):
+    # mteb's scores hold numpy scalars, which json.dump refuses: convert them, recursively through dicts and lists
     if isinstance(v, (np.floating, np.integer)):
         return v.item()
     if isinstance(v, dict):

@@ -5,7 +5,8 @@ Read top to bottom: Qwen2Config and the Qwen2 body (attention with RoPE and GQA,
 TextTokenizer, then JasperConfig / JasperModel (the student: body -> mean -> heads -> L2 normalise; its SigLIP
 tower, pooler and image splice live in vision.py). Written directly in torch; modules are named after the
 checkpoint keys, so real safetensors checkpoints load key for key (checkpoints.py) with at most a prefix, never a
-key map. Design notes: docs/model.md.
+key map. The export folder's files are written by checkpoints.save_export; converting folders and the command line
+`python model.py export|set-head|check` are export.py's (`main` here hands over). Design notes: docs/model.md.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import dataclasses
 import math
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,9 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer
 from torch import Tensor, nn
 
-from checkpoints import (CheckpointError, body_config, check_config_values, check_out_dir, check_standard_folder,
-                         instruction_prompt, load_state_strict, progress, read_config, read_dense_folder, read_json,
-                         read_safetensors, resolve_checkpoint, save_hf_checkpoint, set_default_head,
-                         stella_dense_folders, write_st_modules)
+from checkpoints import (CheckpointError, body_config, check_config_values, instruction_prompt,
+                         load_state_strict, progress, read_config, read_dense_folder, read_json, read_safetensors,
+                         resolve_checkpoint, save_export, stella_dense_folders)
 from packing import Packed
 from vision import (IMG_END_ID, IMG_START_ID, IMG_TOKEN_ID, NUM_IMAGE_TOKENS, SiglipVisionConfig, SiglipVisionEncoder,
                     jasper_vision_state, pool_image_features, preprocess_images, splice_image_features)
@@ -364,62 +363,6 @@ def pad_ids(ids: Sequence[Sequence[int]], pad_id: int, pad_to: int | None = None
     return input_ids, mask
 
 
-# Pooling as sentence-transformers' Pooling module defines it (the `pooling_mode` of a `1_Pooling/config.json`), so a
-# teacher read from any sentence-transformers folder gives that library's vectors. Masks may be right- or
-# left-padded (decoder embedders such as Qwen3-Embedding pad on the left so their last token sits at T-1).
-POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
-
-
-def exclude_prompt(attention_mask: Tensor, prompt_length: int) -> Tensor:
-    """`include_prompt: false`: zero the first `prompt_length` real tokens of every row (the prompt, with the
-    tokenizer's leading special tokens such as [CLS]); a left-padded row's prompt starts after its padding."""
-    first = attention_mask.to(torch.int32).argmax(dim=1, keepdim=True)             # (B, 1) index of the 1st real token
-    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)     # (T,)
-    return attention_mask.masked_fill(pos < first + prompt_length, 0)
-
-
-def pool_tokens(hidden: Tensor, attention_mask: Tensor, modes: str | Sequence[str] = "mean",
-                prompt_length: int = 0) -> Tensor:
-    """(B, T, H) token states -> (B, H * len(modes)) fp32, the modes concatenated in order (as sentence-transformers).
-
-    cls:        the first real token (after the prompt when it is excluded), wherever padding is.
-    lasttoken:  the last real token: position T-1 under left padding, len-1 under right padding.
-    mean / mean_sqrt_len_tokens: masked sum / n or / sqrt(n).  max: masked max over tokens.
-    weightedmean: weights 1, 2, ... counted from the first real token (prompt tokens keep their positions' weights
-    out of the sum when excluded). A row with no token left to pool gives zeros (max: -inf), as the library does.
-    """
-    modes = (modes,) if isinstance(modes, str) else tuple(modes)
-    orig = attention_mask
-    mask = exclude_prompt(attention_mask, prompt_length) if prompt_length else attention_mask
-    h = hidden.float()                                                             # (B, T, H) fp32 accumulation
-    m = mask.to(h.dtype).unsqueeze(-1)                                             # (B, T, 1)
-    T = h.shape[1]
-    out = []
-    for mode in modes:
-        if mode == "cls":
-            first = mask.to(torch.int32).argmax(dim=1)                             # (B,)
-            out.append(h[torch.arange(h.shape[0], device=h.device), first])
-        elif mode == "lasttoken":
-            # the last 1 of each row, counted from the end; an all-zero row points at 0 (and yields 0 via the mask)
-            val, rev = mask.flip(1).max(dim=1)
-            rev = torch.where(val == 0, torch.full_like(rev, T - 1), rev)
-            idx = T - 1 - rev                                                      # (B,)
-            out.append((h * m)[torch.arange(h.shape[0], device=h.device), idx])
-        elif mode in ("mean", "mean_sqrt_len_tokens"):
-            n = m.sum(dim=1).clamp(min=1e-9)                                       # (B, 1)
-            out.append((h * m).sum(dim=1) / (n if mode == "mean" else n.sqrt()))
-        elif mode == "max":
-            out.append(h.masked_fill(m == 0, float("-inf")).max(dim=1).values)
-        elif mode == "weightedmean":
-            w = torch.arange(1, T + 1, device=h.device, dtype=h.dtype).view(1, -1, 1)
-            w = w - orig.to(torch.int32).argmax(dim=1).view(-1, 1, 1).to(h.dtype)  # 1 at the first real token
-            wm = m * w                                                             # (B, T, 1)
-            out.append((h * wm).sum(dim=1) / wm.sum(dim=1).clamp(min=1e-9))
-        else:
-            raise ValueError(f"pooling mode {mode!r} is not one of {POOLING_MODES}")
-    return torch.cat(out, dim=-1)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenisation: any tokenizer.json (Qwen2 byte-level BPE, BERT WordPiece) through the `tokenizers` library.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -708,18 +651,12 @@ class JasperModel(nn.Module):
             if self.tokenizer is None:
                 raise RuntimeError("no tokenizer attached: set model.tokenizer = TextTokenizer.from_pretrained(...)")
             ids = self.tokenizer.encode_ids(list(texts), instruction, max_length or self.config.max_length)
-            order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-            out = {D: torch.empty(len(ids), D, dtype=torch.float32) for D in dims}
-            prog = progress(total=len(ids), desc="encode", unit="texts",
-                            enabled=len(ids) > 1000 if show_progress is None else show_progress)
-            for s in range(0, len(order), batch_size):
-                idx = order[s: s + batch_size]
-                input_ids, mask = self.tokenizer.pad([ids[i] for i in idx])
-                vec = self(input_ids.to(device), mask.to(device), dims=dims)  # {D: (b, D)}
-                for D in dims:
-                    out[D][torch.tensor(idx)] = vec[D].float().cpu()
-                prog.update(len(idx))
-            prog.close()
+
+            def batch(idx: list[int]) -> dict[int, Tensor]:
+                input_ids, mask = self.tokenizer.pad([ids[i] for i in idx])              # (b, T) right-padded
+                return self(input_ids.to(device), mask.to(device), dims=dims)             # {D: (b, D)}
+            out = _length_sorted_encode([len(x) for x in ids], dims, batch_size, batch, desc="encode", unit="texts",
+                                        enabled=len(ids) > 1000 if show_progress is None else show_progress)
             return out if many else out[dims[0]]
         finally:
             self.train(was_training)
@@ -752,12 +689,8 @@ class JasperModel(nn.Module):
                                  f"the {len(head)} image tokens")
             text_ids = self.tokenizer.encode_ids(list(texts), instruction, budget)
         device = self.model.embed_tokens.weight.device
-        order = sorted(range(len(images)), key=lambda i: -len(text_ids[i]))         # little padding per batch
-        out = {D: torch.empty(len(images), D, dtype=torch.float32) for D in dims}
-        prog = progress(total=len(images), desc="encode images", unit="images",
-                        enabled=len(images) > 200 if show_progress is None else show_progress)
-        for s in range(0, len(order), batch_size):
-            idx = order[s: s + batch_size]
+
+        def batch(idx: list[int]) -> dict[int, Tensor]:
             pixel_values, _, _ = preprocess_images([images[i] for i in idx], size=self.vision_model.config.image_size,
                                                    names=[f"images[{i}]" if not isinstance(images[i], (
                                                        str, os.PathLike)) else str(images[i]) for i in idx])
@@ -767,12 +700,10 @@ class JasperModel(nn.Module):
             else:                                                                    # image-only: equal lengths
                 input_ids = torch.tensor(seqs, dtype=torch.long)
                 mask = torch.ones_like(input_ids)
-            vec = self(input_ids.to(device), mask.to(device), pixel_values=pixel_values.to(device), dims=dims)
-            for D in dims:
-                out[D][torch.tensor(idx)] = vec[D].float().cpu()
-            prog.update(len(idx))
-        prog.close()
-        return out
+            return self(input_ids.to(device), mask.to(device), pixel_values=pixel_values.to(device), dims=dims)
+        # sorted by text length: pairs with texts of similar length share a batch (little padding)
+        return _length_sorted_encode([len(x) for x in text_ids], dims, batch_size, batch, "encode images", "images",
+                                     enabled=len(images) > 200 if show_progress is None else show_progress)
 
     # -- loading / saving ---------------------------------------------------------------------------------------------
     @classmethod
@@ -924,35 +855,39 @@ class JasperModel(nn.Module):
         default_head: the head sentence-transformers returns (default: the largest, FC1, as encode()); every head
         is in the folder and `python model.py set-head` switches. prompts: default `self.prompts`. `state_dict` lets
         a distributed trainer pass the gathered full state dict (the heads are taken from it too)."""
-        dims = self.config.head_dims
-        default_head = max(dims) if default_head is None else int(default_head)
-        if default_head not in dims:  # refused before anything is written
-            raise CheckpointError(f"default head {default_head} is not one of the model's heads {sorted(dims)}")
-        out_dir = Path(out_dir)
-        check_out_dir(out_dir)
+        c = self.config
         state = state_dict if state_dict is not None else self.state_dict()
         tokenizer = tokenizer or self.tokenizer
-        extra = None
-        if tokenizer is not None:
-            heads = {D: (state[f"vector_linear_{D}.weight"], state.get(f"vector_linear_{D}.bias")) for D in dims}
-            prompts = prompts if prompts is not None else self.prompts
-            prompts = standard_prompts() if prompts is None else prompts
-            wordpiece = type(tokenizer.tok.model).__name__ == "WordPiece"
+        prompts = prompts if prompts is not None else self.prompts
+        if prompts is None and tokenizer is not None:  # the prompts are written only with the tokenizer's modules
+            prompts = standard_prompts()
+        # the files themselves are checkpoint I/O (checkpoints.save_export); the config's dtype is the weights' own
+        return save_export(out_dir, c.to_hf(state["model.embed_tokens.weight"].dtype), state, tokenizer, c.head_dims,
+                           c.text.hidden_size, c.max_length, prompts, default_head, max_shard_bytes)
 
-            def extra(tmp: Path) -> None:
-                write_st_modules(tmp, self.config.text.hidden_size, heads, default_head, self.config.max_length,
-                                 prompts, tokenizer_type="bert" if wordpiece else None,
-                                 pad_token=tokenizer.tok.id_to_token(tokenizer.pad_id))
-        else:
-            warnings.warn(f"{out_dir}: saved without a tokenizer: JasperModel.from_pretrained reads it, "
-                          f"sentence-transformers cannot (no tokenizer.json, no modules.json)")
-        return save_hf_checkpoint(out_dir, self.config.to_hf(state["model.embed_tokens.weight"].dtype), state,
-                                  tokenizer, max_shard_bytes=max_shard_bytes, extra=extra)
+
+def _length_sorted_encode(lengths: Sequence[int], dims: Sequence[int], batch_size: int,
+                          batch: Callable[[list[int]], dict[int, Tensor]], desc: str, unit: str,
+                          enabled: bool) -> dict[int, Tensor]:
+    """{D: (N, D) fp32 on the CPU} in input order, from `batch(indices) -> {D: (b, D)}` run over the inputs sorted
+    longest first (sorted(), stable: equal lengths keep their order). Longest first: each batch pads to its own
+    longest, and a memory problem shows on the first batch rather than the last. Progress with rate and ETA."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out = {D: torch.empty(len(lengths), D, dtype=torch.float32) for D in dims}
+    prog = progress(total=len(lengths), desc=desc, unit=unit, enabled=enabled)
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        vec = batch(idx)                                                              # {D: (b, D)}
+        for D in dims:
+            out[D][torch.tensor(idx)] = vec[D].float().cpu()                         # back to input order
+        prog.update(len(idx))
+    prog.close()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Conversion to the export folder, and its command line: `python model.py export SRC OUT [--default-head D]`,
-# `python model.py set-head PATH D`, `python model.py check PATH` (docs/checkpoints.md "The export folder").
+# The prompts every export carries (docs/checkpoints.md "The export folder"). Converting folders and the command line
+# `python model.py export|set-head|check` live in export.py; `main` below hands over to it.
 # ---------------------------------------------------------------------------------------------------------------------
 def standard_prompts() -> dict[str, str]:
     """The prompts an export stores when the model has none of its own: eval.py's instructions under the names mteb
@@ -972,58 +907,11 @@ def standard_prompts() -> dict[str, str]:
     return p
 
 
-def export_folder(src: str | os.PathLike, out: str | os.PathLike, default_head: int | None = None) -> Path:
-    """Convert an export (this layout or the one before), a released Jasper folder or a stella folder to the export
-    folder at `out` (may equal `src`). A stella folder keeps every `2_Dense_{D}` head exactly, its own default head
-    (modules.json) and its own prompts beside the standard ones; the rest default to the largest head."""
-    src = resolve_checkpoint(src)
-    cfg = read_json(src / "config.json")
-    if not (src / "tokenizer.json").is_file():
-        raise CheckpointError(f"{src / 'tokenizer.json'}: file not found (the export folder needs the tokenizer)")
-    if "jasper" in cfg or "text_config" in cfg or "jasper" in str(cfg.get("model_type", "")):
-        model = JasperModel.from_pretrained(src)
-    else:
-        dense = stella_dense_folders(src)
-        if not dense:
-            raise CheckpointError(f"{src}: neither an export of this project or a released Jasper (config.json "
-                                  f"with a jasper block or text_config) nor a stella folder (no 2_Dense_* folder)")
-        model = JasperModel.from_stella(src, head_dims=sorted(dense, reverse=True))
-        if default_head is None and (src / "modules.json").is_file():
-            for m in read_json(src / "modules.json"):
-                if str(m.get("type", "")).endswith("Dense"):
-                    default_head = int(read_json(src / m["path"] / "config.json")["out_features"])
-    return model.save_pretrained(out, default_head=default_head)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
+    """`python model.py export|set-head|check ...` (the commands the README gives): export.main, which owns them."""
+    import export  # export.py imports this file (JasperModel), so it cannot be imported at the top: a circle
 
-    ap = argparse.ArgumentParser(prog="model.py", description="The export folder: convert, switch head, verify.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    ex = sub.add_parser("export", help="convert an export, a released Jasper or a stella folder to the export folder")
-    ex.add_argument("src")
-    ex.add_argument("out", help="absent, empty or a previous export (may be SRC itself)")
-    ex.add_argument("--default-head", type=int, default=None,
-                    help="head sentence-transformers returns (default: stella's own, else the largest)")
-    sh = sub.add_parser("set-head", help="make head D the one sentence-transformers returns (rewrites modules.json)")
-    sh.add_argument("path")
-    sh.add_argument("dim", type=int)
-    ck = sub.add_parser("check", help="verify the standard side of an export (layout, traps, heads)")
-    ck.add_argument("path")
-    a = ap.parse_args(argv)
-    try:
-        if a.cmd == "export":
-            out = export_folder(a.src, a.out, a.default_head)
-            print(f"{out}: export folder, default head {check_standard_folder(out)}")
-        elif a.cmd == "set-head":
-            set_default_head(a.path, a.dim)
-            print(f"{a.path}: default head {a.dim}")
-        else:
-            print(f"{a.path}: ok, default head {check_standard_folder(a.path, weights=True)}")
-    except (CheckpointError, ValueError) as e:
-        print(f"model.py {a.cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
-        return 2
-    return 0
+    return export.main(argv, prog="model.py")
 
 
 if __name__ == "__main__":

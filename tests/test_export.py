@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints as C
+import export as X
 import model as M
 from common import minilm_dir, qwen_tokenizer_dir
 
@@ -300,7 +301,7 @@ def test_convert_a_stella_folder_keeps_its_heads_and_default(tmp_path):
         {"idx": 2, "name": "2", "path": "2_Dense_48", "type": "sentence_transformers.models.Dense"}]))
     (d / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {
         "s2s_query": "Instruct: Retrieve semantically similar text.\nQuery: "}}))
-    out = M.export_folder(d, tmp_path / "out")
+    out = X.export_folder(d, tmp_path / "out")
     assert C.check_standard_folder(out) == 48
     ref = M.JasperModel.from_stella(d, head_dims=(64, 48))
     _assert_st_matches(out, ref, 48)
@@ -319,7 +320,7 @@ def test_convert_a_released_jasper_folder(qwen_student, tmp_path):
         "img_start_token_id": c.img_start_token_id, "img_token_id": c.img_token_id,
         "img_end_token_id": c.img_end_token_id}))
     qwen_student.tokenizer.save(rel)
-    out = M.export_folder(rel, tmp_path / "out", default_head=16)
+    out = X.export_folder(rel, tmp_path / "out", default_head=16)
     ref = M.JasperModel.from_pretrained(rel)  # max_length: the default 512 (the released config has none)
     assert json.loads((out / "sentence_bert_config.json").read_text())["max_seq_length"] == 512
     _assert_st_matches(out, ref, 16)
@@ -348,7 +349,7 @@ def test_bad_input_names_the_head_folder_or_file(qwen_student, tmp_path):
         shutil.copytree(out, src)
         (src / name).unlink()
         with pytest.raises(M.CheckpointError, match=re.escape(str(src)) + r"(/|: no |.*)" + re.escape(name)):
-            M.export_folder(src, tmp_path / f"to-{name}")
+            X.export_folder(src, tmp_path / f"to-{name}")
     r = _cli("export", str(out), str(tmp_path / "x"), "--default-head", "5")
     assert r.returncode != 0 and "default head 5 is not one of the model's heads [16, 32, 48]" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1  # one clear line, no traceback

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bert as B
 import model as M
 import teachers as T
 from packing import Packed, plan_rows
@@ -159,7 +160,7 @@ def test_qwen2_qwen3_mistral_body_packed_equals_padded(kind, causal, mode):
 
 @pytest.mark.parametrize("modes", [("lasttoken",), ("cls",), ("mean",), ("max", "mean_sqrt_len_tokens", "weightedmean")])
 def test_unpacked_states_pool_like_padded_in_every_sentence_transformers_mode(modes):
-    """The sentence-transformers teacher runs its body packed and pools the unpacked states with model.pool_tokens:
+    """The sentence-transformers teacher runs its body packed and pools the unpacked states with teachers.pool_tokens:
     every pooling mode, with the prompt excluded or not, against a causal Qwen3 body padded right and left."""
     enc = _qwen2(True, "qwen3")
     ids = _ids(LENGTHS, 61, seed=6)
@@ -169,8 +170,8 @@ def test_unpacked_states_pool_like_padded_in_every_sentence_transformers_mode(mo
         input_ids, mask = M.pad_ids(ids, 0, left=left)
         hp = enc(input_ids, mask)
         for prompt_length in (0, 2):
-            ref = M.pool_tokens(hp, mask, modes, prompt_length)
-            got = M.pool_tokens(h, m, modes, prompt_length)
+            ref = T.pool_tokens(hp, mask, modes, prompt_length)
+            got = T.pool_tokens(h, m, modes, prompt_length)
             # a text no longer than the prompt has nothing left to pool: max gives -inf, and padded CLS reads
             # position 0 (a real token under right padding, a padding slot under left): not defined, not compared
             keep = torch.tensor(LENGTHS) > prompt_length
@@ -237,10 +238,10 @@ def test_bert_teacher_packed_equals_padded_on_real_minilm():
 
 @pytest.mark.parametrize("mode", ["mean", "cls"])
 def test_bert_body_packed_equals_padded_with_gradients(mode):
-    cfg = T.BertConfig(vocab_size=61, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+    cfg = B.BertConfig(vocab_size=61, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=80, max_position_embeddings=BUDGET)
     torch.manual_seed(0)
-    bert = T.BertModel(cfg)
+    bert = B.BertModel(cfg)
     for m in bert.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
             torch.nn.init.normal_(m.weight, std=0.2)

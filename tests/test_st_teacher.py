@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import model as M
 import teachers as T
 from common import minilm_dir, qwen_tokenizer_dir
 from test_teachers_qwen import stella_dir  # noqa: F401  (fixture: a tiny stella-layout folder)
@@ -243,7 +242,7 @@ def test_message_modality_refused(tmp_path):
 @pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
 @pytest.mark.parametrize("prompt_length", [0, 3])
 def test_pool_tokens_equals_library_pooling(left, prompt_length):
-    """model.pool_tokens vs sentence-transformers' Pooling.forward on random states, every mode and a combination."""
+    """teachers.pool_tokens vs sentence-transformers' Pooling.forward on random states, every mode and a combination."""
     from sentence_transformers.models import Pooling
 
     g = torch.Generator().manual_seed(0)
@@ -255,13 +254,13 @@ def test_pool_tokens_equals_library_pooling(left, prompt_length):
         mask[i, Tn - n:] = 1 if left else 0
         if not left:
             mask[i, :n] = 1
-    for modes in [*M.POOLING_MODES, ("cls", "lasttoken", "mean")]:
+    for modes in [*T.POOLING_MODES, ("cls", "lasttoken", "mean")]:
         pool = Pooling(6, pooling_mode=modes, include_prompt=prompt_length == 0)
         feats = {"token_embeddings": h, "attention_mask": mask}
         if prompt_length:
             feats["prompt_length"] = prompt_length
         ref = pool(feats)["sentence_embedding"]
-        ours = M.pool_tokens(h, mask, modes, prompt_length)
+        ours = T.pool_tokens(h, mask, modes, prompt_length)
         fin = torch.isfinite(ref)
         assert torch.equal(fin, torch.isfinite(ours)), modes  # max over nothing is -inf in both
         assert torch.allclose(ours[fin], ref[fin], atol=1e-6), modes

@@ -1,0 +1,88 @@
+"""The export folder's command line: convert a checkpoint to it, switch its default head, verify it.
+
+One concern: turning folders that already exist on disk into the export folder of docs/checkpoints.md ("The export
+folder": our files that are at the same time a standard transformers / sentence-transformers model) and checking one.
+
+    python export.py export SRC OUT [--default-head D]   # an older export, a released Jasper or a stella folder
+    python export.py set-head PATH D                     # the head sentence-transformers returns (modules.json)
+    python export.py check PATH                          # layout, the silent traps, every head's weights
+
+`python model.py export|set-head|check` runs the same commands (model.main hands over to `main` here; the README
+gives them that way). Why a file of its own: model.py is the student a reader came for (the body, the heads, the
+tokenizer; nanoGPT's model.py), and the files' layout is checkpoints.py's; what is left, picking the right loader
+for a folder and the CLI around it, needs both, so it sits above them. Writing the folder itself is
+JasperModel.save_pretrained -> checkpoints.save_export; the checks are checkpoints.check_standard_folder.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from checkpoints import (CheckpointError, check_standard_folder, read_json, resolve_checkpoint, set_default_head,
+                         stella_dense_folders)
+from model import JasperModel
+
+
+def export_folder(src: str | os.PathLike, out: str | os.PathLike, default_head: int | None = None) -> Path:
+    """Convert an export (this layout or the one before), a released Jasper folder or a stella folder to the export
+    folder at `out` (may equal `src`). A stella folder keeps every `2_Dense_{D}` head exactly, its own default head
+    (modules.json) and its own prompts beside the standard ones; the rest default to the largest head."""
+    src = resolve_checkpoint(src)
+    cfg = read_json(src / "config.json")
+    if not (src / "tokenizer.json").is_file():
+        raise CheckpointError(f"{src / 'tokenizer.json'}: file not found (the export folder needs the tokenizer)")
+    # our export (a `jasper` block), the one before it (model_type jasper) or the released Jasper (text_config)
+    if "jasper" in cfg or "text_config" in cfg or "jasper" in str(cfg.get("model_type", "")):
+        model = JasperModel.from_pretrained(src)
+    else:
+        dense = stella_dense_folders(src)  # {D: 2_Dense_{D} folder}
+        if not dense:
+            raise CheckpointError(f"{src}: neither an export of this project or a released Jasper (config.json "
+                                  f"with a jasper block or text_config) nor a stella folder (no 2_Dense_* folder)")
+        # every stella head kept as it is (largest first: FC1 is the largest head, as in a student)
+        model = JasperModel.from_stella(src, head_dims=sorted(dense, reverse=True))
+        if default_head is None and (src / "modules.json").is_file():
+            # stella's own modules.json names the Dense it returns: keep that the default, not our largest head
+            for m in read_json(src / "modules.json"):
+                if str(m.get("type", "")).endswith("Dense"):
+                    default_head = int(read_json(src / m["path"] / "config.json")["out_features"])
+    # written into a temporary sibling and renamed over `out` when complete, so out == src is safe
+    return model.save_pretrained(out, default_head=default_head)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "export.py") -> int:
+    """The three commands; a CheckpointError or bad value is one line on stderr (no traceback) and exit code 2."""
+    ap = argparse.ArgumentParser(prog=prog, description="The export folder: convert, switch head, verify.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="convert an export, a released Jasper or a stella folder to the export folder")
+    ex.add_argument("src")
+    ex.add_argument("out", help="absent, empty or a previous export (may be SRC itself)")
+    ex.add_argument("--default-head", type=int, default=None,
+                    help="head sentence-transformers returns (default: stella's own, else the largest)")
+    sh = sub.add_parser("set-head", help="make head D the one sentence-transformers returns (rewrites modules.json)")
+    sh.add_argument("path")
+    sh.add_argument("dim", type=int)
+    ck = sub.add_parser("check", help="verify the standard side of an export (layout, traps, heads)")
+    ck.add_argument("path")
+    a = ap.parse_args(argv)  # a bad flag: argparse's usage line and exit code 2, like the errors below
+    try:
+        if a.cmd == "export":
+            out = export_folder(a.src, a.out, a.default_head)
+            # the folder just written is checked as a stranger would read it; its default head is what it reports
+            print(f"{out}: export folder, default head {check_standard_folder(out)}")
+        elif a.cmd == "set-head":
+            set_default_head(a.path, a.dim)  # only modules.json changes: every head's weights are already there
+            print(f"{a.path}: default head {a.dim}")
+        else:  # check; weights=True: every 2_Dense_{D} must equal vector_linear_{D} of model.safetensors
+            print(f"{a.path}: ok, default head {check_standard_folder(a.path, weights=True)}")
+    except (CheckpointError, ValueError) as e:
+        print(f"{prog} {a.cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
