@@ -20,7 +20,8 @@ import torch
 
 from checkpoints import atomic_write, fmt_duration, read_safetensors
 from errors import run_cli
-from data import build, default_data_dir, read_jsonl
+from data import build, default_data_dir
+from readers import read_jsonl
 from eval import EmbeddingCache, evaluate, load_encoder
 from model import JasperConfig, JasperModel, Qwen2Config, TextTokenizer
 from teacher_cache import build_cache

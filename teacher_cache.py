@@ -27,7 +27,8 @@ from torch import Tensor
 
 from checkpoints import atomic_write, progress, read_json
 from errors import UserError
-from data import read_jsonl, read_texts, text_hash
+from data import text_hash
+from readers import read_jsonl, read_texts
 
 
 class CacheError(UserError, ValueError):

@@ -48,7 +48,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 import losses
 from checkpoints import (atomic_write, checkpoint_keys, fmt_duration, folder_problem, resolve_checkpoint,
                          rng_state, set_rng_state, write_checksums)
-from data import DataError, ImageBatches, TrainLoader, load_index, text_hash
+from data import ImageBatches, TrainLoader, load_index, text_hash
 from errors import DiskFullError, UserError, is_disk_full, os_error_in, run_cli
 from eval import load_encoder, quick_eval
 from model import JasperConfig, JasperModel
