@@ -799,7 +799,8 @@ def save_json(report: dict, path: Path) -> None:
     atomic_write(Path(path), w)
 
 
-def main(argv=None) -> int:
+def _parser() -> ArgumentParser:
+    """eval.py's flags (README "Evaluation"; docs/eval.md)."""
     ap = ArgumentParser(prog="eval.py", description="Evaluate an encoder on MTEB tasks (mteb engine; local data "
                         "offline).")
     ap.add_argument("--model", required=True, help="local dir or hub id: Jasper / exported student, stella, "
@@ -823,7 +824,11 @@ def main(argv=None) -> int:
     ap.add_argument("--results-dir", default=None, help="mteb's results folder (default: mteb/ next to --out)")
     ap.add_argument("--name", default=None, help="model name in mteb's results (default: the hub id, or "
                     "local/<folder>)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     # every flag and path checked before the model loads (errors: one line, exit 2, via cli() / errors.run_cli)
     check_args(args, dict(batch_size=dict(lo=1), max_length=dict(lo=1)))
     out = Path(args.out) if args.out else None

@@ -174,7 +174,6 @@ def inject_local_data(task, data_dir: Path, split: str) -> list[str]:
 
     Returns the hf subsets to evaluate. Never touches the hub.
     """
-    from datasets import DatasetDict
     from mteb.abstasks.retrieval import AbsTaskRetrieval
     from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 
@@ -188,23 +187,8 @@ def inject_local_data(task, data_dir: Path, split: str) -> list[str]:
         subset_dirs = {"default": tdir}
 
     retrieval = isinstance(task, AbsTaskRetrieval)
-    dataset: dict = {}
-    for subset, sdir in subset_dirs.items():
-        if retrieval:
-            dataset[subset] = {split: _load_retrieval_split(sdir, split, name, RetrievalSplitData)}
-        else:
-            splits = [split]
-            # classification trains a logistic regression on the task's train split, so that split is needed too
-            train_split = getattr(task, "train_split", None)
-            if ttype in ("Classification", "MultilabelClassification") and train_split and train_split != split:
-                splits.append(train_split)
-            dd = {}
-            for sp in splits:
-                path = _split_file(sdir, sp, name)
-                rows = read_jsonl(path, name)
-                _check_row_fields(task, rows, path)
-                dd[sp] = _rows_to_dataset(rows)
-            dataset[subset] = DatasetDict(dd)
+    dataset = {subset: {split: _load_retrieval_split(sdir, split, name, RetrievalSplitData)} if retrieval
+               else _load_row_splits(task, sdir, split) for subset, sdir in subset_dirs.items()}
     # the shape each abstask's load_data leaves behind: {subset: ...} for multilingual and retrieval tasks, the
     # DatasetDict itself for the others
     if task.metadata.is_multilingual or retrieval:
@@ -238,6 +222,25 @@ def inject_local_data(task, data_dir: Path, split: str) -> list[str]:
 # column an abstask reads -> names the same column has in hub datasets or older local files
 _ALIASES = {"labels": ("label",), "label": ("labels",), "sentence1": ("sent1",), "sentence2": ("sent2",),
             "sentences": ("sentence", "text"), "text": ("sentence",)}
+
+
+def _load_row_splits(task, sdir: Path, split: str):
+    """A row task's DatasetDict for one subset folder: the evaluated split, plus the train split where the task
+    needs one, each row checked for the fields the abstask reads."""
+    from datasets import DatasetDict
+    name, ttype = task.metadata.name, task.metadata.type
+    splits = [split]
+    # classification trains a logistic regression on the task's train split, so that split is needed too
+    train_split = getattr(task, "train_split", None)
+    if ttype in ("Classification", "MultilabelClassification") and train_split and train_split != split:
+        splits.append(train_split)
+    dd = {}
+    for sp in splits:
+        path = _split_file(sdir, sp, name)
+        rows = read_jsonl(path, name)
+        _check_row_fields(task, rows, path)
+        dd[sp] = _rows_to_dataset(rows)
+    return DatasetDict(dd)
 
 
 def _split_dicts(task, dataset) -> list:
