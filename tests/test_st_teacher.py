@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints as C
 import teachers as T
 from common import minilm_dir, qwen_tokenizer_dir
 from test_teachers_qwen import stella_dir  # noqa: F401  (fixture: a tiny stella-layout folder)
@@ -216,6 +217,11 @@ def test_unknown_module_and_layout_refused(tmp_path):
     mf.write_text(json.dumps([m for m in mods if not m["type"].endswith(("LayerNorm", "Pooling"))]))
     with pytest.raises(T.TeacherError, match="Normalize before any Pooling"):
         T.load_teacher(str(folder))
+    # the reader lives in checkpoints.py: its own CheckpointError unless the caller (teachers.py) names another type
+    with pytest.raises(C.CheckpointError, match="Normalize before any Pooling"):
+        C.read_st_layout(folder)
+    with pytest.raises(T.TeacherError, match="Normalize before any Pooling"):
+        C.read_st_layout(folder, T.TeacherError)
     cfg = folder / "config.json"
     c = json.loads(cfg.read_text())
     cfg.write_text(json.dumps({**c, "model_type": "roberta"}))
