@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +26,9 @@ from tokenizers import AddedToken, Tokenizer
 from torch import Tensor, nn
 
 from checkpoints import (CheckpointError, body_config, check_config_values, instruction_prompt,
-                         load_state_strict, progress, read_config, read_dense_folder, read_json, read_safetensors,
+                         load_state_strict, read_config, read_dense_folder, read_json, read_safetensors,
                          resolve_checkpoint, save_export, stella_dense_folders)
-from packing import Packed
+from packing import Packed, length_sorted_encode
 from vision import (IMG_END_ID, IMG_START_ID, IMG_TOKEN_ID, NUM_IMAGE_TOKENS, SiglipVisionConfig, SiglipVisionEncoder,
                     jasper_vision_state, pool_image_features, preprocess_images, splice_image_features)
 
@@ -655,8 +655,8 @@ class JasperModel(nn.Module):
             def batch(idx: list[int]) -> dict[int, Tensor]:
                 input_ids, mask = self.tokenizer.pad([ids[i] for i in idx])              # (b, T) right-padded
                 return self(input_ids.to(device), mask.to(device), dims=dims)             # {D: (b, D)}
-            out = _length_sorted_encode([len(x) for x in ids], dims, batch_size, batch, desc="encode", unit="texts",
-                                        enabled=len(ids) > 1000 if show_progress is None else show_progress)
+            out = length_sorted_encode([len(x) for x in ids], dims, batch_size, batch, desc="encode", unit="texts",
+                                       enabled=len(ids) > 1000 if show_progress is None else show_progress)
             return out if many else out[dims[0]]
         finally:
             self.train(was_training)
@@ -702,7 +702,7 @@ class JasperModel(nn.Module):
                 mask = torch.ones_like(input_ids)
             return self(input_ids.to(device), mask.to(device), pixel_values=pixel_values.to(device), dims=dims)
         # sorted by text length: pairs with texts of similar length share a batch (little padding)
-        return _length_sorted_encode([len(x) for x in text_ids], dims, batch_size, batch, "encode images", "images",
+        return length_sorted_encode([len(x) for x in text_ids], dims, batch_size, batch, "encode images", "images",
                                      enabled=len(images) > 200 if show_progress is None else show_progress)
 
     # -- loading / saving ---------------------------------------------------------------------------------------------
@@ -864,25 +864,6 @@ class JasperModel(nn.Module):
         # the files themselves are checkpoint I/O (checkpoints.save_export); the config's dtype is the weights' own
         return save_export(out_dir, c.to_hf(state["model.embed_tokens.weight"].dtype), state, tokenizer, c.head_dims,
                            c.text.hidden_size, c.max_length, prompts, default_head, max_shard_bytes)
-
-
-def _length_sorted_encode(lengths: Sequence[int], dims: Sequence[int], batch_size: int,
-                          batch: Callable[[list[int]], dict[int, Tensor]], desc: str, unit: str,
-                          enabled: bool) -> dict[int, Tensor]:
-    """{D: (N, D) fp32 on the CPU} in input order, from `batch(indices) -> {D: (b, D)}` run over the inputs sorted
-    longest first (sorted(), stable: equal lengths keep their order). Longest first: each batch pads to its own
-    longest, and a memory problem shows on the first batch rather than the last. Progress with rate and ETA."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out = {D: torch.empty(len(lengths), D, dtype=torch.float32) for D in dims}
-    prog = progress(total=len(lengths), desc=desc, unit=unit, enabled=enabled)
-    for s in range(0, len(order), batch_size):
-        idx = order[s: s + batch_size]
-        vec = batch(idx)                                                              # {D: (b, D)}
-        for D in dims:
-            out[D][torch.tensor(idx)] = vec[D].float().cpu()                         # back to input order
-        prog.update(len(idx))
-    prog.close()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

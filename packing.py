@@ -9,15 +9,20 @@ torch's SDPA with a dense (R, 1, L, L) block-diagonal bool mask: measured on thi
 attention has no CPU backward and its compiled forward was 2.7-3x slower than SDPA at these shapes, and SDPA on
 jagged nested tensors failed on the CPU (`aten::stride does not exist`); with rows no longer than max_length the
 dense mask costs little. Figures and the choice: docs/model.md "Packing".
+
+The other way to spend little on padding, for an input set known up front, sits here too: `length_sorted_encode`
+runs padded batches over the inputs sorted longest first (JasperModel.encode).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from checkpoints import progress
 
 
 def _first_fit_decreasing(lengths: Sequence[int], order: list[int], budget: int) -> tuple[list[list[int]], list[int]]:
@@ -167,3 +172,26 @@ class Packed:
         W = (slot[:, None, :] == torch.arange(S, device=slot.device)[None, :, None]) * w[:, None, :]  # (R, S, L)
         per_slot = torch.bmm(W, hidden.float())                                     # (R, S, H)
         return per_slot[self.starts // L, self.slots]                               # (N, H)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Without packing: length-sorted padded batches (JasperModel.encode, text and image+text), so each batch pads only to
+# its own longest input. The simpler of the two ways to keep padding small when a whole input set is known up front.
+# ---------------------------------------------------------------------------------------------------------------------
+def length_sorted_encode(lengths: Sequence[int], dims: Sequence[int], batch_size: int,
+                         batch: Callable[[list[int]], dict[int, Tensor]], desc: str, unit: str,
+                         enabled: bool) -> dict[int, Tensor]:
+    """{D: (N, D) fp32 on the CPU} in input order, from `batch(indices) -> {D: (b, D)}` run over the inputs sorted
+    longest first (sorted(), stable: equal lengths keep their order). Longest first: each batch pads to its own
+    longest, and a memory problem shows on the first batch rather than the last. Progress with rate and ETA."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out = {D: torch.empty(len(lengths), D, dtype=torch.float32) for D in dims}
+    prog = progress(total=len(lengths), desc=desc, unit=unit, enabled=enabled)
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        vec = batch(idx)                                                              # {D: (b, D)}
+        for D in dims:
+            out[D][torch.tensor(idx)] = vec[D].float().cpu()                         # back to input order
+        prog.update(len(idx))
+    prog.close()
+    return out
