@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 import data
-from checkpoints import atomic_write, progress, read_json
+from checkpoints import ORIGINAL_PROMPTS, TYPE_DEFAULT_PROMPTS, atomic_write, progress, read_json
 from errors import ArgumentParser, UserError, check_args, run_cli
 from model import JasperModel
 from teachers import load_teacher
@@ -65,20 +65,8 @@ PAPER_INSTRUCTIONS = Path("paper") / "jasper_instructions.json"
 INSTRUCTION_SETS = ("original", "synonym", "none")
 
 # The documented default for a task the paper's table does not list: the prompt MTEB's own wrapper for the released
-# Jasper sends (task metadata `prompt`, else the abstask default prompt). On the mteb path it is read from mteb's
-# metadata; this table mirrors it for the local tasks so the built-in path needs no mteb import (a test checks it).
-ORIGINAL_PROMPTS: dict[str, str | dict[str, str]] = {
-    "STSBenchmark": "Retrieve semantically similar text.",
-    "STS12": "Retrieve semantically similar text.",
-    "STS13": "Retrieve semantically similar text.",
-    "BIOSSES": "Retrieve semantically similar text.",
-    "SciFact": {"query": "Given a scientific claim, retrieve documents that support or refute the claim"},
-    "Banking77Classification": "Given a online banking query, find the corresponding intents",
-}
-# Defaults per task type when a task is neither in the table above nor known to mteb (built-in path only).
-TYPE_DEFAULT_PROMPTS = {"STS": "Retrieve semantically similar text.",
-                        "Retrieval": "Given a web search query, retrieve relevant passages that answer the query"}
-
+# Jasper sends (ORIGINAL_PROMPTS, TYPE_DEFAULT_PROMPTS: kept in checkpoints.py, because every export stores them as its
+# sentence-transformers prompts, see checkpoints.standard_prompts). On the mteb path it is read from mteb's metadata.
 
 class Instructions:
     """One instruction set ("original" | "synonym" | "none") and the paper's table it draws from.

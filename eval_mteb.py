@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from mteb.abstasks.abstask import get_abstask_prompt
 from mteb.models.abs_encoder import AbsEncoder
+from mteb.models.model_implementations import MODEL_REGISTRY
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
 from eval import (EmbeddingCache, EvalError, Instructions, _split_file, encoder_dims, find_task_dir, load_beir,
-                  load_encoder, read_jsonl, require_fields, task_instruction, uses_instructions)
+                  load_encoder, mteb_name, read_jsonl, require_fields, task_instruction, uses_instructions)
 
 
 def get_mteb_task(name: str):
@@ -99,8 +100,10 @@ def model_meta(encoder, name: str, dim: int | None, instructions: str, spec: str
 
 
 def mteb_loader(model_name: str, revision: str | None = None, *, model: str, dim: int | None = None,
-                instructions: str = "original", device: str | None = None, **kw):
-    """ModelMeta loader: `meta.load_model()` -> the MTEBEncoder of `model` at head `dim` (as eval.py built it)."""
+                instructions: str = "original", device: str | None = None, embed_dim: int | None = None, **kw):
+    """ModelMeta loader: `meta.load_model()` -> the MTEBEncoder of `model` at head `dim` (as eval.py built it).
+    `embed_dim` is how `mteb.get_model(name, embed_dim=D)` asks for a Matryoshka head: it wins over `dim`."""
+    dim = embed_dim if embed_dim is not None else dim
     enc = load_encoder(model, **kw)
     if device is not None:
         enc.to(device)
@@ -108,6 +111,22 @@ def mteb_loader(model_name: str, revision: str | None = None, *, model: str, dim
     ad = MTEBEncoder(EmbeddingCache(enc), name=model_name, instructions=instructions)
     ad.dim = dim
     return ad
+
+
+def register(spec: str, dim: int | None = None, instructions: str = "original", name: str | None = None) -> str:
+    """Put the ModelMeta of `spec` (an export folder, any encoder eval.py loads, or a hub id) into mteb's model
+    registry and return its name, so that `mteb.get_model(name)` rebuilds it as eval.py evaluates it (same weights
+    hash as revision, same instructions). Why: mteb looks a name it does not know up on the hub, so it finds no
+    loader for a local folder (mteb 2.x raises NotImplementedError). With `dim` None every head is offered:
+    `mteb.get_model(name, embed_dim=D)` picks head D (mteb's Matryoshka convention), default the largest."""
+    enc = load_encoder(spec)
+    name = mteb_name(str(spec), name)
+    meta = MTEBEncoder(EmbeddingCache(enc), name=name, dim=dim, instructions=instructions, spec=str(spec)).meta()
+    dims = encoder_dims(enc)
+    if dim is None and len(dims) > 1:  # a list: mteb checks embed_dim= against it
+        meta = meta.model_copy(update={"embed_dim": list(dims)})
+    MODEL_REGISTRY[name] = meta  # this process only: mteb's registry is built at import from its own model files
+    return name
 
 
 class MTEBEncoder(AbsEncoder):

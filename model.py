@@ -25,9 +25,9 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer
 from torch import Tensor, nn
 
-from checkpoints import (CheckpointError, body_config, check_config_values, instruction_prompt,
-                         load_state_strict, read_config, read_dense_folder, read_json, read_safetensors,
-                         resolve_checkpoint, save_export, stella_dense_folders)
+from checkpoints import (CheckpointError, body_config, check_config_values, load_state_strict, read_config,
+                         read_dense_folder, read_json, read_safetensors, resolve_checkpoint, save_export,
+                         standard_prompts, stella_dense_folders)
 from packing import Packed, length_sorted_encode
 from vision import (IMG_END_ID, IMG_START_ID, IMG_TOKEN_ID, NUM_IMAGE_TOKENS, SiglipVisionConfig, SiglipVisionEncoder,
                     jasper_vision_state, pool_image_features, preprocess_images, splice_image_features)
@@ -866,34 +866,9 @@ class JasperModel(nn.Module):
                            c.text.hidden_size, c.max_length, prompts, default_head, max_shard_bytes)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The prompts every export carries (docs/checkpoints.md "The export folder"). Converting folders and the command line
-# `python model.py export|set-head|check` live in export.py; `main` below hands over to it.
-# ---------------------------------------------------------------------------------------------------------------------
-def standard_prompts() -> dict[str, str]:
-    """The prompts an export stores when the model has none of its own: eval.py's instructions under the names mteb
-    resolves (task, task-side, task type, `query` / `document`), each as TextTokenizer.format puts it in front."""
-    import eval as E  # the instruction table is eval's (mteb's task metadata); imported here only, never at the top
-
-    p: dict[str, str] = {}
-    for task, pr in E.ORIGINAL_PROMPTS.items():
-        if isinstance(pr, dict):  # per side: "SciFact-query"
-            p.update({f"{task}-{side}": instruction_prompt(i) for side, i in pr.items()})
-        else:
-            p[task] = instruction_prompt(pr)
-    for task_type, i in E.TYPE_DEFAULT_PROMPTS.items():  # symmetric types get it on every text; retrieval on queries
-        p[f"{task_type}-query" if task_type == "Retrieval" else task_type] = instruction_prompt(i)
-    p["query"] = instruction_prompt(E.TYPE_DEFAULT_PROMPTS["Retrieval"])
-    p["document"] = ""  # documents are encoded as they are
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python model.py export|set-head|check ...` (the commands the README gives): export.main, which owns them."""
-    import export  # export.py imports this file (JasperModel), so it cannot be imported at the top: a circle
-
-    return export.main(argv, prog="model.py")
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python model.py export|set-head|check` (the commands the README gives) are export.py's; imported only here,
+    # as the script's entry point, because export.py imports this file (JasperModel)
+    import export
+
+    sys.exit(export.main(prog="model.py"))

@@ -37,14 +37,18 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import data
 import losses as L
+import teachers as T
 from checkpoints import atomic_dir, atomic_write, fmt_duration, progress
+from teacher_cache import TeacherCache, build_cache
 
 # The default text recipe: data.py's mix over the shared text folder, every passage cut into 1-2 sentence pieces
 # (sentence-length texts are what STS and queries look like, and they encode fast).  The same as the demo's.
@@ -247,14 +251,13 @@ def export_sentence_transformers(src: Path, out_dir: Path, head: torch.nn.Linear
 def prepare_texts(out: Path, texts: list[str] | None, data_dir: str | None, max_texts: int | None, seed: int) -> Path:
     """OUT/texts.jsonl (rows {"id", "text", "hash"}): the given files' texts (deduplicated, empty skipped, a random
     `max_texts` of them) or data.py's recipe over the shared text folder."""
-    import data as D  # here D is data.py, not a dim
     path = out / "texts.jsonl"
     if texts:
-        rows, seen, skips = [], set(), __import__("collections").Counter()
+        rows, seen, skips = [], set(), Counter()
         for f in texts:
             if not Path(f).exists():
                 raise ReduceError(f"reduce.py: --texts {f}: no such file")
-            for t in D.read_texts(f, skips=skips):
+            for t in data.read_texts(f, skips=skips):
                 if t.strip() and t not in seen:  # exact duplicates once, blanks dropped
                     seen.add(t)
                     rows.append(t)
@@ -264,14 +267,14 @@ def prepare_texts(out: Path, texts: list[str] | None, data_dir: str | None, max_
             raise ReduceError(f"reduce.py: no usable text in {texts}")
     else:
         # default: data.py writes OUT/data/texts.jsonl (its recipe); only the texts are kept
-        meta = D.build(out / "data", data_dir=data_dir, seed=seed, progress=False, **TEXT_RECIPE)
+        meta = data.build(out / "data", data_dir=data_dir, seed=seed, progress=False, **TEXT_RECIPE)
         rows = [json.loads(ln)["text"] for ln in (out / "data" / "texts.jsonl").read_text(encoding="utf-8").splitlines()
                 if ln.strip()]
-        print(f"[reduce] texts: data.py recipe over {meta.get('data_dir', data_dir or D.default_data_dir())}: "
+        print(f"[reduce] texts: data.py recipe over {meta.get('data_dir', data_dir or data.default_data_dir())}: "
               f"{len(rows):,} texts", file=sys.stderr)
     if max_texts and len(rows) > max_texts:  # a seeded sample, file order kept
         rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_texts))]
-    body = "".join(json.dumps({"id": i, "text": t, "hash": D.text_hash(t)}, ensure_ascii=False) + "\n"
+    body = "".join(json.dumps({"id": i, "text": t, "hash": data.text_hash(t)}, ensure_ascii=False) + "\n"
                    for i, t in enumerate(rows))
     if not path.exists() or path.read_text(encoding="utf-8") != body:  # unchanged texts keep the cache valid
         atomic_write(path, body)
@@ -304,8 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     a = build_parser().parse_args(argv)
-    import teachers as T
-    from teacher_cache import TeacherCache, build_cache
     t_start = time.time()
     out = Path(a.out)
     try:

@@ -183,6 +183,31 @@ def test_cli_writes_mteb_results_folder_with_full_model_meta(tiny_dir, data_dir,
     assert abs(again.task_results[0].get_score() - rep["results"]["BIOSSES"]["16"]["main_score"]) <= 1e-6
 
 
+def test_mteb_get_model_after_register(tiny_dir, data_dir, tmp_path):
+    """mteb.get_model finds no loader for a local folder on its own (it looks names up on the hub); after
+    eval_mteb.register it rebuilds the export, every head on offer through mteb's embed_dim=, and mteb.evaluate on
+    it gives eval.py's score at that head (STS12, a task no other test here uses)."""
+    import mteb
+    with pytest.raises(Exception):  # what a user meets without register (offline here: no hub page either)
+        mteb.get_model(str(tiny_dir))
+    name = EM.register(str(tiny_dir))
+    assert name == "local/tiny0-final"
+    rev = EM.weights_hash(ev.load_encoder(tiny_dir))
+    out = tmp_path / "r.json"
+    assert ev.main(["--model", str(tiny_dir), "--tasks", "STS12", "--dims", "384,32", "--data-dir", str(data_dir),
+                    "--out", str(out)]) == 0
+    ours = json.loads(out.read_text())["results"]["STS12"]
+    for d in (32, 384):
+        m = mteb.get_model(name, embed_dim=d)
+        assert m.dim == d and m.mteb_model_meta.revision == rev and m.mteb_model_meta.embed_dim == d
+        task = EM.get_mteb_task("STS12")
+        EM.inject_local_data(task, data_dir, "test")
+        res = mteb.evaluate(m, task, cache=None, co2_tracker=False, show_progress_bar=False)
+        assert abs(res.task_results[0].get_score() - ours[str(d)]["main_score"]) <= 1e-6, d
+    with pytest.raises(ValueError, match="embedding dimension"):
+        mteb.get_model(name, embed_dim=100)  # not a head of this student: mteb refuses it against the list
+
+
 def test_any_sentence_transformers_folder_matches_mteb_on_sentence_transformers(tmp_path, data_dir):
     """--model on a sentence-transformers folder (a tiny Qwen3 body with mean pooling and Normalize, built and saved
     by sentence-transformers): eval.py's score equals mteb.evaluate on the library's own SentenceTransformer of the
