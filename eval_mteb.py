@@ -30,8 +30,8 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_implementations import MODEL_REGISTRY
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-from eval import (EmbeddingCache, EvalError, Instructions, _split_file, encoder_dims, find_task_dir, load_beir,
-                  load_encoder, mteb_name, read_jsonl, require_fields, task_instruction, uses_instructions)
+from eval_inputs import (EmbeddingCache, EvalError, Instructions, encoder_dims, find_task_dir, load_beir, load_encoder,
+                         mteb_name, read_jsonl, require_fields, split_file, task_instruction, uses_instructions)
 
 
 def get_mteb_task(name: str):
@@ -255,7 +255,7 @@ def _load_row_splits(task, sdir: Path, split: str):
         splits.append(train_split)
     dd = {}
     for sp in splits:
-        path = _split_file(sdir, sp, name)
+        path = split_file(sdir, sp, name)
         rows = read_jsonl(path, name)
         _check_row_fields(task, rows, path)
         dd[sp] = _rows_to_dataset(rows)

@@ -7,8 +7,8 @@ folder": our files that are at the same time a standard transformers / sentence-
     python export.py set-head PATH D                     # the head sentence-transformers returns (modules.json)
     python export.py check PATH                          # layout, the silent traps, every head's weights
 
-`python model.py export|set-head|check` runs the same commands (model.main hands over to `main` here; the README
-gives them that way). Why a file of its own: model.py is the student a reader came for (the body, the heads, the
+(Until this file existed they were `python model.py ...`; model.py now answers that with this file's command line.)
+Why a file of its own: model.py is the student a reader came for (the body, the heads, the
 tokenizer; nanoGPT's model.py), and the files' layout is checkpoints.py's; what is left, picking the right loader
 for a folder and the CLI around it, needs both, so it sits above them. Writing the folder itself is
 JasperModel.save_pretrained -> checkpoints.save_export; the checks are checkpoints.check_standard_folder.

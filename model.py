@@ -6,7 +6,7 @@ TextTokenizer, then JasperConfig / JasperModel (the student: body -> mean -> hea
 tower, pooler and image splice live in vision.py). Written directly in torch; modules are named after the
 checkpoint keys, so real safetensors checkpoints load key for key (checkpoints.py) with at most a prefix, never a
 key map. The export folder's files are written by checkpoints.save_export; converting folders and the command line
-`python model.py export|set-head|check` are export.py's (`main` here hands over). Design notes: docs/model.md.
+`python export.py export|set-head|check` are export.py's. Design notes: docs/model.md.
 """
 
 from __future__ import annotations
@@ -853,7 +853,7 @@ class JasperModel(nn.Module):
         renamed over `out_dir` only when complete. `out_dir` must be absent, empty or a previous export.
 
         default_head: the head sentence-transformers returns (default: the largest, FC1, as encode()); every head
-        is in the folder and `python model.py set-head` switches. prompts: default `self.prompts`. `state_dict` lets
+        is in the folder and `python export.py set-head` switches. prompts: default `self.prompts`. `state_dict` lets
         a distributed trainer pass the gathered full state dict (the heads are taken from it too)."""
         c = self.config
         state = state_dict if state_dict is not None else self.state_dict()
@@ -867,8 +867,7 @@ class JasperModel(nn.Module):
 
 
 if __name__ == "__main__":
-    # `python model.py export|set-head|check` (the commands the README gives) are export.py's; imported only here,
-    # as the script's entry point, because export.py imports this file (JasperModel)
-    import export
-
-    sys.exit(export.main(prog="model.py"))
+    # no commands here: export.py (which imports this file) owns the export folder's, once run as `python model.py`
+    print("model.py: error: the export folder commands are export.py's: python export.py " + " ".join(sys.argv[1:]),
+          file=sys.stderr)
+    sys.exit(2)

@@ -18,8 +18,8 @@ import torch
 import losses
 from checkpoints import atomic_write
 from data import default_data_dir
-from eval import (EmbeddingCache, EvalError, Instructions, builtin_sts, find_task_dir, read_jsonl, require_fields,
-                  task_instruction)
+from eval import builtin_sts
+from eval_inputs import EmbeddingCache, EvalError, Instructions, find_task_dir, read_jsonl, require_fields, task_instruction
 from readers import read_jsonl as read_jsonl_rows
 
 

@@ -24,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import eval as ev  # noqa: E402
+import eval_mteb as EM  # noqa: E402
 
 ALL = "STSBenchmark,STS12,STS13,BIOSSES,SciFact,Banking77Classification"
 
@@ -42,9 +43,9 @@ def run_reference(task: str, data_dir: Path, batch_size: int) -> tuple[float, fl
     from sentence_transformers import SentenceTransformer
     t0 = time.perf_counter()
     model = SentenceTransformerEncoderWrapper(SentenceTransformer(str(teachers.minilm_path()), device="cpu"))
-    t = ev.get_mteb_task(task)
-    split = ev._default_split(t)
-    ev.inject_local_data(t, data_dir, split)
+    t = EM.get_mteb_task(task)
+    split = EM.default_split(t)
+    EM.inject_local_data(t, data_dir, split)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = t.evaluate(model, split, encode_kwargs={"batch_size": batch_size, "show_progress_bar": False})

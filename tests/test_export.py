@@ -257,7 +257,7 @@ def _old_layout(model: M.JasperModel, path: Path) -> Path:
     return path
 
 
-def _cli(*args: str, script: str = "model.py") -> subprocess.CompletedProcess:
+def _cli(*args: str, script: str = "export.py") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -353,9 +353,13 @@ def test_bad_input_names_the_head_folder_or_file(qwen_student, tmp_path):
     r = _cli("export", str(out), str(tmp_path / "x"), "--default-head", "5")
     assert r.returncode != 0 and "default head 5 is not one of the model's heads [16, 32, 48]" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1  # one clear line, no traceback
-    # export.py owns the commands; `python model.py ...` hands over to it and both say who they are
-    r = _cli("set-head", str(out), "999", script="export.py")
+    # export.py owns the commands; `python model.py ...` (their old place) says where they are, in one line
+    r = _cli("set-head", str(out), "16", script="model.py")
+    assert r.returncode == 2 and r.stderr.strip() == f"model.py: error: the export folder commands are export.py's: " \
+        f"python export.py set-head {out} 16"
+    assert C.check_standard_folder(out) == 16 and "default head 16" not in r.stdout  # nothing was done
+    r = _cli("set-head", str(out), "999")
     assert r.returncode == 2 and r.stderr.startswith("export.py set-head: error: ") and "2_Dense_999" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    r = _cli("check", str(out), script="export.py")
+    r = _cli("check", str(out))
     assert r.returncode == 0 and "ok, default head 16" in r.stdout, r.stderr
