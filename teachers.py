@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tokenizers import Tokenizer
 
-from checkpoints import (POOLING_MODES, load_state_strict, progress, read_json, read_safetensors, read_st_layout,
-                         read_weights, resolve_checkpoint)
+from checkpoints import (POOLING_MODES, STLayout, load_state_strict, progress, read_json, read_safetensors,
+                         read_st_layout, read_weights, resolve_checkpoint)
 from bert import load_bert_body
 from errors import ArgumentParser, TeacherError, check_args, run_cli
 from model import Qwen2Config, Qwen2Encoder, TextTokenizer, mean_pool, pad_ids
@@ -311,68 +311,13 @@ class SentenceTransformerTeacher(Teacher):
                  dim: int | None = None, normalize: bool | None = None, max_length: int | None = None,
                  causal: bool | None = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device | None = None, name: str | None = None):
-        ckpt = resolve_checkpoint(src)
-        self.ckpt = ckpt
+        # named steps, in the order of the library's modules.json: body -> tokenizer -> prompt -> Dense / Normalize
+        ckpt = self.ckpt = resolve_checkpoint(src)
         lay = read_st_layout(ckpt, TeacherError)
-        cfg_file = lay.body_dir / "config.json"
-        cfg = _read_json(cfg_file, "Transformer module config")
-        mt = cfg.get("model_type")
-        if mt not in ST_BODIES:
-            raise TeacherError(f"{cfg_file}: model_type {mt!r} is not a supported sentence-transformers body "
-                               f"({', '.join(ST_BODIES)})")
-        if mt == "bert":
-            if causal:
-                raise TeacherError(f"{cfg_file}: causal=true asked for a BERT body (BERT is bidirectional)")
-            body = load_bert_body(lay.body_dir, dtype)
-            hidden, max_pos = body.config.hidden_size, body.config.max_position_embeddings
-            self.causal = False
-        else:
-            # transformers (>= 5.2) runs a decoder bidirectionally only when config.json says is_causal: false
-            self.causal = bool(cfg.get("is_causal", True)) if causal is None else bool(causal)
-            body = Qwen2Encoder.from_pretrained(lay.body_dir, dtype=dtype, config_overrides={"causal": self.causal})
-            hidden, max_pos = body.config.hidden_size, body.config.max_position_embeddings
-        if lay.pool_dim is not None and int(lay.pool_dim) != hidden:
-            raise TeacherError(f"{ckpt}: Pooling embedding_dimension {lay.pool_dim} != hidden size {hidden} of "
-                               f"{cfg_file}")
-        # -- tokenizer: max length and padding side as the library sets them --------------------------------------
-        tcf = lay.body_dir / "tokenizer_config.json"
-        tok_cfg = _read_json(tcf) if tcf.is_file() else {}
-        tok_max = tok_cfg.get("model_max_length")
-        tok_max = int(tok_max) if isinstance(tok_max, (int, float)) and tok_max < 1e7 else None  # 1e30 = "none"
-        self.max_length = int(min(max_length or lay.max_seq_length or tok_max or max_pos, max_pos))
-        self.tokenizer = TextTokenizer.from_pretrained(lay.body_dir, max_length=self.max_length,
-                                                         add_image_tokens=False)
-        if lay.do_lower_case:
-            _prepend_lowercase(self.tokenizer.tok)
-        self.pad_id = self.tokenizer.pad_id
-        self.padding_side = tok_cfg.get("padding_side", "right")
-        if self.padding_side not in ("left", "right"):
-            raise TeacherError(f"{tcf}: padding_side {self.padding_side!r} (left or right expected)")
-        self._special_ids = {i for i, t in self.tokenizer.tok.get_added_tokens_decoder().items() if t.special}
-        # -- prompt --------------------------------------------------------------------------------------------------
-        if prompt is not None and prompt_name is not None:
-            raise TeacherError(f"{ckpt}: give prompt or prompt_name, not both")
-        if prompt_name is not None and prompt_name not in lay.prompts:
-            raise TeacherError(f"{ckpt / 'config_sentence_transformers.json'}: no prompt named {prompt_name!r} "
-                               f"(prompts: {sorted(lay.prompts)})")
-        prompt_name = prompt_name if prompt is None else None
-        if prompt is None and prompt_name is None and lay.default_prompt_name:
-            prompt_name = lay.default_prompt_name
-        self.prompt_name = prompt_name
-        self.prompt = prompt if prompt is not None else (lay.prompts.get(prompt_name) if prompt_name else None)
-        # -- head: Dense / Normalize steps; a trailing Normalize becomes Teacher.encode's final normalisation ---------
-        steps = list(lay.steps)
-        has_norm = bool(steps) and steps[-1][0] == "normalize"
-        if has_norm:
-            steps = steps[:-1]
-        denses = [STDense.load(s[1], dtype) if s[0] == "dense" else None for s in steps]
-        out_dim = hidden * len(lay.pooling)
-        for d, s in zip(denses, steps):
-            if d is not None:
-                if d.in_features != out_dim:
-                    raise TeacherError(f"{s[1] / 'config.json'}: in_features {d.in_features} but the vector "
-                                       f"reaching it has {out_dim} dims")
-                out_dim = d.out_features
+        body, mt, hidden = self._load_body(lay, causal, dtype)
+        self._load_tokenizer(lay, max_length, body.config.max_position_embeddings)
+        self._choose_prompt(lay, ckpt, prompt_name, prompt)
+        steps, denses, out_dim, has_norm = self._load_head(lay, hidden, dtype)
         if dim is not None and not 0 < int(dim) <= out_dim:
             raise TeacherError(f"{ckpt}: dim={dim} asked but the model gives {out_dim} dims")
         self.truncate_dim = int(dim) if dim is not None and int(dim) < out_dim else None
@@ -396,6 +341,78 @@ class SentenceTransformerTeacher(Teacher):
             "causal": self.causal, "padding_side": self.padding_side, "max_length": self.max_length,
             "prompt_name": self.prompt_name, "prompt": self.prompt,
         }
+
+    def _load_body(self, lay: STLayout, causal: bool | None, dtype: torch.dtype) -> tuple[nn.Module, str, int]:
+        """The Transformer module: (body, model_type, hidden size); sets self.causal."""
+        cfg_file = lay.body_dir / "config.json"
+        cfg = _read_json(cfg_file, "Transformer module config")
+        mt = cfg.get("model_type")
+        if mt not in ST_BODIES:
+            raise TeacherError(f"{cfg_file}: model_type {mt!r} is not a supported sentence-transformers body "
+                               f"({', '.join(ST_BODIES)})")
+        if mt == "bert":
+            if causal:
+                raise TeacherError(f"{cfg_file}: causal=true asked for a BERT body (BERT is bidirectional)")
+            body = load_bert_body(lay.body_dir, dtype)
+            self.causal = False
+        else:
+            # transformers (>= 5.2) runs a decoder bidirectionally only when config.json says is_causal: false
+            self.causal = bool(cfg.get("is_causal", True)) if causal is None else bool(causal)
+            body = Qwen2Encoder.from_pretrained(lay.body_dir, dtype=dtype, config_overrides={"causal": self.causal})
+        hidden = body.config.hidden_size
+        if lay.pool_dim is not None and int(lay.pool_dim) != hidden:
+            raise TeacherError(f"{self.ckpt}: Pooling embedding_dimension {lay.pool_dim} != hidden size {hidden} "
+                               f"of {cfg_file}")
+        return body, mt, hidden
+
+    def _load_tokenizer(self, lay: STLayout, max_length: int | None, max_pos: int) -> None:
+        """Max length and padding side as the library sets them; sets self.tokenizer, max_length, pad_id,
+        padding_side and the special-token ids (which pooling without the prompt must count)."""
+        tcf = lay.body_dir / "tokenizer_config.json"
+        tok_cfg = _read_json(tcf) if tcf.is_file() else {}
+        tok_max = tok_cfg.get("model_max_length")
+        tok_max = int(tok_max) if isinstance(tok_max, (int, float)) and tok_max < 1e7 else None  # 1e30 = "none"
+        self.max_length = int(min(max_length or lay.max_seq_length or tok_max or max_pos, max_pos))
+        self.tokenizer = TextTokenizer.from_pretrained(lay.body_dir, max_length=self.max_length,
+                                                         add_image_tokens=False)
+        if lay.do_lower_case:
+            _prepend_lowercase(self.tokenizer.tok)
+        self.pad_id = self.tokenizer.pad_id
+        self.padding_side = tok_cfg.get("padding_side", "right")
+        if self.padding_side not in ("left", "right"):
+            raise TeacherError(f"{tcf}: padding_side {self.padding_side!r} (left or right expected)")
+        self._special_ids = {i for i, t in self.tokenizer.tok.get_added_tokens_decoder().items() if t.special}
+
+    def _choose_prompt(self, lay: STLayout, ckpt: Path, prompt_name: str | None, prompt: str | None) -> None:
+        """A literal prompt, a named one, else the folder's default_prompt_name; sets self.prompt_name / prompt."""
+        if prompt is not None and prompt_name is not None:
+            raise TeacherError(f"{ckpt}: give prompt or prompt_name, not both")
+        if prompt_name is not None and prompt_name not in lay.prompts:
+            raise TeacherError(f"{ckpt / 'config_sentence_transformers.json'}: no prompt named {prompt_name!r} "
+                               f"(prompts: {sorted(lay.prompts)})")
+        prompt_name = prompt_name if prompt is None else None
+        if prompt is None and prompt_name is None and lay.default_prompt_name:
+            prompt_name = lay.default_prompt_name
+        self.prompt_name = prompt_name
+        self.prompt = prompt if prompt is not None else (lay.prompts.get(prompt_name) if prompt_name else None)
+
+    @staticmethod
+    def _load_head(lay: STLayout, hidden: int, dtype: torch.dtype) -> tuple[list, list, int, bool]:
+        """The Dense / Normalize steps after Pooling: (steps, Dense modules or None per step, output dims, whether
+        a trailing Normalize was there: it becomes Teacher.encode's final normalisation)."""
+        steps = list(lay.steps)
+        has_norm = bool(steps) and steps[-1][0] == "normalize"
+        if has_norm:
+            steps = steps[:-1]
+        denses = [STDense.load(s[1], dtype) if s[0] == "dense" else None for s in steps]
+        out_dim = hidden * len(lay.pooling)  # (B, hidden x n pooling modes): modes are concatenated
+        for d, s in zip(denses, steps):
+            if d is not None:
+                if d.in_features != out_dim:
+                    raise TeacherError(f"{s[1] / 'config.json'}: in_features {d.in_features} but the vector "
+                                       f"reaching it has {out_dim} dims")
+                out_dim = d.out_features
+        return steps, denses, out_dim, has_norm
 
     def to(self, device) -> "SentenceTransformerTeacher":
         self.module.to(device)
