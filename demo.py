@@ -134,19 +134,20 @@ def _demo_plots(out: Path, stage_dirs: list[Path], results: dict, dims, split: s
     evals = any("eval" in r for recs in runs for r in recs)  # --eval-every: a third panel
     fig, ax = plt.subplots(1, 3 if evals else 2, figsize=(18 if evals else 12, 4))
     offset = 0
+    sts: dict[str, list[tuple[int, float]]] = {}  # head -> (step, Spearman) over the stages back to back
     for k, recs in enumerate(runs, start=1):
         x = [offset + r["step"] for r in recs]
         ax[0].plot(x, [r["loss"] for r in recs], lw=0.6, label=f"stage {k} total")
         for key in sorted(k2 for k2 in recs[0] if k2.endswith(".cos")):
             ax[1].plot(x, [r[key] for r in recs], lw=0.6, label=f"stage {k} {key}")
-        ev = [(offset + r["step"], r["eval"]) for r in recs if "stsb_dev" in r.get("eval", {})]
-        if ev:
-            for D in ev[0][1]["stsb_dev"]:
-                ax[2].plot([s for s, _ in ev], [e["stsb_dev"][D] for _, e in ev], "o-", ms=3, lw=0.8,
-                           label=f"stage {k} head {D}")
+        for r in recs:
+            for D, v in r.get("eval", {}).get("stsb_dev", {}).items():
+                sts.setdefault(D, []).append((offset + r["step"], v))
         offset = x[-1]
         for a in ax:
             a.axvline(offset, color="grey", lw=0.5, ls=":")
+    for D, pts in sts.items():  # one line per head across the stages: heads FC2-4 join the losses in stage 3
+        ax[2].plot([s for s, _ in pts], [v for _, v in pts], "o-", ms=3, lw=0.8, label=f"head {D}")
     ax[0].set(xlabel="optimizer step (stages back to back)", ylabel="loss (eq. 4)", yscale="log",
               title="training loss")
     ax[1].set(xlabel="optimizer step", ylabel="1 - cos(student FC1, teacher)", title="cosine loss (eq. 1)")

@@ -83,3 +83,41 @@ def test_demo_shortened_end_to_end(tmp_path, data_dir, capsys):
         C.set_default_head(final, D)
         got = st.SentenceTransformer(str(final), device="cpu").encode(texts, convert_to_tensor=True)
         assert (got - ours.encode(texts, dim=D)).abs().max().item() <= 1e-6, D
+
+
+def test_demo_plots_draw_eval_every_heads_across_stages(tmp_path):
+    """With --eval-every, loss_curves.png gets a third panel: one STSBenchmark-dev line per head over the stages
+    back to back (steps offset by the earlier stages). Synthetic metrics; the matplotlib calls are real."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    dims = [384, 256]
+    stage_dirs = []
+    for k, n in enumerate((2, 4, 3), start=1):
+        sd = tmp_path / f"stage{k}"
+        sd.mkdir()
+        rows = [{"step": s, "loss": 1.0 / s, "fc1.cos": 0.5 / s} for s in range(1, n + 1)]
+        rows[-1]["eval"] = {"heldout_cos": 0.5, "stsb_dev": {str(d): 0.1 * k + d / 1e4 for d in dims}}
+        if k == 2:
+            rows[1]["eval"] = {"error": "RuntimeError: x"}  # a failed evaluation is not drawn
+        (sd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        stage_dirs.append(sd)
+    drawn = {}
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, *a, **k):
+        drawn.setdefault("axes", [ax for ax in fig.axes])
+        return real_savefig(fig, *a, **k)
+    results = {"student": {"STS12": {d: 0.5 for d in dims}}, "teacher": {"STS12": {d: 0.6 for d in dims}}}
+    try:
+        plt.Figure.savefig = spy
+        paths = DM._demo_plots(tmp_path, stage_dirs, results, dims, "test")
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert [p.name for p in paths][:1] == ["loss_curves.png"] and paths[0].read_bytes()[:4] == b"\x89PNG"
+    ax = drawn["axes"][2]
+    assert ax.get_title() == "STSBenchmark dev during training"
+    lines = {ln.get_label(): ln for ln in ax.get_lines() if ln.get_label().startswith("head")}
+    assert sorted(lines) == ["head 256", "head 384"]
+    x, y = lines["head 384"].get_data()
+    assert list(x) == [2, 2 + 4, 2 + 4 + 3] and list(y) == pytest.approx([0.1384, 0.2384, 0.3384])
