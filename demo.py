@@ -1,8 +1,9 @@
-"""The offline demo: the whole method of arXiv 2412.19048 (stages 1-3) on a 2-core CPU in about 15 minutes, with
+"""The offline demo: the whole method of arXiv 2412.19048 (stages 1-3) on a 2-core CPU in about 12 minutes, with
 real weights, real text and real evaluation, and nothing else.
 
     python demo.py                              # writes runs/demo/: results.json, results.md, two PNGs
     python demo.py --out DIR --eval-data DATA --steps N --lr X --batch B --seed S   # and any train.py flag
+    python demo.py --eval-every 300             # + evaluation during training (train_eval.py): ~3% more time
 
 Every flag of train.py is accepted and overrides the demo's value (DEMO_CONFIG); the stage, --init, --texts and
 --teacher-cache of each stage are the demo's own. Design, figures and the deviations from the paper: docs/demo.md.
