@@ -295,6 +295,7 @@ class TrainLoader:
         self.holdout_lines = np.sort(np.random.default_rng([holdout_seed, 0x4E1D]).choice(
             self._rows, holdout, replace=False))  # (holdout,) 0-based lines set aside, never in a batch
         self._rows = np.setdiff1d(self._rows, self.holdout_lines)
+        self.holdout_seed, self._holdout_recs = holdout_seed, None  # records read on first use, then kept
         self.skips: dict[str, int] = dict(idx["skips"])
         self.bad_lines: list = idx["bad"]                     # first 100 (1-based line, reason)
         self.n_valid = len(self._rows)
@@ -349,7 +350,9 @@ class TrainLoader:
         return texts, rows, hashes
 
     def holdout_records(self) -> tuple[list[str], list[int], list[str]]:
-        return self.records(self.holdout_lines)
+        if self._holdout_recs is None:  # read once: config.json's record and the evaluator both want them
+            self._holdout_recs = self.records(self.holdout_lines)
+        return self._holdout_recs
 
     def batch_at(self, epoch: int, step: int) -> Batch:
         lines = self.global_lines(epoch, step)[self.rank * self.share:(self.rank + 1) * self.share]  # (b,)

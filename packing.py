@@ -10,8 +10,9 @@ attention has no CPU backward and its compiled forward was 2.7-3x slower than SD
 jagged nested tensors failed on the CPU (`aten::stride does not exist`); with rows no longer than max_length the
 dense mask costs little. Figures and the choice: docs/model.md "Packing".
 
-The other way to spend little on padding, for an input set known up front, sits here too: `length_sorted_encode`
-runs padded batches over the inputs sorted longest first (JasperModel.encode).
+The other way to spend little on padding, for an input set known up front, sits here too: `length_sorted_batches`
+(inputs sorted longest first, cut into batches; the teachers' encode) and `length_sorted_encode` over it
+(JasperModel.encode).
 """
 from __future__ import annotations
 
@@ -178,17 +179,21 @@ class Packed:
 # Without packing: length-sorted padded batches (JasperModel.encode, text and image+text), so each batch pads only to
 # its own longest input. The simpler of the two ways to keep padding small when a whole input set is known up front.
 # ---------------------------------------------------------------------------------------------------------------------
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Input indices longest first (stable: equal lengths keep their order), cut into batches of batch_size: each
+    batch pads to its own longest, and a memory problem shows on the first batch rather than the last."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def length_sorted_encode(lengths: Sequence[int], dims: Sequence[int], batch_size: int,
                          batch: Callable[[list[int]], dict[int, Tensor]], desc: str, unit: str,
                          enabled: bool) -> dict[int, Tensor]:
-    """{D: (N, D) fp32 on the CPU} in input order, from `batch(indices) -> {D: (b, D)}` run over the inputs sorted
-    longest first (sorted(), stable: equal lengths keep their order). Longest first: each batch pads to its own
-    longest, and a memory problem shows on the first batch rather than the last. Progress with rate and ETA."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    """{D: (N, D) fp32 on the CPU} in input order, from `batch(indices) -> {D: (b, D)}` run over
+    length_sorted_batches. Progress with rate and ETA."""
     out = {D: torch.empty(len(lengths), D, dtype=torch.float32) for D in dims}
     prog = progress(total=len(lengths), desc=desc, unit=unit, enabled=enabled)
-    for s in range(0, len(order), batch_size):
-        idx = order[s: s + batch_size]
+    for idx in length_sorted_batches(lengths, batch_size):
         vec = batch(idx)                                                              # {D: (b, D)}
         for D in dims:
             out[D][torch.tensor(idx)] = vec[D].float().cpu()                         # back to input order

@@ -32,7 +32,6 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,7 +42,7 @@ from checkpoints import (POOLING_MODES, STLayout, load_state_strict, progress, r
 from bert import load_bert_body
 from errors import ArgumentParser, TeacherError, check_args, run_cli
 from model import Qwen2Config, Qwen2Encoder, TextTokenizer, mean_pool, pad_ids
-from packing import Packed
+from packing import Packed, length_sorted_batches
 from teacher_cache import CacheError, TeacherCache, build_cache, verify_cache
 
 # The paper concatenates NV-Embed-v2 (4096) then stella_en_1.5B_v5 (8192) = 12288 (sec. 2.2, "we concatenate the
@@ -58,7 +57,7 @@ MINILM_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", 
 
 
 # =====================================================================================================================
-# Small utilities: JSON reading, checkpoint fingerprint, length-sorted batches
+# Small utilities: JSON reading, checkpoint fingerprint, device
 # =====================================================================================================================
 def _read_json(path: Path, what: str = "") -> dict:
     return read_json(path, what, error=TeacherError)  # a teacher's config problems are TeacherErrors
@@ -90,13 +89,6 @@ def checkpoint_revision(ckpt: Path) -> str:
                 n = int.from_bytes(f.read(8), "little")
                 h.update(f.read(min(n, 100 << 20)))
     return "content-" + h.hexdigest()
-
-
-def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
-    """Indices in descending-length order cut into batches: little padding, and the first batch is the largest,
-    so an out-of-memory shows up at once rather than at the end."""
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _default_device() -> torch.device:
@@ -161,7 +153,7 @@ class Teacher(abc.ABC):
         # `out` is allocated outside inference mode so callers get an ordinary tensor (usable in autograd as a
         # constant target); the forward passes run under inference_mode.
         with torch.inference_mode():
-            for idx in _length_sorted_batches([len(x) for x in ids], batch_size):
+            for idx in length_sorted_batches([len(x) for x in ids], batch_size):
                 if packing:
                     packed = Packed.from_ids([ids[i] for i in idx], self.max_length, self.pad_id)
                     vec = self._embed_packed(packed.to(dev), n_instr).float()  # (b, dim)
@@ -170,7 +162,7 @@ class Teacher(abc.ABC):
                     vec = self._embed(input_ids.to(dev), mask.to(dev), n_instr).float()  # (b, dim)
                 if self.normalize:
                     vec = F.normalize(vec, p=2, dim=-1)
-                out[torch.from_numpy(idx)] = vec.cpu()
+                out[torch.tensor(idx)] = vec.cpu()
                 prog.update(len(idx))
                 if on_batch is not None:
                     on_batch(len(idx))

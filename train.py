@@ -631,9 +631,10 @@ def build_state(cfg: TrainConfig, d: Dist, out: Path, ckdir: Path) -> RunState:
             raise ConfigError(f"--mrl-teacher self needs heads shorter than FC1 to teach; the student "
                               f"has only {dims}")
         if cfg.eval_every and d.main:  # the held-out slice is part of the run's record: cache rows, 0-based lines
-            atomic_write(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "eval_heldout": {
-                "rows": loader.holdout_records()[1], "lines": loader.holdout_lines.tolist(), "holdout_seed": 0}},
-                indent=1) + "\n")
+            held = {"rows": loader.holdout_records()[1], "lines": loader.holdout_lines.tolist(),
+                    "holdout_seed": loader.holdout_seed}
+            atomic_write(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "eval_heldout": held},
+                                                         indent=1) + "\n")
     else:
         loader = build_image_loader(cfg, tokenizer, d)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16,

@@ -27,7 +27,7 @@ import data as D
 import eval as E
 import teachers as T
 import train as TR
-from train_fixtures import ROOT, make_cache, make_texts, make_tiny_jasper, read_metrics
+from train_fixtures import ROOT, make_text_assets, make_texts, make_tiny_jasper, read_metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -102,11 +102,7 @@ def demo_module():
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("faults")
-    init = make_tiny_jasper(d / "init", layers=2, vision=False)
-    texts = make_texts(d / "data", n=128)
-    cache = make_cache(texts, d / "cache")
-    return dict(root=d, init=init, texts=texts, cache=cache)
+    return make_text_assets(tmp_path_factory.mktemp("faults"), layers=2, n_texts=128)
 
 
 def targs(a: dict, out: Path, stage: int = 1, steps: int = 3, **kw) -> list[str]:

@@ -10,7 +10,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import bert as B
 import model as M
@@ -141,21 +140,22 @@ def _qwen2(causal, kind="qwen2", seed=0):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("mode", ["mean", "cls", "last"])
 def test_qwen2_qwen3_mistral_body_packed_equals_padded(kind, causal, mode):
-    enc = _qwen2(causal, kind)
-    ids = _ids(LENGTHS, 61, seed=2)
+    _assert_packed_equals_padded(_qwen2(causal, kind), _ids(LENGTHS, 61, seed=2), mode)
+
+
+def _assert_packed_equals_padded(body, ids, mode):
+    """Pooled vectors and every parameter gradient of a fixed linear read-out: packed == padded."""
     w = torch.randn(len(ids), 48, generator=torch.Generator().manual_seed(3))  # a fixed linear read-out
-
     input_ids, mask = _pad(ids)
-    ref = _padded_pool(enc(input_ids, mask), mask, mode)
+    ref = _padded_pool(body(input_ids, mask), mask, mode)
     (ref * w).sum().backward()
-    g_ref = _grads(enc)
-    enc.zero_grad()
-
+    g_ref = _grads(body)
+    body.zero_grad()
     p = Packed.from_ids(ids, BUDGET)
-    got = p.pool(enc(packed=p), mode)
+    got = p.pool(body(packed=p), mode)
     (got * w).sum().backward()
     assert rel(got, ref) <= RTOL
-    _compare_grads(g_ref, _grads(enc))
+    _compare_grads(g_ref, _grads(body))
 
 
 @pytest.mark.parametrize("modes", [("lasttoken",), ("cls",), ("mean",), ("max", "mean_sqrt_len_tokens", "weightedmean")])
@@ -246,18 +246,7 @@ def test_bert_body_packed_equals_padded_with_gradients(mode):
         if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
             torch.nn.init.normal_(m.weight, std=0.2)
     _perturb(bert, 1)
-    ids = _ids(LENGTHS, 61, seed=4)
-    w = torch.randn(len(ids), 48, generator=torch.Generator().manual_seed(3))
-    input_ids, mask = _pad(ids)
-    ref = _padded_pool(bert(input_ids, mask), mask, mode)
-    (ref * w).sum().backward()
-    g_ref = _grads(bert)
-    bert.zero_grad()
-    p = Packed.from_ids(ids, BUDGET)
-    got = p.pool(bert(packed=p), mode)
-    (got * w).sum().backward()
-    assert rel(got, ref) <= RTOL
-    _compare_grads(g_ref, _grads(bert))
+    _assert_packed_equals_padded(bert, _ids(LENGTHS, 61, seed=4), mode)
 
 
 TEXTS = ["the quick brown fox jumps over the lazy dog .", "a", "money flows", "how is the river bank ?",

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 import train as TR
-from train_fixtures import (ROOT, make_cache, make_images, make_texts, make_tiny_jasper, read_metrics,
-                            run_train)
+from train_fixtures import (ROOT, make_cache, make_images, make_text_assets, make_texts, make_tiny_jasper,
+                            read_metrics, run_train)
 
 LOSS_KEYS = ("loss", "fc1.cos", "fc1.sim", "fc1.resim")
 
@@ -29,11 +29,7 @@ LOSS_KEYS = ("loss", "fc1.cos", "fc1.sim", "fc1.resim")
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny text-only student, 192 real texts, and their MiniLM teacher cache (built once per module)."""
-    d = tmp_path_factory.mktemp("train_assets")
-    init = make_tiny_jasper(d / "init", layers=4, vision=False)
-    texts = make_texts(d / "data", n=192)
-    cache = make_cache(texts, d / "cache")
-    return dict(init=init, texts=texts, cache=cache)
+    return make_text_assets(tmp_path_factory.mktemp("train_assets"), layers=4, n_texts=192)
 
 
 def base_args(a: dict, out: Path, stage: int, steps: int, **kw) -> list[str]:

@@ -17,20 +17,18 @@ import data as D
 import model as M
 import train as TR
 from common import qwen_tokenizer_dir
-from train_fixtures import make_cache, make_texts, make_tiny_jasper, read_metrics, run_train
+from train_fixtures import make_text_assets, read_metrics, run_train
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, data_dir):
     d = tmp_path_factory.mktemp("train_eval")
-    init = make_tiny_jasper(d / "init", layers=2, vision=False)
-    texts = make_texts(d / "data", n=192)
-    cache = make_cache(texts, d / "cache")
+    a = make_text_assets(d, layers=2, n_texts=192)
     sts = d / "evaldata" / "sts" / "STSBenchmark"
     sts.mkdir(parents=True)
     rows = (data_dir / "sts" / "STSBenchmark" / "dev.jsonl").read_text().splitlines()[:60]
     (sts / "dev.jsonl").write_text("\n".join(rows) + "\n")
-    return dict(init=init, texts=texts, cache=cache, eval_data=d / "evaldata")
+    return dict(a, eval_data=d / "evaldata")
 
 
 def _cfg(a, out: Path, **kw) -> TR.TrainConfig:
@@ -142,8 +140,8 @@ def test_eval_under_torchrun_matches_one_process(assets, tmp_path):
     assert set(e1) == set(e2) == {2, 4}
     for s in e1:
         assert e2[s]["heldout_cos"] == pytest.approx(e1[s]["heldout_cos"], rel=1e-5)
-        for D, v in e1[s]["stsb_dev"].items():
-            assert e2[s]["stsb_dev"][D] == pytest.approx(v, abs=1e-4)
+        for head, v in e1[s]["stsb_dev"].items():
+            assert e2[s]["stsb_dev"][head] == pytest.approx(v, abs=1e-4)
     for r1, r2 in zip(m1, m2):
         assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
 

@@ -61,6 +61,14 @@ def make_cache(texts: Path, out: Path) -> Path:
     return out
 
 
+def make_text_assets(d: Path, layers: int, n_texts: int) -> dict:
+    """What a text-stage run needs, under d: a tiny text-only student (init/), n real texts (data/texts.jsonl) and
+    their MiniLM teacher cache (cache/)."""
+    texts = make_texts(d / "data", n=n_texts)
+    return dict(root=d, init=make_tiny_jasper(d / "init", layers=layers, vision=False), texts=texts,
+                cache=make_cache(texts, d / "cache"))
+
+
 def make_images(out: Path, broken: int = 0) -> Path:
     """Real photographs shipped with scikit-image, saved as PNG, with hand-written captions. `broken` > 0 replaces
     the last `broken` images by files of garbage bytes (decoding fails: the loader must drop and count them)."""
