@@ -39,23 +39,36 @@ class BertConfig:
     hidden_act: str = "gelu"
     pad_token_id: int = 0
 
+    model_type = "bert"  # a class attribute (not a field): JasperModel tells its two body kinds apart by it
+
     @classmethod
-    def from_hf(cls, cfg: dict | str | os.PathLike) -> "BertConfig":
+    def from_hf(cls, cfg: dict | str | os.PathLike, error: type[Exception] = TeacherError) -> "BertConfig":
+        """From a Hugging Face config.json (dict or file). `error`: the class raised (a teacher's config gives
+        TeacherError, the student's CheckpointError)."""
         where = "config dict"
         if not isinstance(cfg, dict):
             where = str(cfg)
-            cfg = read_json(Path(cfg), error=TeacherError)  # a teacher's config: TeacherError
+            cfg = read_json(Path(cfg), error=error)
         mt = cfg.get("model_type")
         if mt != "bert":
-            raise TeacherError(f"{where}: model_type {mt!r} is not supported by the BERT teacher (needs 'bert')")
+            raise error(f"{where}: model_type {mt!r} is not supported by the BERT body (needs 'bert')")
         # relative-key position variants would need other attention modules: refused, not silently approximated
         pet = cfg.get("position_embedding_type", "absolute")
         if pet != "absolute":
-            raise TeacherError(f"{where}: position_embedding_type {pet!r} not supported (only 'absolute')")
+            raise error(f"{where}: position_embedding_type {pet!r} not supported (only 'absolute')")
         if cfg.get("hidden_act", "gelu") not in _BERT_ACTS:
-            raise TeacherError(f"{where}: hidden_act {cfg.get('hidden_act')!r} not supported ({sorted(_BERT_ACTS)})")
+            raise error(f"{where}: hidden_act {cfg.get('hidden_act')!r} not supported ({sorted(_BERT_ACTS)})")
+        if cfg.get("hidden_size", 0) % max(1, cfg.get("num_attention_heads", 1)):
+            raise error(f"{where}: hidden_size {cfg.get('hidden_size')} is not a multiple of num_attention_heads "
+                        f"{cfg.get('num_attention_heads')}")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in cfg.items() if k in names})
+
+    def to_hf(self) -> dict:
+        """A config.json that transformers' BertModel (AutoModel) builds the same encoder from."""
+        return {"architectures": ["BertModel"], "model_type": "bert", **dataclasses.asdict(self),
+                "position_embedding_type": "absolute", "hidden_dropout_prob": 0.1,
+                "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02}
 
 
 _BERT_ACTS = {
@@ -168,13 +181,26 @@ class BertEncoderStack(nn.Module):
 
 
 class BertModel(nn.Module):
-    """BERT encoder: keys `embeddings.*`, `encoder.layer.N.*` (the pooler is not used by sentence embeddings)."""
+    """BERT encoder: keys `embeddings.*`, `encoder.layer.N.*` (the pooler is not used by sentence embeddings).
+    Also the body of a BERT-family student (model.JasperModel; docs/model.md "A BERT-family student")."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoderStack(config)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The transformer blocks under the name the decoder body uses (model.Qwen2Encoder.layers), so the trainer's
+        per-stage trainable sets, activation checkpointing and per-block FSDP2 treat both bodies alike. A property:
+        the checkpoint keys stay `encoder.layer.N.*`."""
+        return self.encoder.layer
+
+    def keep_layers(self, keep: list[int]) -> None:
+        """Keep only these blocks, in this order (a student cut from a deeper model: export.py init-student)."""
+        self.encoder.layer = nn.ModuleList(self.encoder.layer[i] for i in keep)
+        self.config = dataclasses.replace(self.config, num_hidden_layers=len(keep))
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 packed: Packed | None = None) -> Tensor:
@@ -193,9 +219,10 @@ class BertModel(nn.Module):
         return x
 
 
-def load_bert_body(body_dir: Path, dtype: torch.dtype = torch.float32) -> BertModel:
+def load_bert_body(body_dir: Path, dtype: torch.dtype = torch.float32,
+                   error: type[Exception] = TeacherError) -> BertModel:
     """A BERT encoder from a Hugging Face folder (bare BertModel keys, or under a `bert.` wrapper prefix), strict."""
-    cfg = BertConfig.from_hf(body_dir / "config.json")
+    cfg = BertConfig.from_hf(body_dir / "config.json", error)
     with torch.device("meta"):  # no random init of weights replaced at once (load_state_strict assigns them)
         module = BertModel(cfg).to(dtype)
     state = read_weights(body_dir)  # model.safetensors, or an older folder's pytorch_model.bin

@@ -481,9 +481,11 @@ def body_config(text_hf: dict, jasper: dict, dtype: torch.dtype) -> dict:
 
     `is_causal: false` makes transformers (>= 5.2) run the decoder bidirectionally, as model.py does; without it the
     body is causal and the vectors are wrong by ~0.16. The `jasper` block (heads, image tokens, vision config) is
-    ignored by transformers and read by JasperConfig.from_hf."""
+    ignored by transformers and read by JasperConfig.from_hf. A BERT body's config is written as it is (BERT is
+    bidirectional by construction)."""
     cfg = {k: v for k, v in text_hf.items() if k != "causal"}  # `causal` becomes `is_causal` below
-    cfg["is_causal"] = bool(text_hf.get("causal", text_hf.get("is_causal", False)))  # default False: bidirectional
+    if cfg.get("model_type") != "bert":
+        cfg["is_causal"] = bool(text_hf.get("causal", text_hf.get("is_causal", False)))  # default: bidirectional
     cfg["dtype"] = str(dtype).removeprefix("torch.")  # 'bfloat16', not 'torch.bfloat16'
     cfg["jasper"] = jasper
     return cfg
@@ -495,14 +497,16 @@ def _json(path: Path, obj) -> None:
 
 def write_st_modules(out: Path, hidden: int, heads: dict[int, tuple[Tensor, Tensor | None]], default_head: int,
                      max_seq_length: int, prompts: dict[str, str], tokenizer_type: str | None = None,
-                     pad_token: str | None = None) -> None:
+                     pad_token: str | None = None, pooling: str = "mean", do_lower_case: bool | None = None) -> None:
     """The sentence-transformers files of the folder `out` (config.json, weights and tokenizer.json are the caller's).
 
     modules.json: Transformer (the folder itself) -> mean pooling over every real token, prompt included (as
     JasperModel.pool) -> the default head's Dense -> Normalize. One `2_Dense_{D}` per head, with an explicit Identity
     activation (a Dense config without one gets Tanh). `tokenizer_type` "bert" for a WordPiece tokenizer.json:
     transformers 5 builds a Qwen2Tokenizer for any qwen2 config unless told (sentence_bert_config.json's
-    tokenizer_args is passed to AutoTokenizer)."""
+    tokenizer_args is passed to AutoTokenizer). `pooling` "cls" for a BERT student that pools [CLS];
+    `do_lower_case`: the WordPiece normaliser's own setting, stated in tokenizer_config.json so transformers' BERT
+    tokenizer does not apply its own default (lowercase) over a cased vocabulary."""
     if default_head not in heads:
         raise CheckpointError(f"default head {default_head} is not one of the model's heads {sorted(heads)}")
     for D, (w, b) in heads.items():
@@ -516,9 +520,10 @@ def write_st_modules(out: Path, hidden: int, heads: dict[int, tuple[Tensor, Tens
         # s=state binds this head's dict at definition time
         atomic_write(d / "model.safetensors", lambda p, s=state: save_file(s, str(p), metadata={"format": "pt"}))
     (out / POOLING_DIR).mkdir(exist_ok=True)
-    # mean over every real token, instruction included (include_prompt), as JasperModel.pool
+    # mean over every real token, instruction included (include_prompt), as JasperModel.pool; or the first ([CLS])
     _json(out / POOLING_DIR / "config.json", {
-        "word_embedding_dimension": hidden, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        "word_embedding_dimension": hidden, "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
         "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True})
     (out / NORMALIZE_DIR).mkdir(exist_ok=True)
@@ -534,12 +539,14 @@ def write_st_modules(out: Path, hidden: int, heads: dict[int, tuple[Tensor, Tens
     tok_cfg = {"model_max_length": int(max_seq_length), "padding_side": "right"}
     if pad_token:
         tok_cfg["pad_token"] = pad_token
+    if do_lower_case is not None:
+        tok_cfg["do_lower_case"] = do_lower_case
     _json(out / "tokenizer_config.json", tok_cfg)
 
 
 def save_export(out_dir: str | os.PathLike, config: dict, state: dict[str, Tensor], tokenizer, head_dims: Sequence[int],
                 hidden: int, max_length: int, prompts: dict[str, str] | None, default_head: int | None = None,
-                max_shard_bytes: int = 5 * 1024**3) -> Path:
+                max_shard_bytes: int = 5 * 1024**3, pooling: str = "mean") -> Path:
     """The export folder of a student (JasperModel.save_pretrained's files; docs/checkpoints.md "The export folder"):
     the Hugging Face layout of `config` + `state` (keys `vector_linear_{D}.*` hold the heads) and, with a tokenizer,
     the sentence-transformers modules beside it, all published at once by atomic_dir.
@@ -561,10 +568,13 @@ def save_export(out_dir: str | os.PathLike, config: dict, state: dict[str, Tenso
     # a WordPiece tokenizer.json (a BERT-vocabulary student) must say so, or transformers builds a Qwen2 one for it
     wordpiece = type(tokenizer.tok.model).__name__ == "WordPiece"
     pad_token = tokenizer.tok.id_to_token(tokenizer.pad_id)
+    norm = json.loads(tokenizer.tok.to_str()).get("normalizer") or {}
+    lower = bool(norm.get("lowercase")) if norm.get("type") == "BertNormalizer" else None
 
     def st_modules(tmp: Path) -> None:  # runs inside atomic_dir's temporary folder, before it is published
         write_st_modules(tmp, hidden, heads, default_head, max_length, prompts,
-                         tokenizer_type="bert" if wordpiece else None, pad_token=pad_token)
+                         tokenizer_type="bert" if wordpiece else None, pad_token=pad_token, pooling=pooling,
+                         do_lower_case=lower if wordpiece else None)
     return save_hf_checkpoint(out_dir, config, state, tokenizer, max_shard_bytes=max_shard_bytes, extra=st_modules)
 
 
@@ -609,10 +619,10 @@ def check_standard_folder(folder: str | os.PathLike, weights: bool = False) -> i
                                    "normalisation)"}.get(name, "")
             raise CheckpointError(f"{folder / name}: file not found{why}")
     cfg = read_json(folder / "config.json")
-    if cfg.get("model_type") not in ("qwen2", "qwen3", "mistral"):
+    if cfg.get("model_type") not in ("qwen2", "qwen3", "mistral", "bert"):
         raise CheckpointError(f"{folder / 'config.json'}: model_type {cfg.get('model_type')!r}: transformers' "
-                              f"AutoModel needs the body's own type (qwen2)")
-    if cfg.get("is_causal") is not False:
+                              f"AutoModel needs the body's own type (qwen2, qwen3, mistral or bert)")
+    if cfg.get("model_type") != "bert" and cfg.get("is_causal") is not False:
         raise CheckpointError(f"{folder / 'config.json'}: 'is_causal' must be false (transformers would run the "
                               f"body causally)")
     mods = read_json(folder / "modules.json")
@@ -621,11 +631,11 @@ def check_standard_folder(folder: str | os.PathLike, weights: bool = False) -> i
         raise CheckpointError(f"{folder / 'modules.json'}: expected Transformer (path '') -> Pooling -> Dense -> "
                               f"Normalize, found {kinds}")
     pool = read_json(folder / POOLING_DIR / "config.json")
-    modes = [k for k, v in pool.items() if k.startswith("pooling_mode") and v]  # the boolean flags that are on
-    if modes not in (["pooling_mode_mean_tokens"], ["pooling_mode"]) or pool.get("pooling_mode", "mean") != "mean" \
-            or pool.get("include_prompt", True) is not True:
-        raise CheckpointError(f"{folder / POOLING_DIR / 'config.json'}: expected mean pooling over all tokens "
-                              f"(include_prompt true), found {pool}")
+    want = (cfg.get("jasper") or {}).get("pooling", "mean")  # the student's own: mean, or cls (a BERT student)
+    modes, include_prompt, _ = read_pooling_config(folder / POOLING_DIR / "config.json")
+    if modes != (want,) or include_prompt is not True:
+        raise CheckpointError(f"{folder / POOLING_DIR / 'config.json'}: expected {want} pooling over all tokens "
+                              f"(include_prompt true) as config.json's jasper block says, found {pool}")
     hidden = cfg.get("hidden_size")
     default = None
     for D in standard_heads(folder):

@@ -6,6 +6,8 @@ folder": our files that are at the same time a standard transformers / sentence-
     python export.py export SRC OUT [--default-head D]   # an older export, a released Jasper or a stella folder
     python export.py set-head PATH D                     # the head sentence-transformers returns (modules.json)
     python export.py check PATH                          # layout, the silent traps, every head's weights
+    python export.py init-student --from DIR --layers 0,2,4 --out OUT [--heads 384,256,128,64]
+                                                         # a student cut from chosen layers of a BERT / Qwen folder
 
 (Until this file existed they were `python model.py ...`; model.py now answers that with this file's command line.)
 Why a file of its own: model.py is the student a reader came for (the body, the heads, the
@@ -21,8 +23,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from checkpoints import (CheckpointError, check_standard_folder, read_json, resolve_checkpoint, set_default_head,
-                         stella_dense_folders)
+from checkpoints import (CheckpointError, check_standard_folder, checkpoint_keys, read_json, read_st_layout,
+                         resolve_checkpoint, set_default_head, stella_dense_folders)
 from model import JasperModel
 
 
@@ -53,6 +55,40 @@ def export_folder(src: str | os.PathLike, out: str | os.PathLike, default_head: 
     return model.save_pretrained(out, default_head=default_head)
 
 
+def init_student(src: str | os.PathLike, layers: Sequence[int], out: str | os.PathLike,
+                 heads: Sequence[int] | None = None, seed: int = 0) -> JasperModel:
+    """An initial student from chosen `layers` of a folder, written as an export (a valid train.py --init):
+      - a BERT-family folder (sentence-transformers or plain HF): its embeddings, the chosen encoder layers, its
+        tokenizer, pooling and prompts; heads `heads` (default: FC1 = the folder's own vector width, the teacher's
+        when cutting from the teacher), identity rows where the folder has no Dense (JasperModel.from_bert);
+      - an export of this project or a released Jasper: the body's chosen layers and fresh heads of its own dims
+        (text only);
+      - a Qwen-family body folder (stella, Qwen3-Embedding, a Qwen2/Qwen3 LM): JasperModel.from_stella's heads.
+    Which layers to keep: docs/model.md "A student cut from a teacher"."""
+    path = resolve_checkpoint(src)
+    if any(k.startswith("vector_linear_") for k in checkpoint_keys(path)):  # our export / a released Jasper
+        model = JasperModel.from_pretrained(path, vision=False)
+        if heads and tuple(heads) != model.config.head_dims:
+            raise CheckpointError(f"{path}: --heads {list(heads)} differ from its heads {list(model.config.head_dims)}"
+                                  f"; cut it with its own heads (train.py --heads shapes the heads of a body init)")
+        model.keep_layers(layers)
+        model.init_report = model._init_heads({}, seed)  # fresh heads: the old ones read the uncut body
+    elif read_json(read_st_layout(path).body_dir / "config.json").get("model_type") == "bert":
+        model = JasperModel.from_bert(path, head_dims=heads, layers=layers, seed=seed)
+    else:
+        model = JasperModel.from_stella(path, **({"head_dims": tuple(heads)} if heads else {}), seed=seed)
+        model.keep_layers(layers)
+    model.save_pretrained(out)
+    return model
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "export.py") -> int:
     """The three commands; a CheckpointError or bad value is one line on stderr (no traceback) and exit code 2."""
     ap = argparse.ArgumentParser(prog=prog, description="The export folder: convert, switch head, verify.")
@@ -67,12 +103,27 @@ def main(argv: Sequence[str] | None = None, prog: str = "export.py") -> int:
     sh.add_argument("dim", type=int)
     ck = sub.add_parser("check", help="verify the standard side of an export (layout, traps, heads)")
     ck.add_argument("path")
+    ini = sub.add_parser("init-student", help="write an initial student from chosen layers of a BERT-family or "
+                                              "Qwen-family folder (a train.py --init)")
+    ini.add_argument("--from", dest="src", required=True, help="the folder to cut (e.g. the teacher)")
+    ini.add_argument("--layers", type=_int_list, required=True,
+                     help="0-based layers to keep, strictly increasing, e.g. 0,2,4 (docs/model.md)")
+    ini.add_argument("--out", required=True, help="absent, empty or a previous export")
+    ini.add_argument("--heads", type=_int_list, default=None,
+                     help="head dims FC1,FC2,...; FC1 = the teacher's width (default: the folder's own width, then "
+                          "three halving Matryoshka heads; an export keeps its own)")
+    ini.add_argument("--seed", type=int, default=0, help="seed of the fresh heads")
     a = ap.parse_args(argv)  # a bad flag: argparse's usage line and exit code 2, like the errors below
     try:
         if a.cmd == "export":
             out = export_folder(a.src, a.out, a.default_head)
             # the folder just written is checked as a stranger would read it; its default head is what it reports
             print(f"{out}: export folder, default head {check_standard_folder(out)}")
+        elif a.cmd == "init-student":
+            m = init_student(a.src, a.layers, a.out, a.heads, a.seed)
+            print(f"{a.out}: student of {m.config.text.num_hidden_layers} layers {a.layers} of {a.src}, heads "
+                  f"{list(m.config.head_dims)} ({', '.join(f'{d}: {h}' for d, h in m.init_report.items())}), "
+                  f"default head {check_standard_folder(a.out)}")
         elif a.cmd == "set-head":
             set_default_head(a.path, a.dim)  # only modules.json changes: every head's weights are already there
             print(f"{a.path}: default head {a.dim}")

@@ -25,9 +25,10 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer
 from torch import Tensor, nn
 
+from bert import BertConfig, BertModel, load_bert_body
 from checkpoints import (CheckpointError, body_config, check_config_values, load_state_strict, read_config,
-                         read_dense_folder, read_json, read_safetensors, resolve_checkpoint, save_export,
-                         standard_prompts, stella_dense_folders)
+                         read_dense_folder, read_json, read_safetensors, read_st_layout, resolve_checkpoint,
+                         save_export, standard_prompts, stella_dense_folders)
 from packing import Packed, length_sorted_encode
 from vision import (IMG_END_ID, IMG_START_ID, IMG_TOKEN_ID, NUM_IMAGE_TOKENS, SiglipVisionConfig, SiglipVisionEncoder,
                     jasper_vision_state, pool_image_features, preprocess_images, splice_image_features)
@@ -467,9 +468,17 @@ class TextTokenizer:
 JASPER_HEAD_DIMS = (12288, 1024, 512, 256)  # FC1..FC4
 
 
+def default_head_dims(fc1: int, hidden: int) -> tuple[int, ...]:
+    """FC1 (the teacher's width, eq. 1) and three Matryoshka heads FC2-4: the three largest powers of two below
+    both FC1 and the body's width, halving as the paper's 1024 -> 512 -> 256 (which this rule gives for
+    Jasper: FC1 12288, hidden 1536); (384, 256, 128, 64) for the demo's 384-d teacher and a MiniLM body."""
+    top = 1 << (min(fc1, hidden) - 1).bit_length() - 1  # the largest power of two below min(fc1, hidden)
+    return (int(fc1), *(d for d in (top, top // 2, top // 4) if d >= 1))
+
+
 @dataclass
 class JasperConfig:
-    text: Qwen2Config
+    text: Qwen2Config | BertConfig              # the body: a decoder (Qwen2/Qwen3/Mistral) or a BERT-family encoder
     vision: SiglipVisionConfig | None = None    # None: a text-only student
     head_dims: tuple[int, ...] = JASPER_HEAD_DIMS
     img_start_token_id: int = IMG_START_ID
@@ -477,11 +486,22 @@ class JasperConfig:
     img_end_token_id: int = IMG_END_ID
     num_image_tokens: int = NUM_IMAGE_TOKENS
     max_length: int = 512
+    pooling: str = "mean"                       # "mean" (sec. 2.1) | "cls" (a BERT student whose folder pools [CLS])
 
     def __post_init__(self):
         self.head_dims = tuple(int(d) for d in self.head_dims)
         if not self.head_dims or len(set(self.head_dims)) != len(self.head_dims):
             raise ValueError(f"head_dims must be non-empty and distinct, got {self.head_dims}")
+        if self.pooling not in ("mean", "cls") or (self.pooling == "cls" and not self.is_bert):
+            raise ValueError(f"pooling {self.pooling!r}: 'mean', or 'cls' for a BERT-family body (a decoder has no "
+                             f"[CLS] token)")
+        if self.is_bert and self.vision is not None:
+            raise ValueError("a BERT-family student has no image tokens: the vision tower (stage 4) needs a decoder "
+                             "body (Qwen2/Qwen3/Mistral)")
+
+    @property
+    def is_bert(self) -> bool:
+        return self.text.model_type == "bert"
 
     @property
     def image_token_ids(self) -> tuple[int, int, int]:
@@ -501,9 +521,13 @@ class JasperConfig:
         if "model_type" not in text_cfg:
             text_cfg = {"model_type": "qwen2", **text_cfg}
         try:
-            text = Qwen2Config.from_hf(text_cfg)
+            text = (BertConfig.from_hf(text_cfg, CheckpointError) if text_cfg["model_type"] == "bert"
+                    else Qwen2Config.from_hf(text_cfg))
         except CheckpointError as e:
             raise CheckpointError(f"{where}: text_config: {str(e).removeprefix('config dict: ')}") from e
+        if cfg.get("pooling", "mean") not in ("mean", "cls") or (cfg.get("pooling") == "cls" and text.model_type
+                                                                   != "bert"):
+            raise CheckpointError(f"{where}: pooling {cfg.get('pooling')!r}: 'mean', or 'cls' for a bert body")
         check_config_values(where, cfg, {**{k: dict(lo=0) for k in ("img_start_token_id", "image_start_token_id",
                                                                      "img_token_id", "image_token_id",
                                                                      "img_end_token_id", "image_end_token_id")},
@@ -520,7 +544,7 @@ class JasperConfig:
                               "img_end_token_id": ("img_end_token_id", "image_end_token_id"),
                               "num_image_tokens": ("num_image_tokens", "num_img_tokens"),
                               "head_dims": ("head_dims", "vector_dims"),
-                              "max_length": ("max_length",)}.items():
+                              "max_length": ("max_length",), "pooling": ("pooling",)}.items():
             for a in aliases:
                 if a in cfg:
                     kw[ours] = cfg[a]
@@ -529,22 +553,24 @@ class JasperConfig:
 
     def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
         """config.json: what transformers' AutoModel needs for the body (model_type qwen2, "is_causal": false, the
-        weights' dtype) + our fields in a `jasper` block that transformers keeps and ignores."""
+        weights' dtype; or model_type bert) + our fields in a `jasper` block that transformers keeps and ignores."""
         vision = self.vision.to_hf() if self.vision is not None else None
-        return body_config(self.text.to_hf(), {
-            "head_dims": list(self.head_dims), "img_start_token_id": self.img_start_token_id,
-            "img_token_id": self.img_token_id, "img_end_token_id": self.img_end_token_id,
-            "num_image_tokens": self.num_image_tokens, "max_length": self.max_length, "vision_config": vision},
-            dtype)
+        ours = {"head_dims": list(self.head_dims), "max_length": self.max_length, "pooling": self.pooling}
+        if not self.is_bert:  # the image tokens belong to the decoder student only
+            ours.update(img_start_token_id=self.img_start_token_id, img_token_id=self.img_token_id,
+                        img_end_token_id=self.img_end_token_id, num_image_tokens=self.num_image_tokens,
+                        vision_config=vision)
+        return body_config(self.text.to_hf(), ours, dtype)
 
 
 class JasperModel(nn.Module):
-    """The Jasper student: `model` (Qwen2Encoder), `vision_model` (SigLIP or None), heads `vector_linear_{D}`."""
+    """The Jasper student: `model` (Qwen2Encoder, or bert.BertModel for a BERT-family student), `vision_model`
+    (SigLIP or None), heads `vector_linear_{D}`."""
 
     def __init__(self, config: JasperConfig):
         super().__init__()
         self.config = config
-        self.model = Qwen2Encoder(config.text)
+        self.model = BertModel(config.text) if config.is_bert else Qwen2Encoder(config.text)
         self.vision_model = None
         if config.vision is not None:
             self.vision_model = SiglipVisionEncoder(config.vision)
@@ -570,6 +596,26 @@ class JasperModel(nn.Module):
     def heads(self) -> dict[int, nn.Linear]:
         return {D: self.head(D) for D in self.config.head_dims}
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def keep_layers(self, keep: Sequence[int]) -> None:
+        """Keep only the body's blocks `keep` (strictly increasing indices), renumbered 0..len-1: a student cut from
+        a deeper model (export.py init-student; the choice of layers: docs/model.md)."""
+        n = self.config.text.num_hidden_layers
+        keep = [int(i) for i in keep]
+        if not keep or any(b <= a for a, b in zip(keep, keep[1:])) or keep[0] < 0 or keep[-1] >= n:
+            raise ValueError(f"layers {keep}: expected strictly increasing indices in 0..{n - 1} (the body has "
+                             f"{n} layers)")
+        kept = nn.ModuleList(self.model.layers[i] for i in keep)
+        if self.config.is_bert:
+            self.model.encoder.layer = kept   # BertModel.layers is a view of encoder.layer
+        else:
+            self.model.layers = kept
+        self.config.text = dataclasses.replace(self.config.text, num_hidden_layers=len(keep))
+        self.model.config = self.config.text
+
     # -- forward ------------------------------------------------------------------------------------------------------
     def _embed_with_images(self, input_ids: Tensor, pixel_values: Tensor) -> Tensor:
         """inputs_embeds (B, T, H) with the image-token positions replaced by pooled vision features (sec. 2.1), as
@@ -584,12 +630,13 @@ class JasperModel(nn.Module):
 
     def pool(self, input_ids: Tensor | None, attention_mask: Tensor | None, pixel_values: Tensor | None = None,
              packed: Packed | None = None) -> Tensor:
-        """Masked mean of the last hidden state: (B, H) in fp32 (sec. 2.1); with `packed` texts, (N, H) per text."""
+        """Masked mean of the last hidden state: (B, H) in fp32 (sec. 2.1); with `packed` texts, (N, H) per text.
+        A BERT student whose folder pools [CLS] (config.pooling 'cls') takes each text's first token instead."""
         if packed is not None:
             if pixel_values is not None:
                 raise ValueError("packed inputs are text only: pass images through the padded path (input_ids, "
                                  "attention_mask, pixel_values)")
-            return packed.pool(self.model(packed=packed), "mean")                    # (N, H) fp32
+            return packed.pool(self.model(packed=packed), self.config.pooling)      # (N, H) fp32
         if pixel_values is not None:
             if self.vision_model is None:
                 raise ValueError("pixel_values given but this JasperModel has no vision_model")
@@ -597,6 +644,8 @@ class JasperModel(nn.Module):
                                 attention_mask=attention_mask)
         else:
             hidden = self.model(input_ids, attention_mask)                            # (B, T, H)
+        if self.config.pooling == "cls":  # right padding: position 0 is every text's [CLS]
+            return hidden[:, 0].float()                                              # (B, H) fp32
         return mean_pool(hidden, attention_mask)                                     # (B, H) fp32
 
     def project(self, pooled: Tensor, dims: Iterable[int] | None = None) -> dict[int, Tensor]:
@@ -640,7 +689,7 @@ class JasperModel(nn.Module):
             self.head(D)  # validates
         was_training = self.training
         self.eval()
-        device = self.model.embed_tokens.weight.device
+        device = self.device
         try:
             if images is not None:  # image-only, or image+text pairs (texts[i] goes with images[i])
                 out = self._encode_images(images, dims, batch_size, show_progress, texts=texts,
@@ -688,7 +737,7 @@ class JasperModel(nn.Module):
                 raise ValueError(f"max_length {max_length or self.config.max_length} leaves no room for text after "
                                  f"the {len(head)} image tokens")
             text_ids = self.tokenizer.encode_ids(list(texts), instruction, budget)
-        device = self.model.embed_tokens.weight.device
+        device = self.device
 
         def batch(idx: list[int]) -> dict[int, Tensor]:
             pixel_values, _, _ = preprocess_images([images[i] for i in idx], size=self.vision_model.config.image_size,
@@ -718,6 +767,8 @@ class JasperModel(nn.Module):
         """Load a released-Jasper-layout or exported checkpoint (strict). `vision=False` skips the vision tower."""
         path = resolve_checkpoint(src)
         config = JasperConfig.from_hf(path / "config.json")
+        if config.is_bert:
+            return cls._from_bert_export(path, config, dtype, device, max_length)
         prefixes: tuple[str, ...] = ("model.", "vector_linear_")
         if config.vision is not None and vision:
             prefixes += ("vision_model.",)
@@ -740,11 +791,73 @@ class JasperModel(nn.Module):
         model = cls._build_meta(config, dtype)
         load_state_strict(model, state, prefix="", what=f"JasperModel from {path}")
         model = model.to(device)
+        model._attach_files(path)
+        return model
+
+    def _attach_files(self, path: Path) -> None:
+        """The tokenizer and the prompts that travel with an export (checked against the embedding)."""
         if (path / "tokenizer.json").is_file():
-            model.tokenizer = TextTokenizer.from_pretrained(path, max_length=config.max_length)
-            model._check_tokenizer(str(path))
+            self.tokenizer = TextTokenizer.from_pretrained(path, max_length=self.config.max_length)
+            self._check_tokenizer(str(path))
         if (path / "config_sentence_transformers.json").is_file():  # the prompts travel with the model
-            model.prompts = read_json(path / "config_sentence_transformers.json").get("prompts")
+            self.prompts = read_json(path / "config_sentence_transformers.json").get("prompts")
+
+    @classmethod
+    def _from_bert_export(cls, path: Path, config: JasperConfig, dtype: torch.dtype, device,
+                          max_length: int | None) -> "JasperModel":
+        """Our export of a BERT student: body keys as transformers' BertModel names them (bare, or under `bert.`),
+        heads `vector_linear_{D}.*`; the pooler, if any, is not part of a sentence embedder."""
+        state = read_safetensors(path)
+        bp = "bert." if any(k.startswith("bert.embeddings.") for k in state) else ""
+        body = {"model." + k[len(bp):]: v for k, v in state.items() if k.startswith((bp + "embeddings.",
+                                                                                      bp + "encoder."))
+                and k != bp + "embeddings.position_ids"}
+        heads = {k: v for k, v in state.items() if k.startswith("vector_linear_")}
+        if max_length:
+            config.max_length = max_length
+        model = cls._build_meta(config, dtype)
+        load_state_strict(model, {**body, **heads}, what=f"BERT-family JasperModel from {path}")
+        model = model.to(device)
+        model._attach_files(path)
+        return model
+
+    @classmethod
+    def from_bert(cls, src: str | os.PathLike, head_dims: Sequence[int] | None = None,
+                  layers: Sequence[int] | None = None, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu", max_length: int | None = None, seed: int = 0) -> "JasperModel":
+        """A BERT-family student from a sentence-transformers folder (or a plain Hugging Face BERT folder: mean
+        pooling, as sentence-transformers reads one): its body (optionally only `layers`), WordPiece tokenizer,
+        pooling (1_Pooling: mean or cls) and prompts; heads `head_dims` (default: FC1 = the folder's own vector
+        width, then default_head_dims) initialised by _init_heads. Design: docs/model.md "A BERT-family student"."""
+        path = resolve_checkpoint(src)
+        lay = read_st_layout(path)
+        pool_file = path / "1_Pooling" / "config.json"
+        if len(lay.pooling) != 1 or lay.pooling[0] not in ("mean", "cls"):
+            raise CheckpointError(f"{pool_file}: pooling {'+'.join(lay.pooling)}: a student pools 'mean' or 'cls'")
+        if not lay.include_prompt:
+            raise CheckpointError(f"{pool_file}: include_prompt false is not supported for a student (it pools every "
+                                  f"token, a prompt's included)")
+        if lay.do_lower_case:
+            raise CheckpointError(f"{lay.body_dir / 'sentence_bert_config.json'}: do_lower_case true is not supported "
+                                  f"for a student (put the Lowercase normaliser into tokenizer.json instead)")
+        body = load_bert_body(lay.body_dir, dtype, error=CheckpointError)
+        denses = [s[1] for s in lay.steps if s[0] == "dense"]
+        H = body.config.hidden_size
+        width = int(read_json(denses[-1] / "config.json")["out_features"]) if denses else H  # the folder's vector
+        head_dims = tuple(head_dims) if head_dims else default_head_dims(width, H)
+        max_length = min(max_length or lay.max_seq_length or 512, body.config.max_position_embeddings)
+        model = cls._build_meta(JasperConfig(text=body.config, head_dims=head_dims, max_length=max_length,
+                                             pooling=lay.pooling[0]), dtype)
+        load_state_strict(model.model, body.state_dict(), what=f"BERT body from {lay.body_dir}")
+        if layers is not None:
+            model.keep_layers(layers)
+        # with no Dense after pooling, the folder's own vector is the pooled state: identity-row heads start the
+        # student at (the first D coordinates of) what the folder itself returns
+        model.init_report = model._init_heads({}, seed, identity=not denses)
+        model = model.to(device)
+        model.tokenizer = TextTokenizer.from_pretrained(lay.body_dir, max_length=max_length, add_image_tokens=False)
+        model._check_tokenizer(str(lay.body_dir))
+        model.prompts = dict(lay.prompts)  # the folder's own convention: no prompts when it has none (MiniLM)
         return model
 
     def _check_tokenizer(self, where: str) -> None:
@@ -804,7 +917,7 @@ class JasperModel(nn.Module):
         body_state = body.state_dict()
         body_state["embed_tokens.weight"] = emb
         load_state_strict(model.model, body_state, what=f"stella body from {path}")
-        model.init_report = model._init_heads_from_stella(path, seed)
+        model.init_report = model._init_heads(stella_dense_folders(path), seed)
         if model.vision_model is not None and vision_src is not None:
             model.vision_model.load_checkpoint(vision_src)  # strict, under the detected prefix
             model.init_report["vision"] = str(vision_src)
@@ -818,11 +931,12 @@ class JasperModel(nn.Module):
             model.prompts = {**standard_prompts(), **own} if own else None
         return model
 
-    def _init_heads_from_stella(self, path: Path, seed: int) -> dict:
-        """Each head vector_linear_{D} from stella's `2_Dense_{D}`, else the first D rows of a larger one, else a fresh
-        init (docs/model.md). Returns {D: what the head got} (JasperModel.init_report)."""
+    def _init_heads(self, dense: dict[int, Path], seed: int, identity: bool = False) -> dict:
+        """Each head vector_linear_{D} from stella's `2_Dense_{D}` (`dense`), else the first D rows of a larger one,
+        else, with `identity` and D <= hidden, the first D rows of the identity (zero bias: the head returns the
+        pooled vector's first D coordinates), else a fresh init (docs/model.md). Returns {D: what the head got}
+        (JasperModel.init_report)."""
         g = torch.Generator().manual_seed(seed)
-        dense = stella_dense_folders(path)
         report = {}
         H = self.config.text.hidden_size
         for D in self.config.head_dims:
@@ -833,6 +947,8 @@ class JasperModel(nn.Module):
                     raise CheckpointError(f"{dense[src_d]}: in_features {w.shape[1]} != hidden {H}")
                 w, b = w[:D].clone(), (b[:D].clone() if b is not None else torch.zeros(D))
                 how = dense[src_d].name if src_d == D else f"first {D} rows of {dense[src_d].name}"
+            elif identity and D <= H:
+                w, b, how = torch.eye(H)[:D].clone(), torch.zeros(D), f"identity rows 0..{D - 1}"
             else:
                 lin = nn.Linear(H, D)  # fresh, torch's default init (kaiming-uniform weight, uniform bias)
                 with torch.no_grad():
@@ -861,9 +977,12 @@ class JasperModel(nn.Module):
         prompts = prompts if prompts is not None else self.prompts
         if prompts is None and tokenizer is not None:  # the prompts are written only with the tokenizer's modules
             prompts = standard_prompts()
+        if c.is_bert:  # the body's keys as transformers' BertModel names them (AutoModel loads them as they are)
+            state = {k.removeprefix("model."): v for k, v in state.items()}
+        dtype = next(v for k, v in state.items() if not k.startswith("vector_linear_")).dtype  # the body's own
         # the files themselves are checkpoint I/O (checkpoints.save_export); the config's dtype is the weights' own
-        return save_export(out_dir, c.to_hf(state["model.embed_tokens.weight"].dtype), state, tokenizer, c.head_dims,
-                           c.text.hidden_size, c.max_length, prompts, default_head, max_shard_bytes)
+        return save_export(out_dir, c.to_hf(dtype), state, tokenizer, c.head_dims, c.text.hidden_size, c.max_length,
+                           prompts, default_head, max_shard_bytes, pooling=c.pooling)
 
 
 if __name__ == "__main__":

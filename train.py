@@ -46,12 +46,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import losses
-from checkpoints import (atomic_write, checkpoint_keys, fmt_duration, folder_problem, resolve_checkpoint,
-                         rng_state, set_rng_state, write_checksums)
+from checkpoints import (atomic_write, checkpoint_keys, fmt_duration, folder_problem, read_json, read_st_layout,
+                         resolve_checkpoint, rng_state, set_rng_state, write_checksums)
 from data import ImageBatches, TrainLoader, load_index, text_hash
 from errors import DiskFullError, UserError, is_disk_full, os_error_in, run_cli
 from eval import load_encoder, quick_eval
-from model import JasperConfig, JasperModel
+from model import JasperConfig, JasperModel, default_head_dims
 from teacher_cache import TeacherCache, read_cache_input
 from teachers import MultiTeacher, load_teacher
 from train_config import ConfigError, TrainConfig, parse_config  # 1. the config of a run (sec. 3.1 defaults)
@@ -166,10 +166,31 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise ConfigError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
 
 
-def load_student(cfg: TrainConfig) -> JasperModel:
+def load_student(cfg: TrainConfig, teacher_dim: int | None = None) -> JasperModel:
+    """The student of --init: our export / a released Jasper (its own heads), a BERT-family folder (body + heads
+    FC1 = the teacher's width, FC2-4 by model.default_head_dims, or --heads) or a stella-like decoder body."""
     src = resolve_checkpoint(cfg.init)  # a local dir as is, or a hub id downloaded
     fmt = init_format_of(src) if cfg.init_format == "auto" else cfg.init_format
-    model = JasperModel.from_stella(src) if fmt == "stella" else JasperModel.from_pretrained(src)
+    heads = cfg.heads or None
+    if fmt == "jasper":
+        model = JasperModel.from_pretrained(src)
+        if heads and tuple(heads) != model.config.head_dims:
+            raise ConfigError(f"--heads {heads}: --init {src} already has heads {list(model.config.head_dims)} "
+                              f"(--heads shapes the heads of a body init: a BERT-family or stella folder)")
+    elif is_bert_folder(src):
+        if cfg.stage == 4:  # refused before the weights load
+            raise ConfigError(STAGE4_BERT.format(src=src))
+        if heads is None and teacher_dim is not None:
+            heads = default_head_dims(teacher_dim, read_st_hidden(src))
+        model = JasperModel.from_bert(src, head_dims=heads, seed=cfg.seed)  # serves at the folder's max length
+    else:
+        model = JasperModel.from_stella(src, **({"head_dims": heads} if heads else {}))
+    if model.config.is_bert:
+        if cfg.stage == 4 or cfg.vision_init:
+            raise ConfigError(STAGE4_BERT.format(src=src))
+        if cfg.max_length > model.config.text.max_position_embeddings:
+            raise ConfigError(f"--max-length {cfg.max_length}: the BERT student {src} has "
+                              f"{model.config.text.max_position_embeddings} positions")
     if cfg.vision_init:
         if model.vision_model is not None:
             raise ConfigError(f"--init {src} already has a vision tower; drop --vision-init")
@@ -178,6 +199,20 @@ def load_student(cfg: TrainConfig) -> JasperModel:
     if model.tokenizer is None:
         raise ConfigError(f"--init {src} has no tokenizer.json")
     return model
+
+
+STAGE4_BERT = ("stage 4 / --vision-init: --init {src} is a BERT-family student, and stage 4 splices image features into "
+               "a decoder student's image-token positions (sec. 2.5); it is for the Qwen2/Qwen3/Mistral student only")
+
+
+def is_bert_folder(src: Path) -> bool:
+    """A BERT-family folder: the body config.json (the folder's own, or the sentence-transformers Transformer
+    module's) says model_type bert."""
+    return read_json(read_st_layout(src).body_dir / "config.json").get("model_type") == "bert"
+
+
+def read_st_hidden(src: Path) -> int:
+    return int(read_json(read_st_layout(src).body_dir / "config.json")["hidden_size"])
 
 
 def init_format_of(src: Path) -> str:
@@ -199,12 +234,16 @@ def set_trainable(model, stage: int) -> list[str]:
     if stage == 1:
         train = [fc1]
     elif stage == 2:
-        train = [fc1, *model.model.layers[-3:]]  # the last 3 decoder layers (the final RMSNorm is not a layer)
+        # the last 3 decoder layers (the final RMSNorm is not a layer); for a BERT body the last 3 encoder layers
+        # (BertModel.layers; post-LN: each layer ends in its own LayerNorm); the embeddings stay frozen
+        train = [fc1, *model.model.layers[-3:]]
     elif stage == 3:
         # "all parameters": the whole text side and the four heads. The vision tower (if present) gets no gradient
         # from text-only batches, so it stays frozen (and gets no optimizer state).
         train = [model.model] + [getattr(model, f"vector_linear_{D}") for D in head_dims(model)]
     elif stage == 4:
+        if model.config.is_bert:
+            raise ConfigError(STAGE4_BERT.format(src="the student"))
         if model.vision_model is None:
             raise ConfigError("stage 4 needs a student with a vision tower (JasperConfig.vision)")
         train = [model.vision_model]
@@ -612,7 +651,7 @@ def build_state(cfg: TrainConfig, d: Dist, out: Path, ckdir: Path) -> RunState:
     """Teacher targets (checked against the texts first), student, trainable set, FSDP2 sharding, AdamW, then the
     batch source. The lr schedule is a pure function of (step, cfg): set_lr, no scheduler state to restore."""
     targets = TextTargets(cfg) if cfg.stage <= 3 else None  # rows verified against the cache by (row, hash)
-    model = load_student(cfg)
+    model = load_student(cfg, targets.dim if targets is not None else None)
     tokenizer = model.tokenizer
     trainable = set_trainable(model, cfg.stage)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

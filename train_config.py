@@ -48,6 +48,10 @@ class TrainConfig:
                                   "folders or fresh), 'jasper' (JasperModel.from_pretrained) or 'auto' (jasper when "
                                   "the checkpoint has vector_linear_* heads, else stella)",
                           choices=["auto", "stella", "jasper"])
+    heads: list[int] = _f([], "head dims FC1 FC2 ... of a student built from a body (--init a BERT-family or stella "
+                              "folder); default: BERT FC1 = the teacher's dim, FC2-4 the three largest powers of two "
+                              "below it and the body width; stella (12288, 1024, 512, 256). Refused with an --init "
+                              "that has heads")
     vision_init: str | None = _f(None, "SigLIP checkpoint dir for the vision tower when --init has none (the paper's "
                                        "student: stella text side + SigLIP so400m-patch14-384 vision side)")
     out: str | None = _f(None, "output dir (default runs/stageN): metrics.jsonl, config.json, checkpoints/, final/ "
@@ -116,6 +120,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.mrl_teacher not in ("teacher", "self"):
             raise ConfigError(f"--mrl-teacher must be 'teacher' or 'self', got {self.mrl_teacher!r}")
+        if len(set(self.heads)) != len(self.heads):
+            raise ConfigError(f"--heads {self.heads}: the head dims must be distinct")
         if self.out is None:
             self.out = f"runs/stage{self.stage}"
         for k, v in STAGE_DEFAULTS[self.stage].items():  # per-stage defaults (sec. 3.1) for fields left unset
@@ -139,7 +145,8 @@ def build_parser(prog: str | None = None, description: str | None = None) -> arg
             kw["action"] = argparse.BooleanOptionalAction
         elif t.startswith("list"):
             kw["nargs"] = "+"
-            kw["type"] = float if "float" in t else str  # list[float] (betas, loss weights) or list[str] (--teacher)
+            # list[float] (betas, loss weights), list[int] (--heads) or list[str] (--teacher)
+            kw["type"] = float if "float" in t else int if "int" in t else str
         else:
             kw["type"] = int if t.startswith("int") else float if t.startswith("float") else str
         if "choices" in f.metadata:
@@ -160,7 +167,7 @@ LIMITS: dict[str, dict[str, Any]] = dict(
     min_lr_ratio=dict(lo=0, hi=1), weight_decay=dict(lo=0), adam_betas=dict(lo=0, hi=1, hi_open=True, length=2),
     adam_eps=dict(lo=0, lo_open=True), grad_clip=dict(lo=0), loss_weights=dict(lo=0, length=3), margin=dict(lo=0),
     seed=dict(lo=0, hi=2**32 - 1), log_every=dict(lo=1), ckpt_every=dict(lo=0), keep_ckpts=dict(lo=0),
-    stop_at=dict(lo=1), eval_every=dict(lo=0), eval_holdout=dict(lo=1))
+    stop_at=dict(lo=1), eval_every=dict(lo=0), eval_holdout=dict(lo=1), heads=dict(lo=1))
 
 
 def parse_config(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, prog: str | None = None,
@@ -195,7 +202,8 @@ def validate_values(values: dict[str, Any], source: dict[str, str] | None = None
         if why:
             raise ConfigError(f"{source.get(f.name, f.name)}: {why}")
         out[f.name] = (int(v) if kind == "int" else float(v) if kind == "float"
-                       else [float(x) for x in v] if kind == "list[float]" else v)
+                       else [float(x) for x in v] if kind == "list[float]"
+                       else [int(x) for x in v] if kind == "list[int]" else v)
     if "loss_weights" in out and not any(out["loss_weights"]):  # all zero: a constant loss, no gradient at all
         raise ConfigError(f"{source.get('loss_weights', 'loss_weights')}: at least one loss weight must be > 0")
     return out

@@ -32,8 +32,8 @@ def _body(kind, **cfg_kw):
     """A tiny random transformers body of `kind` (norms perturbed so they matter)."""
     common = dict(hidden_size=H, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=64)
-    if kind == "bert":
-        cfg = transformers.BertConfig(vocab_size=30522, **common, **cfg_kw)
+    if kind == "bert":  # cfg_kw may override the common sizes (tests/test_bert_student.py: 4 layers)
+        cfg = transformers.BertConfig(vocab_size=30522, **{**common, **cfg_kw})
         cls = transformers.BertModel
     else:
         dec = dict(vocab_size=151680, num_key_value_heads=2, tie_word_embeddings=False, **common)
