@@ -4,12 +4,14 @@ real weights, real text and real evaluation, and nothing else.
     python demo.py                              # writes runs/demo/: results.json, results.md, two PNGs
     python demo.py --out DIR --eval-data DATA --steps N --lr X --batch B --seed S   # and any train.py flag
     python demo.py --eval-every 300             # + evaluation during training (train_eval.py): ~3% more time
+    python demo.py --student minilm-3           # the student cut from the teacher: its layers 0, 2, 4 (issue 27)
 
 Every flag of train.py is accepted and overrides the demo's value (DEMO_CONFIG); the stage, --init, --texts and
 --teacher-cache of each stage are the demo's own. Design, figures and the deviations from the paper: docs/demo.md.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shutil
@@ -69,10 +71,18 @@ DEMO_EVAL_MAX_LENGTH = 64               # the student is evaluated on up to 64 t
 # loss 0.52 after stage 1), and there the full-vector target of eq. 1 carries most of the signal. Measured after
 # stage 2 (105 + 900 steps, bench/RESULTS.md), STSBenchmark test: 0.7361 / 0.7466 / 0.7539 / 0.7593 at lambda2 =
 # 1000 / 200 / 50 / 12.5 (lambda3 = lambda2 / 10), the similarity and ranking losses themselves ending no higher.
-# Precedence: train.py's defaults < DEMO_CONFIG < --config file < command-line flags.
+# Precedence: train.py's defaults < DEMO_CONFIG (< DEMO_STUDENTS' own) < --config file < command-line flags.
 DEMO_CONFIG = dict(out="runs/demo", max_length=32, batch=64, micro_batch=64, lr=5e-4, steps=1500,
                        warmup_ratio=0.05, dtype="bf16", ckpt_every=0, keep_ckpts=1, log_every=100, eval_data=None,
                        loss_weights=[10.0, 12.5, 1.25], eval_instructions="none")  # the demo's protocol
+
+
+# --student: which student the demo trains (docs/demo.md, "Which student"). minilm-3 = layers 0, 2, 4 of the teacher
+# (export.init_student: first and last of the kept depth, every other layer) with identity-row heads; its steps
+# give about the Qwen2 student's training wall time (3 BERT layers cost ~0.6 of 4 Qwen2 layers per step) and its lr
+# is lower (it starts from trained weights, not a random body).
+DEMO_STUDENTS = {"qwen2": {}, "minilm-3": dict(steps=2400, lr=2e-4)}
+MINILM3_LAYERS = (0, 2, 4)
 
 
 def make_demo_student(teacher_dir, head_dims=DEMO_HEAD_DIMS, max_length: int = 32, seed: int = 0,
@@ -275,7 +285,7 @@ def _demo_table(results: dict, tasks, dims, cfg: TrainConfig, n_params: int, n_t
 
 
 def run_demo(cfg: TrainConfig, *, n_texts: int | None = None, tasks=DEMO_TASKS, engine: str = "builtin",
-             split: str | None = None, untrained: bool = True, plots: bool = True) -> dict:
+             split: str | None = None, untrained: bool = True, plots: bool = True, student: str = "qwen2") -> dict:
     """The demo: data -> teacher cache -> student -> stages 1-3 (train.train) -> evaluation table and plots.
     `cfg` carries DEMO_CONFIG (and any CLI overrides: --out, --steps, --lr, --batch, --eval-data = the shared data
     dir, --seed). The keyword arguments are for the test's shortened run."""
@@ -287,7 +297,11 @@ def run_demo(cfg: TrainConfig, *, n_texts: int | None = None, tasks=DEMO_TASKS, 
 
     # 3. the student, saved as stage 0 (train() loads --init from a directory); 4. stages 1-3
     init = out / "init"
-    make_demo_student(tdir, max_length=cfg.max_length, seed=cfg.seed).save_pretrained(init)
+    if student == "minilm-3":  # the teacher's own layers 0, 2, 4 (export.py init-student)
+        from export import init_student
+        init_student(tdir, MINILM3_LAYERS, init, heads=DEMO_HEAD_DIMS, seed=cfg.seed)
+    else:
+        make_demo_student(tdir, max_length=cfg.max_length, seed=cfg.seed).save_pretrained(init)
     steps, stage_dirs = _demo_train(cfg, out, texts, init, times, say)
     prev = stage_dirs[-1] / "final"
 
@@ -308,7 +322,10 @@ def run_demo(cfg: TrainConfig, *, n_texts: int | None = None, tasks=DEMO_TASKS, 
     # 6. report: one table, results.json, results.md, two PNGs
     table = _demo_table(results, tasks, dims, cfg, n_params, meta["n_texts"], steps, times, engine, split)
     print("\n" + table, flush=True)
-    report = dict(results=results, times=times, steps=steps, n_texts=meta["n_texts"], table=table,
+    if student != "qwen2":
+        table = table.replace("-parameter Qwen2 trained", f"-parameter {student} (all-MiniLM-L6-v2 layers "
+                                                          f"{list(MINILM3_LAYERS)}) trained")
+    report = dict(results=results, times=times, steps=steps, n_texts=meta["n_texts"], table=table, student_kind=student,
                   student=str(prev), untrained=str(init), config=dataclasses.asdict(cfg))
     atomic_write(out / "results.json", json.dumps(report, indent=1) + "\n")
     atomic_write(out / "results.md", table + "\n")
@@ -318,13 +335,23 @@ def run_demo(cfg: TrainConfig, *, n_texts: int | None = None, tasks=DEMO_TASKS, 
     return report
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """train.py's flags (all of them: `python demo.py --help`) over the demo's values."""
-    return parse_config(argv, defaults=DEMO_CONFIG, prog="demo.py", description=__doc__)
+def parse_args(argv: list[str] | None = None, student: str = "qwen2") -> TrainConfig:
+    """train.py's flags (all of them: `python demo.py --help`) over the demo's values (and the student's own)."""
+    return parse_config(argv, defaults={**DEMO_CONFIG, **DEMO_STUDENTS[student]}, prog="demo.py",
+                        description=__doc__)
+
+
+def split_student(argv: list[str] | None) -> tuple[str, list[str]]:
+    """--student {qwen2, minilm-3} (the demo's own flag), and the rest of the command line for train.py's flags."""
+    ap = argparse.ArgumentParser(prog="demo.py", add_help=False)
+    ap.add_argument("--student", choices=sorted(DEMO_STUDENTS), default="qwen2")
+    ns, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return ns.student, rest
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_demo(parse_args(argv))
+    student, rest = split_student(argv)
+    return run_demo(parse_args(rest, student), student=student)
 
 
 def cli(argv: list[str] | None = None) -> int:
