@@ -54,8 +54,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import losses
-from checkpoints import (atomic_write, checkpoint_keys, fmt_duration, folder_problem, read_json, read_st_layout,
-                         resolve_checkpoint, rng_state, set_rng_state, write_checksums)
+from checkpoints import (CheckpointError, atomic_write, checkpoint_keys, fmt_duration, folder_problem, read_json,
+                         read_st_layout, resolve_checkpoint, rng_state, set_rng_state, write_checksums)
 from data import ImageBatches, TrainLoader, load_index, text_hash
 from errors import DiskFullError, UserError, is_disk_full, os_error_in, run_cli
 from eval import load_encoder, quick_eval
@@ -223,11 +223,11 @@ def load_student(cfg: TrainConfig, teacher_dim: int | None = None) -> JasperMode
         if heads and tuple(heads) != model.config.head_dims:
             raise ConfigError(f"--heads {heads}: --init {src} already has heads {list(model.config.head_dims)} "
                               f"(--heads shapes the heads of a body init: a BERT-family or stella folder)")
-    elif is_bert_folder(src):
+    elif (body := init_body_config(src)).get("model_type") == "bert":
         if cfg.stage == 4:  # refused before the weights load
             raise ConfigError(STAGE4_BERT.format(src=src))
         if heads is None and teacher_dim is not None:
-            heads = default_head_dims(teacher_dim, read_st_hidden(src))
+            heads = default_head_dims(teacher_dim, int(body["hidden_size"]))
         model = JasperModel.from_bert(src, head_dims=heads, seed=cfg.seed)  # serves at the folder's max length
     else:
         model = JasperModel.from_stella(src, **({"head_dims": heads} if heads else {}))
@@ -251,14 +251,13 @@ STAGE4_BERT = ("stage 4 / --vision-init: --init {src} is a BERT-family student, 
                "a decoder student's image-token positions (sec. 2.5); it is for the Qwen2/Qwen3/Mistral student only")
 
 
-def is_bert_folder(src: Path) -> bool:
-    """A BERT-family folder: the body config.json (the folder's own, or the sentence-transformers Transformer
-    module's) says model_type bert."""
-    return read_json(read_st_layout(src).body_dir / "config.json").get("model_type") == "bert"
-
-
-def read_st_hidden(src: Path) -> int:
-    return int(read_json(read_st_layout(src).body_dir / "config.json")["hidden_size"])
+def init_body_config(src: Path) -> dict:
+    """config.json of --init's body: the sentence-transformers Transformer module's, else the folder's own."""
+    try:
+        body = read_st_layout(src).body_dir
+    except CheckpointError:  # a layout sentence-transformers would refuse too: the folder itself is the body
+        body = src
+    return read_json(body / "config.json")
 
 
 def init_format_of(src: Path) -> str:

@@ -41,6 +41,19 @@ def test_demo_student_init_is_a_bag_of_teacher_embeddings():
     torch.testing.assert_close(h[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5)
 
 
+def test_demo_student_option():
+    """--student (issue 27): the demo's own flag, split off before train.py's flags; minilm-3 brings its own steps
+    and lr (about the Qwen2 student's wall time; a trained start), which train.py flags still override."""
+    assert DM.split_student(["--steps", "5"]) == ("qwen2", ["--steps", "5"])
+    student, rest = DM.split_student(["--student", "minilm-3", "--lr", "1e-4"])
+    assert student == "minilm-3" and rest == ["--lr", "1e-4"]
+    cfg = DM.parse_args(rest, student)
+    assert (cfg.steps, cfg.lr) == (DM.DEMO_STUDENTS["minilm-3"]["steps"], 1e-4)
+    assert DM.parse_args([], "qwen2").steps == DM.DEMO_CONFIG["steps"]
+    with pytest.raises(SystemExit):
+        DM.split_student(["--student", "bert-base"])
+
+
 @pytest.mark.slow
 def test_demo_shortened_end_to_end(tmp_path, data_dir, capsys):
     out = tmp_path / "demo"
