@@ -285,7 +285,7 @@ def _demo_table(results: dict, tasks, dims, cfg: TrainConfig, n_params: int, n_t
 
 
 def run_demo(cfg: TrainConfig, *, n_texts: int | None = None, tasks=DEMO_TASKS, engine: str = "builtin",
-             split: str | None = None, untrained: bool = True, plots: bool = True, student: str = "qwen2") -> dict:
+             split: str | None = None, untrained: bool = True, plots: bool = True, kind: str = "qwen2") -> dict:
     """The demo: data -> teacher cache -> student -> stages 1-3 (train.train) -> evaluation table and plots.
     `cfg` carries DEMO_CONFIG (and any CLI overrides: --out, --steps, --lr, --batch, --eval-data = the shared data
     dir, --seed). The keyword arguments are for the test's shortened run."""
@@ -297,7 +297,7 @@ def run_demo(cfg: TrainConfig, *, n_texts: int | None = None, tasks=DEMO_TASKS, 
 
     # 3. the student, saved as stage 0 (train() loads --init from a directory); 4. stages 1-3
     init = out / "init"
-    if student == "minilm-3":  # the teacher's own layers 0, 2, 4 (export.py init-student)
+    if kind == "minilm-3":  # the teacher's own layers 0, 2, 4 (export.py init-student)
         from export import init_student
         init_student(tdir, MINILM3_LAYERS, init, heads=DEMO_HEAD_DIMS, seed=cfg.seed)
     else:
@@ -321,11 +321,11 @@ def run_demo(cfg: TrainConfig, *, n_texts: int | None = None, tasks=DEMO_TASKS, 
 
     # 6. report: one table, results.json, results.md, two PNGs
     table = _demo_table(results, tasks, dims, cfg, n_params, meta["n_texts"], steps, times, engine, split)
-    print("\n" + table, flush=True)
-    if student != "qwen2":
-        table = table.replace("-parameter Qwen2 trained", f"-parameter {student} (all-MiniLM-L6-v2 layers "
+    if kind != "qwen2":
+        table = table.replace("-parameter Qwen2 trained", f"-parameter {kind} (all-MiniLM-L6-v2 layers "
                                                           f"{list(MINILM3_LAYERS)}) trained")
-    report = dict(results=results, times=times, steps=steps, n_texts=meta["n_texts"], table=table, student_kind=student,
+    print("\n" + table, flush=True)
+    report = dict(results=results, times=times, steps=steps, n_texts=meta["n_texts"], table=table, student_kind=kind,
                   student=str(prev), untrained=str(init), config=dataclasses.asdict(cfg))
     atomic_write(out / "results.json", json.dumps(report, indent=1) + "\n")
     atomic_write(out / "results.md", table + "\n")
@@ -351,7 +351,7 @@ def split_student(argv: list[str] | None) -> tuple[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> dict:
     student, rest = split_student(argv)
-    return run_demo(parse_args(rest, student), student=student)
+    return run_demo(parse_args(rest, student), kind=student)
 
 
 def cli(argv: list[str] | None = None) -> int:
