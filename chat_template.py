@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Sequence
 
 import jinja2  # runtime: renders the chat template (jinja2>=3.1.6 in requirements.txt)
+import jinja2.nodes
+import jinja2.utils
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -65,6 +67,25 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _Namespace(jinja2.utils.Namespace):
+    """`namespace(...)` refusing underscore names (as transformers': no route to CPython internals)."""
+
+    def __init__(*args, **kwargs):  # Jinja's own signature trick, so `namespace(self=...)` still works
+        self, args = args[0], args[1:]
+        for name in dict(*args, **kwargs):
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, *args, **kwargs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set {name!r} on a namespace")
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())  # a jinja message may span lines; the refusal is one line
 
@@ -74,7 +95,8 @@ def compile_template(source: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=lambda f: datetime.now().strftime(f), dict=dict)
+    env.globals.update(raise_exception=_raise_exception, strftime_now=lambda f: datetime.now().strftime(f), dict=dict,
+                       namespace=_Namespace)
     return env.from_string(source)
 
 

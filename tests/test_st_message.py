@@ -144,3 +144,24 @@ def test_bad_template_refused_naming_the_file(tmp_path):
     with pytest.raises(T.TeacherError, match=r"sentence_bert_config\.json: modality_config lists 'message' but the "
                                              r"folder has no chat template"):
         T.load_teacher(str(folder))
+
+
+def test_renderer_equals_transformers_on_template_features():
+    """chat_template.compile_template vs transformers' own renderer on the features hub templates use:
+    {% generation %}, loopcontrols, namespace, tojson (no HTML escaping), dict(), raise_exception, trim/lstrip."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tpl = ("{%- set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+           "{% set ns.n = ns.n + 1 %}\n  <{{ m.role }}>{{ m.content | tojson }}{% generation %}[{{ ns.n }}]"
+           "{% endgeneration %}{{ dict(a=1) | tojson }}\n{% endfor %}{% if add_generation_prompt %}{{ eos_token }}"
+           "{% endif %}{% if messages | length > 3 %}{{ raise_exception('too long') }}{% endif %}")
+    msgs = [{"role": "system", "content": "<b>&'\""}, {"role": "user", "content": "naïve ✓"},
+            {"role": "user", "content": "third"}]
+    ours = CT.compile_template(tpl).render(messages=msgs, tools=None, documents=None, add_generation_prompt=True,
+                                           eos_token="</s>")
+    ref = render_jinja_template([msgs], chat_template=tpl, add_generation_prompt=True, eos_token="</s>")[0][0]
+    assert ours == ref and "<b>&" in ours and "[2]" in ours and "third" not in ours
+    with pytest.raises(Exception, match="too long"):
+        CT.compile_template(tpl).render(messages=msgs * 2)
+    with pytest.raises(Exception, match="namespace"):
+        CT.compile_template("{% set ns = namespace(_x=1) %}").render()
