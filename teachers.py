@@ -7,7 +7,8 @@ Teacher families, written directly in torch and loaded strictly from real safete
   Qwen2, Qwen3 or Mistral body (all-MiniLM-L6-v2, bge-*-en-v1.5, e5, gte-Qwen2-*-instruct, e5-mistral-7b-instruct,
   Qwen3-Embedding-0.6B/4B/8B): modules.json -> body -> Pooling (mean / CLS / last token / max / weighted mean, as
   `1_Pooling/config.json` says, `include_prompt` honoured) -> Dense (with its activation) -> Normalize, prompts from
-  `config_sentence_transformers.json`. `BertTeacher` is its BERT case (the demo's all-MiniLM-L6-v2 teacher). The
+  `config_sentence_transformers.json`, or the folder's chat template for sentence-transformers >= 6 `message`-modality
+  folders (chat_template.py). `BertTeacher` is its BERT case (the demo's all-MiniLM-L6-v2 teacher). The
   folder's JSON is read by checkpoints.read_st_layout, the BERT body is bert.py's; the pooling modes are here.
 - `StellaTeacher` (stella_en_1.5B_v5): Qwen2 body (model.Qwen2Encoder, bidirectional) -> masked mean ->
   `2_Dense_{D}` Linear(1536, D) (D = 8192 by default, as in the paper) -> L2 normalise.
@@ -297,7 +298,9 @@ class SentenceTransformerTeacher(Teacher):
     modules and Normalize in modules.json order; `dim=N` keeps the first N dims (Matryoshka) and renormalises.
     Prompt: `prompt_name` (a key of config_sentence_transformers.json's prompts) or a literal `prompt`; default
     the folder's default_prompt_name (none for most models: documents / passages). `encode(instruction=...)` uses
-    the instruction as a literal prompt for that call.
+    the instruction as a literal prompt for that call. A folder saved by sentence-transformers >= 6 with the `message`
+    modality encodes each text through its chat template instead (chat_template.py: the prompt as a system message,
+    no special tokens added, the template's tail restored on truncated rows), as that library does.
     """
 
     def __init__(self, src: str | os.PathLike, prompt_name: str | None = None, prompt: str | None = None,
