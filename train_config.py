@@ -93,6 +93,8 @@ class TrainConfig:
     seed: int = _f(0, "seed for the data order and anything random")
     # --- logging, checkpoints, export
     log_every: int = _f(10, "print a progress line every N steps (metrics.jsonl gets every step)")
+    tensorboard: bool = _f(False, "also log every metrics.jsonl scalar live to OUT/tensorboard/ (rank 0; view with "
+                                  "`tensorboard --logdir OUT/tensorboard`); needs the optional tensorboard package")
     ckpt_every: int = _f(500, "checkpoint every N steps (0 = only at the end)")
     keep_ckpts: int = _f(2, "keep the last N checkpoints")
     stop_at: int | None = _f(None, "end this run after this step (with a checkpoint) without changing the schedule; "
@@ -118,6 +120,8 @@ class TrainConfig:
             raise ConfigError(f"--mrl-teacher must be 'teacher' or 'self', got {self.mrl_teacher!r}")
         if self.out is None:
             self.out = f"runs/stage{self.stage}"
+        if self.tensorboard:
+            require_tensorboard()
         for k, v in STAGE_DEFAULTS[self.stage].items():  # per-stage defaults (sec. 3.1) for fields left unset
             if getattr(self, k) is None:
                 setattr(self, k, v)
@@ -151,6 +155,16 @@ def build_parser(prog: str | None = None, description: str | None = None) -> arg
 class ConfigError(UserError):
     """A setting that cannot work (type, range, a missing input, a resume that would silently differ); the message
     names the flag, --config key or file."""
+
+
+def require_tensorboard() -> None:
+    """--tensorboard needs the optional `tensorboard` package: refused at start-up in one line, not a traceback at
+    the first logged step."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"--tensorboard needs the tensorboard package, which is not installed (pip install "
+                          f"tensorboard): {e}") from None
 
 
 # Valid values beyond each field's annotated type, checked up front by validate_values (type + range, naming the key).
