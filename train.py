@@ -9,7 +9,8 @@ Read top to bottom, one optimizer step is:
   FSDP2 fully_shard per transformer block, then the root -> AdamW + warmup/cosine -> data batch (this rank's share
   of the global batch, in micro-batches) -> teacher targets (cache, verified row by row; or teachers on the fly) ->
   student vectors of the rank's share -> all-gather of the GLOBAL batch (student: with gradients, teacher: without)
-  -> losses.distill_loss(stage, ...) -> backward -> clip -> step -> log / checkpoint.
+  -> losses.distill_loss(stage, ...) -> backward -> clip -> step -> log / checkpoint. With --grad-cache the
+  vectors, loss and backward run as grad_cache.py's two passes (same gradient, one micro-batch's activations).
 
 Gradient convention (README, training: "The global batch"): every rank computes the SAME loss L on the
 gathered global batch. all_gather_single_autograd's backward sums the W ranks' (identical) gradients for the
@@ -45,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import grad_cache
 import losses
 from checkpoints import (atomic_write, checkpoint_keys, fmt_duration, folder_problem, resolve_checkpoint,
                          rng_state, set_rng_state, write_checksums)
@@ -658,35 +660,31 @@ def resume_or_start(run: RunState) -> None:
     run.log.print(f"stage {cfg.stage} | {d.world_size} rank(s) on {d.device} | {cfg.dtype} | trainable "
                   f"{run.n_train / 1e6:.2f}M of {run.n_all / 1e6:.2f}M params ({run.n_tensors} tensors) | global "
                   f"batch {cfg.batch} | lr {cfg.lr:g} | steps {cfg.steps}"
+                  + (f" | grad cache ({cfg.micro_batch}-row micro-batches)" if cfg.grad_cache else "")
                   + (f" | resumed at step {run.step}" if run.step else ""))
     run.clock = Clock(start_step=run.step)
     if cfg.eval_every:
         run.evaluator = TrainEval(cfg, run.loader, run.targets, head_dims(run.model), run.autocast, run.log)
 
 
-def global_vectors(run: RunState, batch) -> tuple[dict, Any, int]:
-    """Forward this rank's share, then gather the GLOBAL batch: student vectors with gradients, teacher without.
-    -> ({D: (B, D)}, teacher (B, Dt) or {D: (B, D)} in stage 4, this rank's real tokens)."""
-    cfg, d = run.cfg, run.d
+def local_vectors(run: RunState, batch) -> tuple[dict, Any]:
+    """The default path: forward this rank's share micro-batch by micro-batch, keeping every graph (the in-batch
+    losses need the whole global batch before any backward). -> ({D: (b, D)}, this rank's teacher rows)."""
     with run.autocast:
-        if cfg.stage <= 3:
-            student_local, teacher_local, n_tokens = text_vectors(run.model, batch, run.targets, run.heads, d)
-        else:
-            student_local, teacher_local, n_tokens = image_vectors(run.model, batch, run.heads, cfg.micro_batch, d)
+        outs = [forward_micro(run.model, m, run.heads, run.d) for m in micro_batches(batch, run.cfg.micro_batch)]
+    return {D: torch.cat([s[D] for s, _ in outs]) for D in run.heads}, share_teacher(run, batch, [c for _, c in outs])
+
+
+def step_loss(run: RunState, student_local: dict, teacher_local) -> tuple[torch.Tensor, dict]:
+    """Gather the GLOBAL batch (student vectors with gradients, teacher without), then the losses of the stage
+    (eq. 4). A non-finite loss stops the run naming the last good checkpoint."""
+    cfg, d = run.cfg, run.d
     eq = cfg.stage <= 3  # text shares are equal; image shares may lose broken images
     student = {D: gather_global(v, d, grad=True, equal=eq) for D, v in student_local.items()}  # (B, D)
     if cfg.stage <= 3:
         teacher = gather_global(teacher_local, d, grad=False)  # (B, Dt)
     else:
         teacher = {D: gather_global(v, d, grad=False, equal=False) for D, v in teacher_local.items()}
-    return student, teacher, n_tokens
-
-
-def optimizer_step(run: RunState, batch) -> tuple[float, dict, float, float, int]:
-    """One optimizer step on one global batch: losses (eq. 4 per stage) -> backward -> clip -> AdamW -> schedule.
-    A non-finite loss or gradient norm stops the run naming the last good checkpoint."""
-    cfg = run.cfg
-    student, teacher, n_tokens = global_vectors(run, batch)
     loss, parts = losses.distill_loss(cfg.stage, student, teacher, weights=tuple(cfg.loss_weights),
                                       margin=cfg.margin, mrl_teacher=cfg.mrl_teacher)
     loss_val = loss.item()  # identical on every rank (same gathered inputs, same maths)
@@ -694,7 +692,31 @@ def optimizer_step(run: RunState, batch) -> tuple[float, dict, float, float, int
         raise DivergedError(f"non-finite loss {loss_val} at step {run.step + 1} (parts {parts}); stopping. "
                          f"Last good checkpoint: {run.last_ckpt or 'none'} (resume with --resume, e.g. with a "
                          f"lower --lr)")
-    loss.backward()
+    return loss, parts
+
+
+def backward_step(run: RunState, batch) -> tuple[float, dict, int]:
+    """The gradient of one global batch's loss in the parameters' .grad, by the default path (every graph kept
+    until one backward) or, with --grad-cache, by grad_cache.cached_backward (one micro-batch's graph at a time,
+    the same gradient). -> (loss, parts, this rank's real tokens)."""
+    if run.cfg.grad_cache:
+        def forward(micro, with_teacher: bool):  # one micro-batch, pass 1 (no graph) or pass 2 (graph)
+            with run.autocast:
+                return forward_micro(run.model, micro, run.heads, run.d, with_teacher)
+        loss, parts = grad_cache.cached_backward(
+            forward, micro_batches(batch, run.cfg.micro_batch),
+            lambda student, caps: step_loss(run, student, share_teacher(run, batch, caps)), run.model, run.d.device)
+    else:
+        loss, parts = step_loss(run, *local_vectors(run, batch))
+        loss.backward()
+    return loss.item(), parts, batch.n_tokens if run.cfg.stage <= 3 else batch["n_tokens"]
+
+
+def optimizer_step(run: RunState, batch) -> tuple[float, dict, float, float, int]:
+    """One optimizer step on one global batch: losses (eq. 4 per stage) -> backward -> clip -> AdamW -> schedule.
+    A non-finite loss or gradient norm stops the run naming the last good checkpoint."""
+    cfg = run.cfg
+    loss_val, parts, n_tokens = backward_step(run, batch)
     gnorm = clip_grad_norm(run.train_params, cfg.grad_clip)
     if not math.isfinite(gnorm):
         raise DivergedError(f"non-finite gradient norm at step {run.step + 1}; stopping. Last good "
@@ -790,37 +812,43 @@ def finish(run: RunState) -> dict:
     return summary
 
 
-def text_vectors(model, batch, targets: TextTargets, heads: list[int], d: Dist):
-    """Stages 1-3: forward the share micro-batch by micro-batch, keeping every graph (the in-batch losses need the
-    whole global batch before any backward). -> ({D: (b, D)}, teacher (b, Dt), real tokens)."""
-    teacher = targets(batch.rows, batch.hashes).to(d.device)  # (b, Dt) fp32, rows in the order of the chunks
-    if batch.packed is not None:  # texts packed in rows (data.TrainLoader): one vector per text, in batch.rows order
-        outs = [model(packed=p.to(d.device), dims=heads) for p in batch.packed]
-    else:
-        outs = [model(ids.to(d.device), mask.to(d.device), dims=heads) for ids, mask in batch.chunks]
-    # fp32 for the losses (the forward may run in bf16)
-    return {D: torch.cat([o[D] for o in outs]).float() for D in heads}, teacher, batch.n_tokens
+def micro_batches(batch, micro_batch: int) -> list:
+    """This rank's share as the inputs of its forwards: packed rows (packing.Packed) or padded (ids, mask) chunks
+    (stages 1-3, as data.TrainLoader cut them), or dicts of <= micro_batch image-caption pairs (stage 4)."""
+    if isinstance(batch, dict):  # stage 4: data.ImageBatches
+        n = batch["pixel_values"].shape[0]
+        return [{k: batch[k][s:s + micro_batch] for k in ("pixel_values", "input_ids", "attention_mask")}
+                for s in range(0, n, micro_batch)]
+    return batch.packed if batch.packed is not None else batch.chunks
 
 
-def image_vectors(model, batch: dict, heads: list[int], micro_batch: int, d: Dist):
-    """Stage 4 (sec. 2.5): each caption through the frozen text side (no grad) is the teacher of its image; the
-    image enters as <img_start> <img_token> x K <img_end> with the K tokens replaced by pooled vision features.
-    -> ({D: (b, D) image vectors}, {D: (b, D) caption vectors}, real caption tokens)."""
-    pv, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
-    prompt = torch.tensor(model.image_prompt_ids(), device=d.device)  # (K + 2,)
-    student, teacher = {D: [] for D in heads}, {D: [] for D in heads}
-    for s in range(0, pv.shape[0], micro_batch):
-        sl = slice(s, s + micro_batch)
-        with torch.no_grad():  # frozen text side: the caption vector is the target (sec. 2.5)
-            cap = model(ids[sl].to(d.device), mask[sl].to(d.device), dims=heads)
-        img_ids = prompt[None].expand(pv[sl].shape[0], -1)  # (m, K + 2)
-        # the gradient reaches only the vision tower
-        img = model(img_ids, torch.ones_like(img_ids), pixel_values=pv[sl].to(d.device), dims=heads)
-        for D in heads:
-            student[D].append(img[D].float())
-            teacher[D].append(cap[D].float())
-    return ({D: torch.cat(v) for D, v in student.items()}, {D: torch.cat(v) for D, v in teacher.items()},
-            batch["n_tokens"])
+def forward_micro(model, micro, heads: list[int], d: Dist, with_teacher: bool = True) -> tuple[dict, dict | None]:
+    """One micro-batch through the student -> ({D: (m, D) fp32 student vectors}, teacher part or None).
+    Stages 1-3: one vector per text (packed: in the order the texts were given); the teacher part is None (the
+    targets come from TextTargets). Stage 4 (sec. 2.5): each caption through the frozen text side (no grad) is the
+    teacher of its image (with_teacher=False skips it); the image enters as <img_start> <img_token> x K <img_end>
+    with the K tokens replaced by pooled vision features, and its gradient reaches only the vision tower."""
+    if not isinstance(micro, dict):
+        out = (model(packed=micro.to(d.device), dims=heads) if not isinstance(micro, (tuple, list))
+               else model(micro[0].to(d.device), micro[1].to(d.device), dims=heads))
+        return {D: out[D].float() for D in heads}, None  # fp32 for the losses (the forward may run in bf16)
+    cap = None
+    if with_teacher:
+        with torch.no_grad():  # frozen text side: the caption vector is the target
+            c = model(micro["input_ids"].to(d.device), micro["attention_mask"].to(d.device), dims=heads)
+        cap = {D: c[D].float() for D in heads}
+    pv = micro["pixel_values"].to(d.device)
+    img_ids = torch.tensor(model.image_prompt_ids(), device=d.device)[None].expand(pv.shape[0], -1)  # (m, K + 2)
+    img = model(img_ids, torch.ones_like(img_ids), pixel_values=pv, dims=heads)
+    return {D: img[D].float() for D in heads}, cap
+
+
+def share_teacher(run: RunState, batch, caps: list):
+    """This rank's teacher rows: stages 1-3 the (b, Dt) fp32 targets (cache verified by (row, hash), or teachers on
+    the fly), rows in the order of the micro-batches; stage 4 {D: (b, D)} from forward_micro's caption vectors."""
+    if run.cfg.stage <= 3:
+        return run.targets(batch.rows, batch.hashes).to(run.d.device)
+    return {D: torch.cat([c[D] for c in caps]) for D in run.heads}
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
