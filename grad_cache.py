@@ -35,7 +35,9 @@ per sharded module. Gradient reduction runs once per optimizer step instead: the
 set_requires_gradient_sync(False) (FSDP2's no_sync) for every micro-batch but the last, so FSDP2 accumulates the
 UNSHARDED gradients locally (in the reduce dtype: one unsharded fp32 gradient of the trainable parameters per
 rank, the price of one reduction per step), then True for the last, whose backward reduce-scatters the sum.
-Every rank must run the same number of micro-batches (so the collectives pair up).
+Every rank runs the same number of micro-batches (train.py's step plan and `agree` guarantee it; a micro-batch
+without rows is a dummy forward whose output is sliced away: its pass-2 backward gets a (0, D) gradient and still
+runs, so the ranks' FSDP collectives pair up).
 """
 from __future__ import annotations
 

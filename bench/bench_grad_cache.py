@@ -57,7 +57,7 @@ def child(a) -> None:
     t = time.perf_counter()
     loss = [TR.optimizer_step(run, b)[0] for b in batches[1:]]
     step_s = (time.perf_counter() - t) / a.steps
-    n_micro = len(TR.micro_batches(batches[0], cfg.micro_batch))
+    n_micro = len(TR.micro_batches(batches[0]))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's high-water RSS (KiB on Linux)
     print(json.dumps(dict(base_mb=base, peak_mb=peak, step_s=step_s, loss=loss[-1], n_micro=n_micro)), flush=True)
 

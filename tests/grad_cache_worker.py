@@ -33,8 +33,9 @@ def one(args: list[str], d: TR.Dist, mode: str) -> dict:
     sync = grad_cache.set_gradient_sync
     if mode == "cache_no_sync_off":
         grad_cache.set_gradient_sync = lambda model, s: None
+    sizes = TR.agree(run, *TR.batch_counts(batch))  # every rank's rows, as optimizer_step does
     try:
-        loss, _, _ = TR.backward_step(run, batch)
+        loss, _, _ = TR.backward_step(run, batch, sizes)
     finally:
         dist.reduce_scatter_single, grad_cache.set_gradient_sync = real, sync
     grads = {}
@@ -43,7 +44,7 @@ def one(args: list[str], d: TR.Dist, mode: str) -> dict:
             g = p.grad
             grads[n] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
     return dict(grads=grads, loss=loss, reduce_scatters=calls[0],
-                n_micro=len(TR.micro_batches(batch, cfg.micro_batch)))
+                n_micro=len(TR.micro_batches(batch)))
 
 
 def main():

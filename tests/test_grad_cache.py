@@ -106,7 +106,7 @@ def step_once(args: list[str]) -> tuple[dict, dict, float, int]:
         lambda opt, *_: seen.update({names[p]: p.grad.clone() for grp in opt.param_groups for p in grp["params"]}))
     loss = TR.optimizer_step(run, batch)[0]
     params = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
-    return seen, params, loss, len(TR.micro_batches(batch, cfg.micro_batch))
+    return seen, params, loss, len(TR.micro_batches(batch))
 
 
 @pytest.mark.parametrize("stage,packing", [(1, True), (1, False), (2, True), (2, False), (3, True), (3, False),
