@@ -21,6 +21,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def assert_grads_close(got: dict, ref: dict, rel: float = 1e-6) -> None:
+    """Per tensor ||got - ref|| <= rel ||ref||, except for a tensor whose reference gradient is itself below rel * G
+    (G = the norm of the whole reference gradient): fp32 rounding noise of an exact zero -- the SigLIP key biases
+    (no RoPE there: softmax ignores the shift q.b of every score of a query) -- for which both must stay that small."""
+    assert got.keys() == ref.keys() and ref
+    total = torch.cat([g.flatten() for g in ref.values()]).norm().item()
+    for k in ref:
+        if ref[k].norm().item() <= rel * total:
+            assert got[k].norm().item() <= rel * total, k
+        else:
+            assert rel_err(got[k], ref[k]) <= rel, (k, rel_err(got[k], ref[k]))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the mechanism on a random forward (dropout): pass 2 must replay pass 1's masks
 # ---------------------------------------------------------------------------------------------------------------------
@@ -117,14 +130,11 @@ def test_grad_cache_equals_default_path_single_process(assets, tmp_path, stage, 
     grads_b, params_b, loss_b, _ = step_once(train_args(assets, tmp_path / "b", stage, packing) + ["--grad-cache"])
     assert n_micro >= 2  # else there is nothing to cache
     assert loss_b == pytest.approx(loss_a, rel=1e-6)
-    assert grads_a.keys() == grads_b.keys() and grads_a
-    for k in grads_a:
-        assert rel_err(grads_b[k], grads_a[k]) <= 1e-6, k
+    assert_grads_close(grads_b, grads_a)
     init = TR.load_student(TR.parse_config(args)).state_dict()
-    for k in params_a:
-        step_a = params_a[k] - init[k]  # the AdamW update of this step
-        assert step_a.abs().max() > 0, k
-        assert rel_err(params_b[k] - init[k], step_a) <= 1e-6, k
+    steps_a = {k: params_a[k] - init[k] for k in params_a}  # the AdamW update of this step
+    assert all(v.abs().max() > 0 for v in steps_a.values())
+    assert_grads_close({k: params_b[k] - init[k] for k in params_b}, steps_a)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -149,17 +159,15 @@ def test_two_processes_grad_cache_equals_one_process_and_reduces_once(assets, tm
     default, cache, control = two["default"], two["cache"], two["cache_no_sync_off"]
     assert cache["n_micro"] >= 2
     # 2 processes: the cached path gives the default path's gradients
-    for k in default["grads"]:
-        assert rel_err(cache["grads"][k], default["grads"][k]) <= 1e-6, k
+    assert_grads_close(cache["grads"], default["grads"])
     assert cache["loss"] == pytest.approx(default["loss"], rel=1e-6)
     # ... and 2 processes == 1 (fp32 summation order in the sharded reductions: ~5e-7 measured)
-    assert one["default"]["grads"].keys() == cache["grads"].keys()
-    for k in one["default"]["grads"]:
-        assert rel_err(cache["grads"][k], one["default"]["grads"][k]) <= 1e-6, k
-        assert rel_err(one["cache"]["grads"][k], one["default"]["grads"][k]) <= 1e-6, k
+    assert_grads_close(cache["grads"], one["default"]["grads"])
+    assert_grads_close(one["cache"]["grads"], one["default"]["grads"])
+    assert cache["loss"] == pytest.approx(one["default"]["loss"], rel=1e-6)
     # FSDP2 reduces once per step: as many reduce-scatters as the default path's single backward (one per sharded
     # module with trainable parameters), against one per micro-batch when no_sync is left off (the control)
     assert default["reduce_scatters"] > 0
     assert cache["reduce_scatters"] == default["reduce_scatters"]
     assert control["reduce_scatters"] == cache["n_micro"] * default["reduce_scatters"]
-    assert rel_err(control["grads"][k], default["grads"][k]) <= 1e-6  # no_sync changes when, not what, is reduced
+    assert_grads_close(control["grads"], default["grads"])  # no_sync changes when, not what, is reduced
