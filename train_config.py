@@ -90,6 +90,11 @@ class TrainConfig:
                             "single process); fp32: everything fp32", choices=["bf16", "fp32"])
     device: str = _f("auto", "auto (cuda if available), cpu or cuda", choices=["auto", "cpu", "cuda"])
     activation_checkpointing: bool = _f(False, "recompute each transformer block in backward (saves memory)")
+    grad_cache: bool = _f(False, "cached-gradient training (grad_cache.py): forward every micro-batch without a "
+                                 "graph, take the loss' gradient at the vectors, then re-forward and backward one "
+                                 "micro-batch at a time: activation memory of ONE --micro-batch whatever --batch, "
+                                 "the same gradient, ~1 extra forward of compute; under FSDP one unsharded fp32 "
+                                 "gradient of the trainable parameters per rank (docs/train.md)")
     seed: int = _f(0, "seed for the data order and anything random")
     # --- logging, checkpoints, export
     log_every: int = _f(10, "print a progress line every N steps (metrics.jsonl gets every step)")
