@@ -10,7 +10,8 @@ Read top to bottom, one optimizer step is:
   of the global batch, in micro-batches) -> the agreement check (every rank about to run the same forwards) ->
   teacher targets (cache, verified row by row; or teachers on the fly) -> student vectors of the rank's share ->
   all-gather of the GLOBAL batch (student: with gradients, teacher: without) -> losses.distill_loss(stage, ...) ->
-  backward -> clip -> step -> log / checkpoint.
+  backward -> clip -> step -> log / checkpoint. With --grad-cache the vectors, loss and backward run as
+  grad_cache.py's two passes (the same gradient, one micro-batch's activations at a time).
 
 The distributed invariant (docs/train.md): at every step every rank runs the same sequence of collectives: the same
 number of micro-batch forwards (data.TrainLoader lays out the global batch with one plan for all ranks; an empty
@@ -53,6 +54,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import grad_cache
 import losses
 from checkpoints import (CheckpointError, atomic_write, checkpoint_keys, fmt_duration, folder_problem, read_json,
                          read_st_layout, resolve_checkpoint, rng_state, set_rng_state, write_checksums)
@@ -63,6 +65,7 @@ from model import JasperConfig, JasperModel, default_head_dims
 from packing import split_even
 from teacher_cache import TeacherCache, read_cache_input
 from teachers import MultiTeacher, load_teacher
+from tensorboard_log import TensorBoardLog
 from train_config import ConfigError, TrainConfig, parse_config  # 1. the config of a run (sec. 3.1 defaults)
 from train_eval import TrainEval, best_eval, eval_line, plot_eval
 from vision import SiglipVisionEncoder
@@ -602,8 +605,10 @@ def export_final(model, tokenizer, out_dir: Path, d: Dist):
 # ======================================================================================================================
 
 class Logger:
-    def __init__(self, out: Path, d: Dist, resume_step: int | None):
+    def __init__(self, out: Path, d: Dist, resume_step: int | None, tensorboard: bool = False):
         self.path, self.main = out / "metrics.jsonl", d.main
+        # --tensorboard: the same records, live, in OUT/tensorboard (rank 0; purges a killed run's extra steps)
+        self.tb = TensorBoardLog(out / "tensorboard", resume_step) if tensorboard and d.main else None
         if self.main and resume_step is not None and self.path.exists():
             # drop the lines a killed run wrote after its last checkpoint (the resumed run writes them again) and
             # any line cut short by a kill or a full disk during its write, saying so
@@ -633,6 +638,8 @@ class Logger:
                 if is_disk_full(e):
                     raise DiskFullError(self.path, "its last line may be cut short (--resume removes it)") from e
                 raise
+            if self.tb is not None:
+                self.tb.write(rec)
 
     def print(self, msg: str):
         if self.main:
@@ -771,32 +778,60 @@ def resume_or_start(run: RunState) -> None:
         load_checkpoint(run)
     elif cfg.resume and d.main:
         print(f"train.py: --resume but no checkpoint in {ckdir}: starting at step 0", flush=True)
-    run.log = Logger(run.out, d, run.step if resuming else None)
+    run.log = Logger(run.out, d, run.step if resuming else None, cfg.tensorboard)
     run.log.print(f"stage {cfg.stage} | {d.world_size} rank(s) on {d.device} | {cfg.dtype} | trainable "
                   f"{run.n_train / 1e6:.2f}M of {run.n_all / 1e6:.2f}M params ({run.n_tensors} tensors) | global "
                   f"batch {cfg.batch} | lr {cfg.lr:g} | steps {cfg.steps}"
+                  + (f" | grad cache ({cfg.micro_batch}-row micro-batches)" if cfg.grad_cache else "")
                   + (f" | resumed at step {run.step}" if run.step else ""))
     run.clock = Clock(start_step=run.step)
     if cfg.eval_every:
         run.evaluator = TrainEval(cfg, run.loader, run.targets, head_dims(run.model), run.autocast, run.log)
 
 
-def global_vectors(run: RunState, batch, sizes: list[int]) -> tuple[dict, Any, int]:
-    """Forward this rank's share, then gather the GLOBAL batch: student vectors with gradients, teacher without.
-    `sizes`: every rank's row count (agree). -> ({D: (B, D)}, teacher (B, Dt) or {D: (B, D)} in stage 4, this
-    rank's real tokens)."""
-    cfg, d = run.cfg, run.d
+def local_vectors(run: RunState, batch) -> tuple[dict, Any]:
+    """The default path: forward this rank's share micro-batch by micro-batch, keeping every graph (the in-batch
+    losses need the whole global batch before any backward). -> ({D: (b, D)}, this rank's teacher rows)."""
     with run.autocast:
-        if cfg.stage <= 3:
-            student_local, teacher_local, n_tokens = text_vectors(run.model, batch, run.targets, run.heads, d)
-        else:
-            student_local, teacher_local, n_tokens = image_vectors(run.model, batch, run.heads, d)
+        outs = [forward_micro(run.model, m, run.heads, run.d) for m in micro_batches(batch)]
+    return {D: torch.cat([s[D] for s, _ in outs]) for D in run.heads}, share_teacher(run, batch, [c for _, c in outs])
+
+
+def step_loss(run: RunState, student_local: dict, teacher_local, sizes: list[int]) -> tuple[torch.Tensor, dict]:
+    """Gather the GLOBAL batch (student vectors with gradients, teacher without; `sizes`: every rank's row count,
+    from agree), then the losses of the stage (eq. 4). A non-finite loss stops the run naming the last good
+    checkpoint."""
+    cfg, d = run.cfg, run.d
     student = {D: gather_global(v, d, True, sizes) for D, v in student_local.items()}  # (B, D)
     if cfg.stage <= 3:
         teacher = gather_global(teacher_local, d, False, sizes)  # (B, Dt)
     else:
         teacher = {D: gather_global(v, d, False, sizes) for D, v in teacher_local.items()}
-    return student, teacher, n_tokens
+    loss, parts = losses.distill_loss(cfg.stage, student, teacher, weights=tuple(cfg.loss_weights),
+                                      margin=cfg.margin, mrl_teacher=cfg.mrl_teacher)
+    loss_val = loss.item()  # identical on every rank (same gathered inputs, same maths)
+    if not math.isfinite(loss_val):
+        raise DivergedError(f"non-finite loss {loss_val} at step {run.step + 1} (parts {parts}); stopping. "
+                         f"Last good checkpoint: {run.last_ckpt or 'none'} (resume with --resume, e.g. with a "
+                         f"lower --lr)")
+    return loss, parts
+
+
+def backward_step(run: RunState, batch, sizes: list[int]) -> tuple[float, dict, int]:
+    """The gradient of one global batch's loss in the parameters' .grad, by the default path (every graph kept
+    until one backward) or, with --grad-cache, by grad_cache.cached_backward (one micro-batch's graph at a time,
+    the same gradient). -> (loss, parts, this rank's real tokens)."""
+    if run.cfg.grad_cache:
+        def forward(micro, with_teacher: bool):  # one micro-batch, pass 1 (no graph) or pass 2 (graph)
+            with run.autocast:
+                return forward_micro(run.model, micro, run.heads, run.d, with_teacher)
+        loss, parts = grad_cache.cached_backward(
+            forward, micro_batches(batch), lambda student, caps: step_loss(run, student, share_teacher(
+                run, batch, caps), sizes), run.model, run.d.device)
+    else:
+        loss, parts = step_loss(run, *local_vectors(run, batch), sizes)
+        loss.backward()
+    return loss.item(), parts, batch.n_tokens if run.cfg.stage <= 3 else batch["n_tokens"]
 
 
 def batch_counts(batch) -> tuple[int, int]:
@@ -812,15 +847,7 @@ def optimizer_step(run: RunState, batch, failed: BaseException | None = None) ->
     last good checkpoint. `failed`: this rank could not build its batch (every rank stops, in agree)."""
     cfg = run.cfg
     sizes = agree(run, *(batch_counts(batch) if failed is None else (0, 0)), failed=failed)
-    student, teacher, n_tokens = global_vectors(run, batch, sizes)
-    loss, parts = losses.distill_loss(cfg.stage, student, teacher, weights=tuple(cfg.loss_weights),
-                                      margin=cfg.margin, mrl_teacher=cfg.mrl_teacher)
-    loss_val = loss.item()  # identical on every rank (same gathered inputs, same maths)
-    if not math.isfinite(loss_val):
-        raise DivergedError(f"non-finite loss {loss_val} at step {run.step + 1} (parts {parts}); stopping. "
-                         f"Last good checkpoint: {run.last_ckpt or 'none'} (resume with --resume, e.g. with a "
-                         f"lower --lr)")
-    loss.backward()
+    loss_val, parts, n_tokens = backward_step(run, batch, sizes)
     gnorm = clip_grad_norm(run.train_params, cfg.grad_clip)
     if not math.isfinite(gnorm):
         raise DivergedError(f"non-finite gradient norm at step {run.step + 1}; stopping. Last good "
@@ -916,48 +943,57 @@ def finish(run: RunState) -> dict:
     return summary
 
 
-def text_vectors(model, batch, targets: TextTargets, heads: list[int], d: Dist):
-    """Stages 1-3: forward the share micro-batch by micro-batch, keeping every graph (the in-batch losses need the
-    whole global batch before any backward). A micro-batch without texts (micro_sizes 0) runs its one-token dummy
-    all the same and keeps none of its output: its forward and backward pair up with the other ranks' FSDP
-    collectives, and its rows get a zero gradient. -> ({D: (b, D)}, teacher (b, Dt), real tokens)."""
-    teacher = targets(batch.rows, batch.hashes).to(d.device)  # (b, Dt) fp32, rows in the order of the micro-batches
-    if batch.packed is not None:  # texts packed in rows (data.TrainLoader): one vector per text, in batch.rows order
-        outs = [model(packed=p.to(d.device), dims=heads) for p in batch.packed]
-    else:
-        outs = [model(ids.to(d.device), mask.to(d.device), dims=heads) for ids, mask in batch.chunks]
-    # [:n] drops a dummy's row; fp32 for the losses (the forward may run in bf16)
-    return ({D: torch.cat([o[D][:n] for o, n in zip(outs, batch.micro_sizes)]).float() for D in heads}, teacher,
-            batch.n_tokens)
-
-
-def image_vectors(model, batch: dict, heads: list[int], d: Dist):
-    """Stage 4 (sec. 2.5): each caption through the frozen text side (no grad) is the teacher of its image; the
-    image enters as <img_start> <img_token> x K <img_end> with the K tokens replaced by pooled vision features.
-    The surviving pairs are split over batch["n_forwards"] forwards, the same count on every rank whatever images
-    were broken; a forward left without pairs runs a dummy (a blank image, a one-token caption) and keeps nothing.
-    -> ({D: (b, D) image vectors}, {D: (b, D) caption vectors}, real caption tokens)."""
+def micro_batches(batch) -> list[tuple[Any, int]]:
+    """This rank's forwards as (input, real rows): packed rows (packing.Packed) or padded (ids, mask) chunks
+    (stages 1-3, as data.TrainLoader laid them out), or dicts of image-caption pairs split evenly over
+    batch["n_forwards"] (stage 4). Real rows 0: a micro-batch without texts or pairs still runs a one-token dummy
+    (a blank image and a one-token caption in stage 4) whose output is dropped, so that its forward and backward
+    pair up with the other ranks' FSDP collectives (every rank runs the same number of forwards)."""
+    if not isinstance(batch, dict):
+        return list(zip(batch.packed if batch.packed is not None else batch.chunks, batch.micro_sizes))
     pv, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
-    prompt = torch.tensor(model.image_prompt_ids(), device=d.device)  # (K + 2,)
-    student, teacher = {D: [] for D in heads}, {D: [] for D in heads}
+    out = []
     for group in split_even(range(pv.shape[0]), batch["n_forwards"]):
         n = len(group)
         sl = slice(group[0], group[-1] + 1) if n else slice(0, 1)
         p_sl, i_sl, m_sl = (pv[sl], ids[sl], mask[sl]) if n else dummy_image_pair(pv, ids)
-        with torch.no_grad():  # frozen text side: the caption vector is the target (sec. 2.5)
-            cap = model(i_sl.to(d.device), m_sl.to(d.device), dims=heads)
-        img_ids = prompt[None].expand(p_sl.shape[0], -1)  # (m, K + 2)
-        # the gradient reaches only the vision tower
-        img = model(img_ids, torch.ones_like(img_ids), pixel_values=p_sl.to(d.device), dims=heads)
-        for D in heads:
-            student[D].append(img[D][:n].float())  # [:n] drops a dummy's row
-            teacher[D].append(cap[D][:n].float())
-    return ({D: torch.cat(v) for D, v in student.items()}, {D: torch.cat(v) for D, v in teacher.items()},
-            batch["n_tokens"])
+        out.append((dict(pixel_values=p_sl, input_ids=i_sl, attention_mask=m_sl), n))
+    return out
+
+
+def forward_micro(model, micro: tuple[Any, int], heads: list[int], d: Dist,
+                  with_teacher: bool = True) -> tuple[dict, dict | None]:
+    """One of micro_batches' forwards -> ({D: (n, D) fp32 student vectors}, teacher part or None), a dummy's row
+    dropped ([:n]). Stages 1-3: one vector per text (packed: in the order the texts were given); the teacher part
+    is None (TextTargets gives the targets). Stage 4 (sec. 2.5): each caption through the frozen text side (no
+    grad) is the teacher of its image (with_teacher=False skips it); the image enters as <img_start> <img_token> x K
+    <img_end> with the K tokens replaced by pooled vision features, and its gradient reaches only the vision tower."""
+    x, n = micro
+    if not isinstance(x, dict):
+        out = (model(packed=x.to(d.device), dims=heads) if not isinstance(x, (tuple, list))
+               else model(x[0].to(d.device), x[1].to(d.device), dims=heads))
+        return {D: out[D][:n].float() for D in heads}, None  # fp32 for the losses (the forward may run in bf16)
+    cap = None
+    if with_teacher:
+        with torch.no_grad():  # frozen text side: the caption vector is the target
+            c = model(x["input_ids"].to(d.device), x["attention_mask"].to(d.device), dims=heads)
+        cap = {D: c[D][:n].float() for D in heads}
+    pv = x["pixel_values"].to(d.device)
+    img_ids = torch.tensor(model.image_prompt_ids(), device=d.device)[None].expand(pv.shape[0], -1)  # (m, K + 2)
+    img = model(img_ids, torch.ones_like(img_ids), pixel_values=pv, dims=heads)
+    return {D: img[D][:n].float() for D in heads}, cap
+
+
+def share_teacher(run: RunState, batch, caps: list):
+    """This rank's teacher rows: stages 1-3 the (b, Dt) fp32 targets (cache verified by (row, hash), or teachers on
+    the fly), rows in the order of the micro-batches; stage 4 {D: (b, D)} from forward_micro's caption vectors."""
+    if run.cfg.stage <= 3:
+        return run.targets(batch.rows, batch.hashes).to(run.d.device)
+    return {D: torch.cat([c[D] for c in caps]) for D in run.heads}
 
 
 def dummy_image_pair(pv: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A blank image and a one-token caption for a forward that has no pair of its own (image_vectors)."""
+    """A blank image and a one-token caption for a forward that has no pair of its own (micro_batches)."""
     return pv.new_zeros(1, *pv.shape[1:]), ids.new_zeros(1, 1), ids.new_ones(1, 1)
 
 
