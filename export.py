@@ -6,6 +6,7 @@ folder": our files that are at the same time a standard transformers / sentence-
     python export.py export SRC OUT [--default-head D]   # an older export, a released Jasper or a stella folder
     python export.py set-head PATH D                     # the head sentence-transformers returns (modules.json)
     python export.py check PATH                          # layout, the silent traps, every head's weights
+    python export.py onnx PATH [--no-int8]               # PATH/onnx/model.onnx + its int8 copy (onnx_export.py)
 
 (Until this file existed they were `python model.py ...`; model.py now answers that with this file's command line.)
 Why a file of its own: model.py is the student a reader came for (the body, the heads, the
@@ -55,7 +56,7 @@ def export_folder(src: str | os.PathLike, out: str | os.PathLike, default_head: 
 
 def main(argv: Sequence[str] | None = None, prog: str = "export.py") -> int:
     """The three commands; a CheckpointError or bad value is one line on stderr (no traceback) and exit code 2."""
-    ap = argparse.ArgumentParser(prog=prog, description="The export folder: convert, switch head, verify.")
+    ap = argparse.ArgumentParser(prog=prog, description="The export folder: convert, switch head, verify, ONNX.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="convert an export, a released Jasper or a stella folder to the export folder")
     ex.add_argument("src")
@@ -67,6 +68,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "export.py") -> int:
     sh.add_argument("dim", type=int)
     ck = sub.add_parser("check", help="verify the standard side of an export (layout, traps, heads)")
     ck.add_argument("path")
+    ox = sub.add_parser("onnx", help="ONNX body for sentence-transformers' onnx backend / onnxruntime "
+                        "(onnx/model.onnx + the dynamic int8 copy; onnx_export.py)")
+    ox.add_argument("path")
+    ox.add_argument("--no-int8", action="store_true", help="skip the dynamically quantised int8 copy")
     a = ap.parse_args(argv)  # a bad flag: argparse's usage line and exit code 2, like the errors below
     try:
         if a.cmd == "export":
@@ -76,6 +81,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "export.py") -> int:
         elif a.cmd == "set-head":
             set_default_head(a.path, a.dim)  # only modules.json changes: every head's weights are already there
             print(f"{a.path}: default head {a.dim}")
+        elif a.cmd == "onnx":
+            from onnx_export import export_onnx  # torch.onnx + onnxruntime load only for this command
+            out = export_onnx(a.path, quantize=not a.no_int8)
+            print(f"{out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
         else:  # check; weights=True: every 2_Dense_{D} must equal vector_linear_{D} of model.safetensors
             print(f"{a.path}: ok, default head {check_standard_folder(a.path, weights=True)}")
     except (CheckpointError, ValueError) as e:
