@@ -25,6 +25,7 @@ from typing import Sequence
 from checkpoints import (CheckpointError, check_standard_folder, read_json, resolve_checkpoint, set_default_head,
                          stella_dense_folders)
 from model import JasperModel
+from model_card import write_card
 
 
 def export_folder(src: str | os.PathLike, out: str | os.PathLike, default_head: int | None = None) -> Path:
@@ -51,7 +52,10 @@ def export_folder(src: str | os.PathLike, out: str | os.PathLike, default_head: 
                 if str(m.get("type", "")).endswith("Dense"):
                     default_head = int(read_json(src / m["path"] / "config.json")["out_features"])
     # written into a temporary sibling and renamed over `out` when complete, so out == src is safe
-    return model.save_pretrained(out, default_head=default_head)
+    out = model.save_pretrained(out, default_head=default_head)
+    if src.resolve() != out.resolve() and (src.parent / "config.json").is_file() and src.name == "final":
+        write_card(out, origin=src)  # a copy of train.py's OUT/final: its card still tells the run's stages
+    return out
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "export.py") -> int:
@@ -79,7 +83,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "export.py") -> int:
             # the folder just written is checked as a stranger would read it; its default head is what it reports
             print(f"{out}: export folder, default head {check_standard_folder(out)}")
         elif a.cmd == "set-head":
-            set_default_head(a.path, a.dim)  # only modules.json changes: every head's weights are already there
+            set_default_head(a.path, a.dim)  # modules.json and the card change: every head is already there
             print(f"{a.path}: default head {a.dim}")
         elif a.cmd == "onnx":
             from onnx_export import export_onnx  # torch.onnx + onnxruntime load only for this command

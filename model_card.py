@@ -171,15 +171,19 @@ def _what(f: dict) -> str:
 def _usage(f: dict) -> str:
     D, other = f["default_head"], f["heads"][-1]
     tok_kw = ", ".join(f"{k}={v!r}" for k, v in f["tokenizer_args"].items())
-    query = "Instruct: Given a web search query, retrieve relevant passages that answer the query\\nQuery: "
+    # a model stored with prompts is used with them; one trained without instructions (the demo's) without
+    prompted = "query" in f["prompts"]
+    query = "Instruct: Given a web search query, retrieve relevant passages that answer the query\\nQuery: " \
+        if prompted else ""
+    how = ('; queries with an instruction: prompt_name="query"', ', prompt_name="query"') if prompted else ("", "")
     return f"""### sentence-transformers
 
 ```python
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.models import Dense
 
-model = SentenceTransformer("PATH")  # head {D}; queries with an instruction: prompt_name="query"
-emb = model.encode(["A man is playing a guitar."], prompt_name="query")
+model = SentenceTransformer("PATH")  # head {D}{how[0]}
+emb = model.encode(["A man is playing a guitar."]{how[1]})
 # another Matryoshka head ({", ".join(map(str, f["heads"]))}): swap the Dense module (or `python export.py set-head PATH {other}`)
 model[2] = Dense.load("PATH/{dense_dir(other)}")
 ```

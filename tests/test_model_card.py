@@ -16,6 +16,8 @@ import checkpoints as C
 import eval as ev
 import model as M
 import model_card as MC
+from common import minilm_dir
+from test_export import _tiny
 from train_fixtures import make_tiny_jasper
 
 st = pytest.importorskip("sentence_transformers")
@@ -64,21 +66,38 @@ def test_card_front_matter_and_facts(run_export):
     assert f"{sum(p.numel() for p in model.parameters()):,} parameters" in body
 
 
-def test_card_snippets_run_and_match_encode(run_export):
+def test_exported_copy_keeps_the_runs_story(run_export, tmp_path):
+    """`python export.py export OUT/final ELSEWHERE`: the copy's card still tells the run it came from."""
+    import export as X
+    out, _ = run_export
+    assert X.main(["export", str(out), str(tmp_path / "upload")]) == 0
+    body = front_matter(tmp_path / "upload" / "README.md")[1]
+    assert "stage 2: 7 steps" in body and "stage 3: 5 steps" in body
+
+
+@pytest.mark.parametrize("which", ["qwen prompts", "wordpiece no prompts"])
+def test_card_snippets_run_and_match_encode(which, run_export, tmp_path):
     """The sentence-transformers and transformers snippets, run as printed, return JasperModel.encode's vectors;
-    SentenceTransformer still loads the folder with the card in it."""
+    SentenceTransformer still loads the folder with the card in it. A WordPiece student stored without prompts
+    (the demo's) gets snippets without an instruction and with transformers' tokenizer_type."""
     out, model = run_export
+    if which.startswith("wordpiece"):
+        model = _tiny(minilm_dir(), head_dims=(64, 24))
+        model.prompts = {}
+        out = model.save_pretrained(tmp_path / "final")
     _, body = front_matter(out / "README.md")
+    prompted = which.startswith("qwen")
     ns: dict = {}
     exec(code_blocks(body, "sentence-transformers", out), ns)  # ends with model[2] = the smallest head
     small = min(model.dims)
+    assert ("prompt_name" in code_blocks(body, "sentence-transformers", out)) == prompted
     got = ns["model"].encode(["A man is playing a guitar."], convert_to_tensor=True)
     assert got.shape == (1, small)
     assert (got - model.encode(["A man is playing a guitar."], dim=small)).abs().max() <= 1e-5
     ns = {}
     exec(code_blocks(body, "transformers", out), ns)
-    want = model.encode(["what is distillation?"], dim=max(model.dims),
-                        instruction="Given a web search query, retrieve relevant passages that answer the query")
+    want = model.encode(["what is distillation?"], dim=max(model.dims), instruction=(
+        "Given a web search query, retrieve relevant passages that answer the query" if prompted else None))
     assert (ns["emb"] - want).abs().max() <= 1e-5
     assert "eval_mteb.register" in code_blocks(body, "mteb", out)
 
