@@ -148,7 +148,8 @@ def _what(f: dict) -> str:
     b = f["body"]
     heads = ", ".join(f"{D}{' (default)' if D == f['default_head'] else ''}" for D in f["heads"])
     rows = [("student body", f"{b['model_type']}: {b['num_hidden_layers']} layers, hidden {b['hidden_size']}, "
-                             f"{b['num_attention_heads']} heads ({b['num_key_value_heads']} kv), vocab {b['vocab_size']}"
+                             f"{b['num_attention_heads']} heads ({b['num_key_value_heads']} kv), "
+                             f"vocab {b['vocab_size']}"
                              f", bidirectional attention" + (f", {f['n_params']:,} parameters" if f["n_params"] else "")
                              + (f", {f['dtype']} weights" if f["dtype"] else "")),
             ("embedding", f"mean over every token (instruction included) -> Dense head -> L2 normalise; Matryoshka "
@@ -184,7 +185,8 @@ from sentence_transformers.models import Dense
 
 model = SentenceTransformer("PATH")  # head {D}{how[0]}
 emb = model.encode(["A man is playing a guitar."]{how[1]})
-# another Matryoshka head ({", ".join(map(str, f["heads"]))}): swap the Dense module (or `python export.py set-head PATH {other}`)
+# another Matryoshka head ({", ".join(map(str, f["heads"]))}): swap the Dense module
+# (or rewrite modules.json: `python export.py set-head PATH {other}`)
 model[2] = Dense.load("PATH/{dense_dir(other)}")
 ```
 

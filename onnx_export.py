@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from checkpoints import (CheckpointError, check_standard_folder, dense_dir, make_readable, read_dense_folder,
                          resolve_checkpoint, standard_heads)
-from model import JasperConfig, JasperModel, Qwen2Encoder, TextTokenizer
+from model import JasperConfig, JasperModel, Qwen2Encoder, TextTokenizer, mean_pool
 from packing import length_sorted_encode
 
 ONNX_DIR = "onnx"
@@ -160,7 +160,6 @@ class OnnxEncoder:
                batch_size: int = 32, show_progress: bool | None = None,
                max_length: int | None = None) -> Tensor | dict[int, Tensor]:
         """As JasperModel.encode for texts: L2-normalised (N, dim) fp32, or {D: (N, D)} for a list of dims."""
-        from model import mean_pool
         many = dim is not None and not isinstance(dim, int)
         dims = list(dim) if many else [self.dims[0] if dim is None else dim]
         bad = [D for D in dims if D not in self.heads]

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 import checkpoints as C
