@@ -549,7 +549,8 @@ def save_export(out_dir: str | os.PathLike, config: dict, state: dict[str, Tenso
                 max_shard_bytes: int = 5 * 1024**3, pooling: str = "mean") -> Path:
     """The export folder of a student (JasperModel.save_pretrained's files; docs/checkpoints.md "The export folder"):
     the Hugging Face layout of `config` + `state` (keys `vector_linear_{D}.*` hold the heads) and, with a tokenizer,
-    the sentence-transformers modules beside it, all published at once by atomic_dir.
+    the sentence-transformers modules and the README.md model card (model_card.py) beside it, all published at once
+    by atomic_dir.
 
     `default_head` (default: the largest, FC1) is checked before anything is written; so is `out_dir`, which must be
     absent, empty or a previous export (check_out_dir). Without a tokenizer the folder is still ours (from_pretrained
@@ -575,6 +576,8 @@ def save_export(out_dir: str | os.PathLike, config: dict, state: dict[str, Tenso
         write_st_modules(tmp, hidden, heads, default_head, max_length, prompts,
                          tokenizer_type="bert" if wordpiece else None, pad_token=pad_token, pooling=pooling,
                          do_lower_case=lower if wordpiece else None)
+        from model_card import write_card  # the card reads the files above (and the run folder beside out_dir)
+        write_card(tmp, origin=out_dir)
     return save_hf_checkpoint(out_dir, config, state, tokenizer, max_shard_bytes=max_shard_bytes, extra=st_modules)
 
 
@@ -594,6 +597,8 @@ def set_default_head(folder: str | os.PathLike, D: int) -> Path:
     if D not in heads:
         raise CheckpointError(f"{folder / dense_dir(D)}: no such head folder; this export has heads {sorted(heads)}")
     write_modules_json(folder, D)
+    from model_card import write_card  # the card names the default head; its scores were another head's: rerun
+    write_card(folder)                 # eval.py --update-card for the new one
     make_readable(folder)
     return folder
 

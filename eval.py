@@ -435,6 +435,8 @@ def _parser() -> ArgumentParser:
     ap.add_argument("--results-dir", default=None, help="mteb's results folder (default: mteb/ next to --out)")
     ap.add_argument("--name", default=None, help="model name in mteb's results (default: the hub id, or "
                     "local/<folder>)")
+    ap.add_argument("--update-card", action="store_true", help="write the scores into --model's README.md model "
+                    "card: results table (every head) + model-index of the default head (model_card.py)")
     return ap
 
 
@@ -464,6 +466,9 @@ def main(argv=None) -> int:
         raise EvalError(f"--model {args.model}: no such folder (a local checkpoint dir or a hub id ORG/NAME)")
     if args.out and Path(args.out).is_dir():
         raise EvalError(f"--out {args.out}: is a folder (expected a results .json file)")
+    if args.update_card and not (m / "modules.json").is_file():
+        raise EvalError(f"--update-card: {args.model} is not an export folder (no modules.json): only a local "
+                        f"export has a card to update")
     # the model loads only now, after every cheap check: a typo in a flag costs no minutes of loading weights
     enc = load_encoder(args.model, **({"max_length": args.max_length} if args.max_length else {}))
     kw = dict(data_dir=data_dir, dims=dims, engine=args.engine, batch_size=args.batch_size, split=args.split,
@@ -482,6 +487,10 @@ def main(argv=None) -> int:
         atomic_write(out.with_suffix(".md"), lambda p: Path(p).write_text(table + "\n", encoding="utf-8"))
         print(f"wrote {out}, {out.with_suffix('.md')}" + (f", mteb results in {results_dir}/results"
                                                          if kw["results_dir"] else ""), file=sys.stderr)
+    if args.update_card:  # the original-instruction run of a compare report is the model's score
+        import model_card
+        card_report = report["runs"]["original"] if "runs" in report else report
+        print(f"wrote {model_card.update_card(m, card_report, markdown_table(card_report))}", file=sys.stderr)
     if len(report["dims"]) > 1 and "results" in report:  # a plot only says something across several heads
         png = out.with_suffix(".png") if out else Path("eval_dims.png")
         plot_dims(report, png)

@@ -8,6 +8,7 @@ folder": our files that are at the same time a standard transformers / sentence-
     python export.py check PATH                          # layout, the silent traps, every head's weights
     python export.py init-student --from DIR --layers 0,2,4 --out OUT [--heads 384,256,128,64]
                                                          # a student cut from chosen layers of a BERT / Qwen folder
+    python export.py onnx PATH [--no-int8]               # PATH/onnx/model.onnx + its int8 copy (onnx_export.py)
 
 (Until this file existed they were `python model.py ...`; model.py now answers that with this file's command line.)
 Why a file of its own: model.py is the student a reader came for (the body, the heads, the
@@ -26,6 +27,7 @@ from typing import Sequence
 from checkpoints import (CheckpointError, check_standard_folder, checkpoint_keys, read_json, read_st_layout,
                          resolve_checkpoint, set_default_head, stella_dense_folders)
 from model import JasperModel
+from model_card import write_card
 
 
 def export_folder(src: str | os.PathLike, out: str | os.PathLike, default_head: int | None = None) -> Path:
@@ -52,7 +54,10 @@ def export_folder(src: str | os.PathLike, out: str | os.PathLike, default_head: 
                 if str(m.get("type", "")).endswith("Dense"):
                     default_head = int(read_json(src / m["path"] / "config.json")["out_features"])
     # written into a temporary sibling and renamed over `out` when complete, so out == src is safe
-    return model.save_pretrained(out, default_head=default_head)
+    out = model.save_pretrained(out, default_head=default_head)
+    if src.resolve() != out.resolve() and (src.parent / "config.json").is_file() and src.name == "final":
+        write_card(out, origin=src)  # a copy of train.py's OUT/final: its card still tells the run's stages
+    return out
 
 
 def init_student(src: str | os.PathLike, layers: Sequence[int], out: str | os.PathLike,
@@ -91,7 +96,7 @@ def _int_list(s: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None, prog: str = "export.py") -> int:
     """The three commands; a CheckpointError or bad value is one line on stderr (no traceback) and exit code 2."""
-    ap = argparse.ArgumentParser(prog=prog, description="The export folder: convert, switch head, verify.")
+    ap = argparse.ArgumentParser(prog=prog, description="The export folder: convert, switch head, verify, ONNX.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="convert an export, a released Jasper or a stella folder to the export folder")
     ex.add_argument("src")
@@ -113,6 +118,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "export.py") -> int:
                      help="head dims FC1,FC2,...; FC1 = the teacher's width (default: the folder's own width, then "
                           "three halving Matryoshka heads; an export keeps its own)")
     ini.add_argument("--seed", type=int, default=0, help="seed of the fresh heads")
+    ox = sub.add_parser("onnx", help="ONNX body for sentence-transformers' onnx backend / onnxruntime "
+                        "(onnx/model.onnx + the dynamic int8 copy; onnx_export.py)")
+    ox.add_argument("path")
+    ox.add_argument("--no-int8", action="store_true", help="skip the dynamically quantised int8 copy")
     a = ap.parse_args(argv)  # a bad flag: argparse's usage line and exit code 2, like the errors below
     try:
         if a.cmd == "export":
@@ -125,8 +134,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "export.py") -> int:
                   f"{list(m.config.head_dims)} ({', '.join(f'{d}: {h}' for d, h in m.init_report.items())}), "
                   f"default head {check_standard_folder(a.out)}")
         elif a.cmd == "set-head":
-            set_default_head(a.path, a.dim)  # only modules.json changes: every head's weights are already there
+            set_default_head(a.path, a.dim)  # modules.json and the card change: every head is already there
             print(f"{a.path}: default head {a.dim}")
+        elif a.cmd == "onnx":
+            from onnx_export import export_onnx  # torch.onnx + onnxruntime load only for this command
+            out = export_onnx(a.path, quantize=not a.no_int8)
+            print(f"{out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
         else:  # check; weights=True: every 2_Dense_{D} must equal vector_linear_{D} of model.safetensors
             print(f"{a.path}: ok, default head {check_standard_folder(a.path, weights=True)}")
     except (CheckpointError, ValueError) as e:
