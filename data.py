@@ -9,10 +9,11 @@ Four parts, top to bottom:
                   `python data.py build --out DIR` materialises it once as DIR/texts.jsonl; the teacher cache is
                   built over the same file (cache row i == texts.jsonl row i, checked by (row, hash)).
   3. TrainLoader - batches over texts.jsonl through a byte-offset index: a seeded permutation per epoch, every global
-                  batch a uniform random draw, rank r takes positions [r*b:(r+1)*b], and only inside that share
-                  are texts packed end to end in rows of max_length tokens (packing.py; or, packing=False, sorted by
-                  length and cut into micro-batch chunks each padded to its own longest). A batch is a pure function
-                  of (seed, epoch, step, rank): resume is exact, whatever the worker count.
+                  batch a uniform random draw, laid out over the ranks by ONE plan of the whole global batch
+                  (packing.plan_step: texts packed end to end in rows of max_length tokens, or one text per row
+                  with packing=False; rows dealt to ranks so that every rank runs the same number of forwards).
+                  A batch is a pure function of (seed, epoch, step, rank): resume is exact, whatever the worker
+                  count, and the global batch does not depend on the rank count.
   4. ImageCaptionDataset / ImageBatches - stage 4 image-caption pairs, decoded with vision.py's image code in
                   DataLoader workers, drawn as uniform random global batches exactly like TrainLoader's.
 Every jsonl file of the project (texts, captions, eval tasks, the teacher cache input) is read through the one
@@ -30,6 +31,7 @@ import json
 import os
 import sys
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,7 +42,7 @@ import torch
 from checkpoints import atomic_write
 from checkpoints import progress as progress_bar  # build() has a `progress` flag of its own
 from errors import ArgumentParser, check_args, run_cli
-from packing import Packed, plan_rows
+from packing import Packed, plan_step
 # 1. readers (readers.py): the raw text sources and the one jsonl parser. DataError, read_jsonl and read_texts are
 #    also re-exported here (noqa), where callers and users have always found them.
 from readers import (DEFAULT_MAX_CHARS, ON_ERROR, DataError, check_policy, iter_records, line_bytes,  # noqa: F401
@@ -196,8 +198,10 @@ def load_index(path: str | Path, field: str = "text", max_chars: int = DEFAULT_M
 
 @dataclass
 class Batch:
-    """This rank's share of one global batch. rows/hashes/lengths are in the order of the concatenated chunks."""
-    input_ids: torch.Tensor               # (b, T) the whole share padded to its longest
+    """This rank's share of one global batch. rows/hashes are in the order of the concatenated micro-batches'
+    texts. Every rank's Batch of the same step has the same number of micro-batches (packing.plan_step); one with
+    no text (micro_sizes[k] == 0) holds a one-token dummy input that the trainer forwards and drops."""
+    input_ids: torch.Tensor               # (b, T) the whole share padded to its longest (b may be 0)
     attention_mask: torch.Tensor          # (b, T)
     rows: torch.Tensor                    # (b,) row ids in texts.jsonl ("id" field, else 0-based line) = cache rows
     hashes: list[str]                     # text_hash of each text, to verify teacher-cache rows
@@ -206,6 +210,12 @@ class Batch:
     epoch: int
     step: int                             # step within the epoch (global batch index)
     packed: list[Packed] | None = None    # packed micro-batches (<= micro_batch rows of <= pack_length tokens)
+    micro_sizes: list[int] = dataclasses.field(default_factory=list)  # texts per micro-batch (0: a dummy forward)
+    rank_sizes: list[int] = dataclasses.field(default_factory=list)   # texts of every rank this step (W,)
+
+    @property
+    def n_forwards(self) -> int:
+        return len(self.micro_sizes)
 
     @property
     def n_processed(self) -> int:
@@ -245,13 +255,15 @@ class TrainLoader:
     """Batches over texts.jsonl (sec. 3.1: global batch m = 128, max length 512).
 
     Global batch (epoch e, step k) = valid rows perm_e[k*m:(k+1)*m], perm_e = a seeded permutation: a uniform random
-    draw without replacement within the epoch (the last incomplete batch of an epoch is dropped). Rank r takes
-    positions [r*b:(r+1)*b] (b = m // world_size): disjoint equal shares whose union is the global batch. Inside the
-    share, rows are tokenised in one call and packed end to end into rows of pack_length tokens, cut into `packed`
-    micro-batches of at most micro_batch rows (packing=True, the default; see _pack); or sorted by length (longest
-    first) and cut into `chunks` of at most micro_batch rows, each padded to its own longest (packing=False). Which
-    texts meet in a batch is therefore exactly as random as plain shuffled batching; only the order inside a rank's
-    share changes, which the permutation-invariant losses (eq. 1-3) do not see.
+    draw without replacement within the epoch (the last incomplete batch of an epoch is dropped). Every rank reads
+    and tokenises the WHOLE global batch and lays it out with the same plan (packing.plan_step): packed end to end
+    into rows of pack_length tokens (packing=True, the default) or one text per row, longest first (packing=False);
+    rows dealt to the ranks longest first in snake order, then cut into the same number of micro-batches (`packed`,
+    or padded `chunks`, of at most micro_batch rows) on every rank. Rank r keeps plan[r]: disjoint shares whose
+    union is the global batch, of about equal tokens, and, whatever the texts, the same number of forwards on every
+    rank (the FSDP invariant, docs/train.md). Which texts meet in a batch is exactly as random as plain shuffled
+    batching and does not depend on the world size; only which rank computes which text does, and the gathered
+    losses (eq. 1-3) do not see it.
 
     Iterating yields Batch objects forever (or `epochs` epochs); state_dict() is the position of the next batch to be
     yielded, so a restored loader continues with exactly the batches the uninterrupted one would have yielded,
@@ -268,17 +280,17 @@ class TrainLoader:
                  max_chars: int = DEFAULT_MAX_CHARS, prefetch_factor: int = 2, index_cache: bool = True,
                  packing: bool = True, pack_length: int | None = None, holdout: int = 0, holdout_seed: int = 0):
         check_policy(on_error)
-        if global_batch <= 0 or world_size <= 0 or global_batch % world_size:
-            raise ValueError(f"global_batch ({global_batch}) must be a positive multiple of world_size "
-                             f"({world_size})")
+        if world_size <= 0 or global_batch < world_size:
+            raise ValueError(f"global_batch ({global_batch}) must be at least world_size ({world_size}): every "
+                             "rank needs a text")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.path = Path(texts_path)
         self.tokenizer = tokenizer
         self.global_batch, self.max_length, self.seed = global_batch, max_length, seed
         self.rank, self.world_size = rank, world_size
-        self.share = global_batch // world_size  # b: rows per rank, exact (checked above)
-        self.micro_batch = micro_batch or self.share  # default: the whole share in one forward
+        # default: a rank's whole share of rows in one forward
+        self.micro_batch = micro_batch or -(-global_batch // world_size)
         self.num_workers, self.epochs, self.prefetch_factor = num_workers, epochs, prefetch_factor
         self.field, self.max_chars = field, max_chars
         # packing: the share's texts laid end to end in rows of pack_length tokens (default max_length), each text
@@ -355,39 +367,34 @@ class TrainLoader:
         return self._holdout_recs
 
     def batch_at(self, epoch: int, step: int) -> Batch:
-        lines = self.global_lines(epoch, step)[self.rank * self.share:(self.rank + 1) * self.share]  # (b,)
-        texts, rows, hashes = self.records(lines)
+        """This rank's part of global batch (epoch, step): plan_step over the whole global batch, rank r's rows."""
+        texts, rows, hashes = self.records(self.global_lines(epoch, step))  # the whole global batch, (B,)
         ids = self.tokenizer.encode_ids(texts, max_length=self.max_length)  # one batched call, truncated
-        packed = None
-        if self.packing:
-            order, packed = self._pack(ids)  # order: share positions as packed
-        else:
-            order = sorted(range(len(ids)), key=lambda j: (-len(ids[j]), j))  # by length, inside this share only
-        ids = [ids[j] for j in order]  # rows/hashes below follow the same order
-        chunks = [] if self.packing else [self.tokenizer.pad(ids[a:a + self.micro_batch])
-                                          for a in range(0, len(ids), self.micro_batch)]
-        input_ids, attention_mask = self.tokenizer.pad(ids)  # (b, T), T = the share's longest text
+        plan = plan_step([len(x) for x in ids], self.world_size, self.micro_batch,
+                         self.pack_length if self.packing else None)
+        mine = plan[self.rank]  # [forward][row][text]: global batch positions
+        order = [j for fwd in mine for row in fwd for j in row]  # rows/hashes below follow the forwards' order
+        micro_sizes = [sum(len(row) for row in fwd) for fwd in mine]
+        dummy = [[self.tokenizer.pad_id]]  # a forward with no text runs on one pad token; its output is dropped
+        packed, chunks = ([], None) if self.packing else (None, [])
+        for fwd in mine:
+            texts_of = [ids[j] for row in fwd for j in row] or dummy
+            if self.packing:
+                local, n = [], 0  # rows as positions within this micro-batch's texts
+                for row in fwd or [[None]]:
+                    local.append(list(range(n, n + len(row))))
+                    n += len(row)
+                packed.append(Packed.from_ids(texts_of, self.pack_length, self.tokenizer.pad_id, rows=local))
+            else:
+                chunks.append(self.tokenizer.pad(texts_of))  # padded to this micro-batch's longest
+        share = [ids[j] for j in order]
+        input_ids, attention_mask = self.tokenizer.pad(share) if share else (torch.zeros(0, 1, dtype=torch.long),) * 2
         return Batch(input_ids=input_ids, attention_mask=attention_mask,
                      rows=torch.tensor([rows[j] for j in order], dtype=torch.long),
-                     hashes=[hashes[j] for j in order], n_tokens=sum(len(x) for x in ids), chunks=chunks,
-                     epoch=epoch, step=step, packed=packed)
-
-    def _pack(self, ids: list[list[int]]) -> tuple[list[int], list[Packed]]:
-        """The share's texts in rows of pack_length tokens (packing.plan_rows: first-fit decreasing, rows levelled),
-        cut into micro-batches of micro_batch rows -> (share positions in the order the micro-batches hold the
-        texts, the micro-batches). Like the padded path's length sort this only reorders texts inside the share:
-        which texts form the global batch is untouched, and the losses (eq. 1-3) do not depend on the order."""
-        rows = plan_rows([len(x) for x in ids], self.pack_length)  # rows of share positions
-        order: list[int] = []
-        packed = []
-        for a in range(0, len(rows), self.micro_batch):
-            base, local = len(order), []  # base: first text of this micro-batch in order
-            for row in rows[a:a + self.micro_batch]:
-                local.append(list(range(len(order) - base, len(order) - base + len(row))))
-                order.extend(row)
-            packed.append(Packed.from_ids([ids[j] for j in order[base:]], self.pack_length, self.tokenizer.pad_id,
-                                          rows=local))
-        return order, packed
+                     hashes=[hashes[j] for j in order], n_tokens=sum(len(x) for x in share),
+                     chunks=chunks if chunks is not None else [], epoch=epoch, step=step, packed=packed,
+                     micro_sizes=micro_sizes,
+                     rank_sizes=[sum(len(row) for fwd in p for row in fwd) for p in plan])
 
     # ---- iteration -----------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
@@ -545,15 +552,21 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 class ImageBatches:
     """Stage 4 batches: this rank's share of a uniform random global batch of image-caption pairs. Global batch g =
     positions [k*B, (k+1)*B) of a seeded permutation of epoch e (g = e * steps_per_epoch + k), rank r takes
-    [r*b, (r+1)*b): a pure function of (seed, g, rank), so `g` is the whole resume state (like TrainLoader).
-    Images are decoded by ImageCaptionDataset.collate in DataLoader workers; broken images are dropped and counted
-    (a rank's share may then be smaller: train.gather_global handles unequal shares)."""
+    positions [r*B//W, (r+1)*B//W): a pure function of (seed, g, rank), so `g` is the whole resume state (like
+    TrainLoader). Images are decoded by ImageCaptionDataset.collate in DataLoader workers; broken images are dropped
+    and counted (a rank's share may then be smaller, or empty: train.gather_global handles unequal shares). Every
+    batch carries `n_forwards` = ceil(ceil(B / W) / micro_batch), the same on every rank whatever was dropped: the
+    trainer splits the surviving pairs over that many forwards (the FSDP invariant, docs/train.md)."""
 
     def __init__(self, path: str | Path, tokenizer, global_batch: int, max_length: int, seed: int, rank: int = 0,
-                 world_size: int = 1, *, image_size: int = 384, num_workers: int = 2):
+                 world_size: int = 1, *, image_size: int = 384, num_workers: int = 2, micro_batch: int | None = None):
+        if world_size <= 0 or global_batch < world_size:
+            raise ValueError(f"global_batch ({global_batch}) must be at least world_size ({world_size})")
         self.ds = ImageCaptionDataset(path, image_size=image_size)
         self.tok, self.max_length, self.seed, self.num_workers = tokenizer, max_length, seed, num_workers
-        self.rank, self.B, self.b = rank, global_batch, global_batch // world_size
+        self.rank, self.B = rank, global_batch
+        self.lo, self.hi = rank * global_batch // world_size, (rank + 1) * global_batch // world_size  # my positions
+        self.n_forwards = -(-(-(-global_batch // world_size)) // (micro_batch or global_batch))
         self.steps_per_epoch = len(self.ds) // global_batch
         if self.steps_per_epoch == 0:
             raise DataError(f"{path}: {len(self.ds)} usable pairs < global batch {global_batch}")
@@ -573,7 +586,7 @@ class ImageBatches:
     def __getitem__(self, g: int) -> dict:  # runs in a DataLoader worker
         e, k = divmod(g, self.steps_per_epoch)
         perm = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e))
-        share = perm[k * self.B:(k + 1) * self.B][self.rank * self.b:(self.rank + 1) * self.b]
+        share = perm[k * self.B:(k + 1) * self.B][self.lo:self.hi]
         return self.ds.collate([self.ds[int(i)] for i in share])  # pixel_values (n, 3, S, S), captions, n_skipped
 
     def __iter__(self):
@@ -584,7 +597,7 @@ class ImageBatches:
             self.broken += item["n_skipped"]
             ids, mask = self.tok(item["captions"], max_length=self.max_length)  # (n, T) in the main process
             yield dict(pixel_values=item["pixel_values"], input_ids=ids, attention_mask=mask,
-                       n_tokens=int(mask.sum()))
+                       n_tokens=int(mask.sum()), n_forwards=self.n_forwards)
 
 
 # ==================================================================================================================

@@ -68,6 +68,56 @@ def plan_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return rows
 
 
+def split_even(items: Sequence, n: int) -> list[list]:
+    """`items` in order, cut into n consecutive groups whose sizes differ by at most one (larger first); a group is
+    empty only when there are fewer items than groups."""
+    q, extra = divmod(len(items), n)
+    cuts = [0]
+    for k in range(n):
+        cuts.append(cuts[-1] + q + (k < extra))
+    return [list(items[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+
+def plan_step(lengths: Sequence[int], world_size: int, micro_batch: int,
+              budget: int | None = None) -> list[list[list[list[int]]]]:
+    """The layout of ONE global batch over the ranks, computed the same on every rank from the global batch alone:
+    plan[r][k] = the rows of rank r's k-th forward, a row = the texts (indices into `lengths`) that share it.
+
+    The invariant it exists for (docs/train.md, "Every rank runs the same collectives"): every rank gets the SAME
+    number of forwards, ceil(ceil(rows / world_size) / micro_batch), whatever its texts. Under FSDP2 each forward
+    all-gathers every block's parameters and its backward reduce-scatters them, so ranks that ran different numbers
+    of forwards would pair one rank's collective with another's (gloo: a size-mismatch crash; NCCL: a hang or,
+    worse, tensors silently mixed). A forward with no text left for it (fewer rows than forwards on a rank) is
+    returned as an empty list: the trainer runs it on a one-token dummy input and drops its output.
+
+    Rows: budget=None (padded batches) -> one text per row, longest first; budget=L (packing) -> plan_rows over the
+    WHOLE global batch, then rows with several texts are split in two until there are at least world_size rows
+    (so every rank gets work when the batch allows). Rows are dealt longest first in snake order (ranks 0..W-1,
+    then W-1..0, ...), so every rank holds ceil or floor of rows / W rows and about the same number of tokens: one
+    rank drawing all the long texts no longer makes the others wait. A rank's rows go to its forwards in
+    consecutive, near-equal groups of at most micro_batch rows. Only which rank computes which text depends on the
+    world size; the losses see the whole gathered global batch (eq. 1-3 are invariant to its order).
+    """
+    if world_size < 1 or micro_batch < 1:
+        raise ValueError(f"world_size {world_size} and micro_batch {micro_batch} must be >= 1")
+    if budget is None:
+        rows = [[i] for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))]
+    else:
+        rows = plan_rows(lengths, budget)
+        while len(rows) < world_size and any(len(r) > 1 for r in rows):
+            k = max(range(len(rows)), key=lambda j: (len(rows[j]), -j))  # the row of most texts (first on ties)
+            half = len(rows[k]) // 2
+            rows[k:k + 1] = [rows[k][:half], rows[k][half:]]
+    tokens = [sum(lengths[i] for i in row) for row in rows]
+    order = sorted(range(len(rows)), key=lambda k: (-tokens[k], rows[k][0]))  # longest row first, ties by text
+    per_rank: list[list[list[int]]] = [[] for _ in range(world_size)]
+    for j, k in enumerate(order):
+        lap, pos = divmod(j, world_size)
+        per_rank[pos if lap % 2 == 0 else world_size - 1 - pos].append(rows[k])  # snake: 0..W-1, W-1..0, ...
+    n_forwards = max(1, -(-max(len(p) for p in per_rank) // micro_batch))
+    return [split_even(p, n_forwards) for p in per_rank]
+
+
 @dataclass
 class Packed:
     """N texts packed into R rows of L tokens (see plan_rows). Text i's tokens are input_ids.view(-1)[starts[i]:

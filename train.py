@@ -7,9 +7,17 @@
 Read top to bottom, one optimizer step is:
   config -> distributed setup -> student model -> trainable set of the stage -> (activation checkpointing) ->
   FSDP2 fully_shard per transformer block, then the root -> AdamW + warmup/cosine -> data batch (this rank's share
-  of the global batch, in micro-batches) -> teacher targets (cache, verified row by row; or teachers on the fly) ->
-  student vectors of the rank's share -> all-gather of the GLOBAL batch (student: with gradients, teacher: without)
-  -> losses.distill_loss(stage, ...) -> backward -> clip -> step -> log / checkpoint.
+  of the global batch, in micro-batches) -> the agreement check (every rank about to run the same forwards) ->
+  teacher targets (cache, verified row by row; or teachers on the fly) -> student vectors of the rank's share ->
+  all-gather of the GLOBAL batch (student: with gradients, teacher: without) -> losses.distill_loss(stage, ...) ->
+  backward -> clip -> step -> log / checkpoint.
+
+The distributed invariant (docs/train.md): at every step every rank runs the same sequence of collectives: the same
+number of micro-batch forwards (data.TrainLoader lays out the global batch with one plan for all ranks; an empty
+micro-batch still forwards a one-token dummy whose output is dropped), then the same gathers, backward, clip, step,
+log and checkpoint collectives. `agree` checks it before any forward and stops every rank with one message instead
+of a hang. The run is a function of the global batch, not of the rank count: 1, 2 or 3 ranks give the same losses,
+and a checkpoint resumes on another rank count.
 
 Gradient convention (README, training: "The global batch"): every rank computes the SAME loss L on the
 gathered global batch. all_gather_single_autograd's backward sums the W ranks' (identical) gradients for the
@@ -52,6 +60,7 @@ from data import ImageBatches, TrainLoader, load_index, text_hash
 from errors import DiskFullError, UserError, is_disk_full, os_error_in, run_cli
 from eval import load_encoder, quick_eval
 from model import JasperConfig, JasperModel
+from packing import split_even
 from teacher_cache import TeacherCache, read_cache_input
 from teachers import MultiTeacher, load_teacher
 from train_config import ConfigError, TrainConfig, parse_config  # 1. the config of a run (sec. 3.1 defaults)
@@ -98,17 +107,20 @@ def setup_distributed(device: str) -> Dist:
     return Dist(rank, world, torch.device("cuda", local) if use_cuda else torch.device("cpu"), mesh)
 
 
-def gather_global(x: torch.Tensor, d: Dist, grad: bool, equal: bool = True) -> torch.Tensor:
+def gather_global(x: torch.Tensor, d: Dist, grad: bool, sizes: list[int]) -> torch.Tensor:
     """Concatenate every rank's rows in rank order: (b, D) -> (sum of b, D). With grad=True the backward returns to
     each rank the SUM over ranks of the gradient w.r.t. its rows (see the module docstring for why that is exact).
-    equal=False allows shares of different sizes (stage 4 drops broken images): pad to the largest, gather, unpad."""
+    `sizes` = every rank's row count (from `agree`): shares differ in size (the step plan deals rows, not texts;
+    stage 4 drops broken images), so rows are padded to the largest share, gathered, and the padding dropped."""
     if d.mesh is None:
         return x
-    sizes = None
-    if not equal:
-        n = torch.tensor([x.shape[0]], device=x.device)  # this rank's row count, (1,)
-        sizes = all_gather_tensor(n, 0, d.mesh).tolist()  # (W,)
-        x = torch.cat([x, x.new_zeros(max(sizes) - x.shape[0], *x.shape[1:])])  # pad to the largest share: (max b, D)
+    if x.shape[0] != sizes[d.rank]:
+        raise RuntimeError(f"rank {d.rank}: {x.shape[0]} rows but the agreed share is {sizes[d.rank]}")
+    m = max(sizes)
+    if m != min(sizes):
+        x = torch.cat([x, x.new_zeros(m - x.shape[0], *x.shape[1:])])  # pad to the largest share: (max b, D)
+    else:
+        sizes = None  # equal shares: nothing to drop
     if grad:
         # (W * b, D); backward: reduce-scatter, summing over ranks
         y = all_gather_single_autograd(x.contiguous(), 0, d.mesh)
@@ -116,9 +128,43 @@ def gather_global(x: torch.Tensor, d: Dist, grad: bool, equal: bool = True) -> t
         with torch.no_grad():
             y = all_gather_tensor(x.detach().contiguous(), 0, d.mesh)  # (W * b, D): targets carry no graph
     if sizes is not None:
-        m = max(sizes)
         y = torch.cat([y[r * m:r * m + n] for r, n in enumerate(sizes)])  # drop each rank's padding rows
     return y
+
+
+class DesyncError(UserError):
+    """Ranks about to run different collectives: every rank stops with the same message instead of hanging."""
+
+
+def agree(run: "RunState", n_forwards: int, n_rows: int, failed: BaseException | None = None) -> list[int]:
+    """The per-step guard of the invariant above: ONE all_gather of (step, forwards, rows) per rank, before any
+    forward. Every rank gets the whole table, so when the ranks disagree on the step or on the number of forwards
+    they are about to run (each of which all-gathers every FSDP block), or one rank could not build its batch
+    (`failed`), every rank raises the same DesyncError naming the step, the ranks and their counts, where FSDP
+    would hang (NCCL) or crash on a size mismatch (gloo). Rows may differ (they are gathered with padding) and are
+    returned: every rank's row count, for gather_global. Cost: bench/bench_dist_guard.py (docs/train.md)."""
+    d, step = run.d, run.step + 1
+    if d.mesh is None:
+        if failed is not None:
+            raise failed
+        return [n_rows]
+    mine = torch.tensor([step, -1 if failed is not None else n_forwards, n_rows], dtype=torch.int64,
+                        device=d.device if d.device.type == "cuda" else "cpu")  # gloo: CPU tensors, nccl: CUDA
+    table = [torch.empty_like(mine) for _ in range(d.world_size)]
+    dist.all_gather(table, mine)
+    rows = [t.tolist() for t in table]  # (W, 3)
+    if failed is not None:
+        raise failed  # this rank's own error; the others raise the DesyncError below
+    broken = [r for r, (_, f, _) in enumerate(rows) if f < 0]
+    if broken:
+        raise DesyncError(f"step {step}: rank(s) {broken} could not build their batch (their error is printed by "
+                          "them); every rank stops here instead of waiting for them")
+    if any(row[:2] != rows[0][:2] for row in rows):
+        counts = "; ".join(f"rank {r}: step {s}, {f} forwards, {n} rows" for r, (s, f, n) in enumerate(rows))
+        raise DesyncError(f"step {step}: the ranks are about to run different collectives ({counts}); every rank "
+                          "must run the same number of forwards at every step (docs/train.md, 'Every rank runs the "
+                          "same collectives'): stopping all ranks")
+    return [n for _, _, n in rows]
 
 
 def all_sum(v: float, d: Dist) -> float:
@@ -301,6 +347,8 @@ class TextTargets:
             self.batch_size = cfg.micro_batch  # the teachers' own encode batch size
 
     def __call__(self, rows: torch.Tensor, hashes: list[str]) -> torch.Tensor:  # -> (b, dim) fp32, L2-normalised
+        if len(rows) == 0:  # a rank the step plan left without texts
+            return torch.zeros(0, self.dim)
         if self.cache is not None:
             return self.cache.targets(rows, hashes)
         texts = [self.texts[int(r)] for r in rows]
@@ -312,7 +360,7 @@ class TextTargets:
 
 
 def build_text_loader(cfg: TrainConfig, tokenizer, d: Dist) -> TrainLoader:
-    # this rank's share b = batch / world_size of each global batch
+    # this rank's part of each global batch, laid out by one plan for all ranks (packing.plan_step)
     return TrainLoader(cfg.texts, tokenizer, global_batch=cfg.batch, max_length=cfg.max_length, seed=cfg.seed,
                        rank=d.rank, world_size=d.world_size, micro_batch=cfg.micro_batch, packing=cfg.packing,
                        holdout=cfg.eval_holdout if cfg.eval_every else 0)  # the --eval-every slice
@@ -321,7 +369,8 @@ def build_text_loader(cfg: TrainConfig, tokenizer, d: Dist) -> TrainLoader:
 def build_image_loader(cfg: TrainConfig, tokenizer, d: Dist) -> ImageBatches:
     """Stage 4: this rank's share of uniform random global batches of image-caption pairs (data.ImageBatches)."""
     return ImageBatches(cfg.images, tokenizer, cfg.batch, cfg.max_length, cfg.seed, d.rank, d.world_size,
-                        image_size=cfg.image_size, num_workers=cfg.num_workers)  # bad input: DataError, one line
+                        image_size=cfg.image_size, num_workers=cfg.num_workers,
+                        micro_batch=cfg.micro_batch)  # bad input: DataError, one line
 
 
 # ======================================================================================================================
@@ -413,16 +462,13 @@ def _restore(run: RunState, path: Path) -> str | None:
     """Load one checkpoint into the run; the reason it is damaged, or None. Settings that would make a different
     run are refused (ConfigError), not treated as damage."""
     cfg, d = run.cfg, run.d
-    name = f"trainer_rank{d.rank}.pt"
-    why = folder_problem(path, required=(".metadata", name), hashes=d.main)  # rank 0 reads every byte, once
-    ts = None
-    if why is None:
-        try:  # plain tensors, numbers, strings, lists and dicts only: a checkpoint from elsewhere cannot run code
-            ts = torch.load(path / name, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any reason is reported as the file's
-            why = (f"{name} holds objects other than tensors and plain data; refusing to unpickle it"
-                   if "weights_only" in str(e).lower() or "weights only" in str(e).lower()
-                   else f"{name} unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    # rank 0 reads every byte, once
+    why = folder_problem(path, required=(".metadata", "trainer_rank0.pt"), hashes=d.main)
+    ts = own = None
+    if why is None:  # rank 0's trainer state holds what every rank shares: step, data position, config
+        ts, why = _load_plain(path / "trainer_rank0.pt")
+    if why is None and 0 < d.rank < ts["world_size"]:  # this rank's own RNG stream, where the run had this rank
+        own, why = _load_plain(path / f"trainer_rank{d.rank}.pt")
     if all_sum(why is not None, d):  # every rank must agree: a collective, so no rank loads alone
         return why or "damaged on another rank"
     check_resume_settings(ts, cfg, d, path)
@@ -437,21 +483,50 @@ def _restore(run: RunState, path: Path) -> str | None:
         return f"unreadable by torch.distributed.checkpoint ({str(os_error_in(e) or e).splitlines()[-1][:160]})"
     set_state_dict(run.model, run.opt, model_state_dict=msd, optim_state_dict=osd)
     try:
-        run.loader.load_state_dict(ts["loader"])
+        run.loader.load_state_dict(loader_state(path, ts, own, d))
     except ValueError as e:
         raise ConfigError(f"--resume from {path}: {e}") from None
-    set_rng_state(ts["rng"])  # exact resume: the same random streams as an uninterrupted run
+    # the same random streams as an uninterrupted run. A rank the run did not have takes rank 0's: nothing in
+    # a training step draws from them (no dropout; data order and image draws have their own seeded generators)
+    set_rng_state((own or ts)["rng"])
     run.step = int(ts["step"])
     return None
+
+
+def _load_plain(file: Path) -> tuple[dict | None, str | None]:
+    """A trainer state file -> (state, None), or (None, why it cannot be used)."""
+    try:  # plain tensors, numbers, strings, lists and dicts only: a checkpoint from elsewhere cannot run code
+        return torch.load(file, weights_only=True), None
+    except Exception as e:  # noqa: BLE001 - any reason is reported as the file's
+        return None, (f"{file.name} holds objects other than tensors and plain data; refusing to unpickle it"
+                      if "weights_only" in str(e).lower() or "weights only" in str(e).lower()
+                      else f"{file.name} unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def loader_state(path: Path, ts: dict, own: dict | None, d: Dist) -> dict:
+    """The data position to restore. TrainLoader's (epoch, step) and ImageBatches' g are global, the same in every
+    rank's file. The one per-rank number, stage 4's count of broken images (summed over ranks when logged), goes
+    whole to rank 0 when the rank count changed (elastic resume), so the logged sum carries on unchanged."""
+    state = dict(ts["loader"])
+    if "broken" not in state or ts["world_size"] == d.world_size:
+        return dict((own or ts)["loader"])
+    total = 0
+    for r in range(ts["world_size"] if d.main else 0):
+        st, why = _load_plain(path / f"trainer_rank{r}.pt")
+        if why:
+            raise ConfigError(f"--resume from {path}: {why}")
+        total += int(st["loader"]["broken"])
+    return dict(state, broken=total)
 
 
 def check_resume_settings(ts: dict, cfg: TrainConfig, d: Dist, path: Path) -> None:
     """A setting changed on --resume takes effect from the next step or is refused: RUN_DEFINING ones (and the rank
     count) are refused with the reason; lr / warmup / min-lr / steps rebuild the schedule at the current step
     (set_optimizer_settings); every other one is read afresh each step."""
-    if ts["world_size"] != d.world_size:
-        raise ConfigError(f"checkpoint {path} was written by {ts['world_size']} ranks, this run has "
-                          f"{d.world_size}: data shares and RNG streams would differ (exact resume needs the same)")
+    if ts["world_size"] != d.world_size and d.main:  # elastic resume: the run does not depend on the rank count
+        print(f"train.py: checkpoint {path.name} was written by {ts['world_size']} rank(s), this run has "
+              f"{d.world_size}: the model and optimizer shards are resharded on load (torch.distributed.checkpoint); "
+              "the global batches, losses and schedule continue unchanged", flush=True)
     saved, now = ts["config"], dataclasses.asdict(cfg)
     same = (lambda k, a, b: a == b if k not in ("init", "vision_init") or not (a and b)
             else Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
@@ -561,7 +636,11 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     resume_or_start(run)
     data_iter = iter(run.loader)
     while run.step < run.end:  # run.end: --stop-at or --steps
-        loss_val, parts, gnorm, lr_now, n_tokens = optimizer_step(run, next(data_iter))
+        try:  # a rank whose batch fails (bad data) still joins the step's agreement check, so no rank waits for it
+            batch, failed = next(data_iter), None
+        except Exception as e:  # noqa: BLE001 - re-raised in agree() after the other ranks have been told
+            batch, failed = None, e
+        loss_val, parts, gnorm, lr_now, n_tokens = optimizer_step(run, batch, failed)
         log_step(run, loss_val, parts, gnorm, lr_now, n_tokens, evaluate_step(run))
         # also at the end: --stop-at leaves a resumable checkpoint
         if (cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or run.step == run.end:
@@ -572,8 +651,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
 
 def set_up(cfg: TrainConfig, d: Dist) -> tuple[Path, Path]:
     """The output folder (refusing to overwrite another run's checkpoints), its config.json, and the seeds."""
-    if cfg.batch % d.world_size:
-        raise ConfigError(f"--batch {cfg.batch} is not divisible by the {d.world_size} ranks")
+    if cfg.batch < d.world_size:  # any other batch works: the step plan deals whole rows (texts), not equal shares
+        raise ConfigError(f"--batch {cfg.batch} is smaller than the {d.world_size} ranks: every rank needs a text")
     out = Path(cfg.out)
     ckdir = out / "checkpoints"
     if not cfg.resume and (ckdir / "latest").exists():
@@ -677,29 +756,38 @@ def resume_or_start(run: RunState) -> None:
         run.evaluator = TrainEval(cfg, run.loader, run.targets, head_dims(run.model), run.autocast, run.log)
 
 
-def global_vectors(run: RunState, batch) -> tuple[dict, Any, int]:
+def global_vectors(run: RunState, batch, sizes: list[int]) -> tuple[dict, Any, int]:
     """Forward this rank's share, then gather the GLOBAL batch: student vectors with gradients, teacher without.
-    -> ({D: (B, D)}, teacher (B, Dt) or {D: (B, D)} in stage 4, this rank's real tokens)."""
+    `sizes`: every rank's row count (agree). -> ({D: (B, D)}, teacher (B, Dt) or {D: (B, D)} in stage 4, this
+    rank's real tokens)."""
     cfg, d = run.cfg, run.d
     with run.autocast:
         if cfg.stage <= 3:
             student_local, teacher_local, n_tokens = text_vectors(run.model, batch, run.targets, run.heads, d)
         else:
-            student_local, teacher_local, n_tokens = image_vectors(run.model, batch, run.heads, cfg.micro_batch, d)
-    eq = cfg.stage <= 3  # text shares are equal; image shares may lose broken images
-    student = {D: gather_global(v, d, grad=True, equal=eq) for D, v in student_local.items()}  # (B, D)
+            student_local, teacher_local, n_tokens = image_vectors(run.model, batch, run.heads, d)
+    student = {D: gather_global(v, d, True, sizes) for D, v in student_local.items()}  # (B, D)
     if cfg.stage <= 3:
-        teacher = gather_global(teacher_local, d, grad=False)  # (B, Dt)
+        teacher = gather_global(teacher_local, d, False, sizes)  # (B, Dt)
     else:
-        teacher = {D: gather_global(v, d, grad=False, equal=False) for D, v in teacher_local.items()}
+        teacher = {D: gather_global(v, d, False, sizes) for D, v in teacher_local.items()}
     return student, teacher, n_tokens
 
 
-def optimizer_step(run: RunState, batch) -> tuple[float, dict, float, float, int]:
-    """One optimizer step on one global batch: losses (eq. 4 per stage) -> backward -> clip -> AdamW -> schedule.
-    A non-finite loss or gradient norm stops the run naming the last good checkpoint."""
+def batch_counts(batch) -> tuple[int, int]:
+    """(forwards, rows) this rank is about to run: what `agree` compares across ranks."""
+    if isinstance(batch, dict):  # stage 4 (data.ImageBatches)
+        return batch["n_forwards"], batch["pixel_values"].shape[0]
+    return batch.n_forwards, len(batch.rows)
+
+
+def optimizer_step(run: RunState, batch, failed: BaseException | None = None) -> tuple[float, dict, float, float, int]:
+    """One optimizer step on one global batch: the agreement check -> forwards and gathers -> losses (eq. 4 per
+    stage) -> backward -> clip -> AdamW -> schedule. A non-finite loss or gradient norm stops the run naming the
+    last good checkpoint. `failed`: this rank could not build its batch (every rank stops, in agree)."""
     cfg = run.cfg
-    student, teacher, n_tokens = global_vectors(run, batch)
+    sizes = agree(run, *(batch_counts(batch) if failed is None else (0, 0)), failed=failed)
+    student, teacher, n_tokens = global_vectors(run, batch, sizes)
     loss, parts = losses.distill_loss(cfg.stage, student, teacher, weights=tuple(cfg.loss_weights),
                                       margin=cfg.margin, mrl_teacher=cfg.mrl_teacher,
                                       prefix_dims=tuple(head_dims(run.model)[1:]) if cfg.mrl_prefix else ())
@@ -806,35 +894,47 @@ def finish(run: RunState) -> dict:
 
 def text_vectors(model, batch, targets: TextTargets, heads: list[int], d: Dist):
     """Stages 1-3: forward the share micro-batch by micro-batch, keeping every graph (the in-batch losses need the
-    whole global batch before any backward). -> ({D: (b, D)}, teacher (b, Dt), real tokens)."""
-    teacher = targets(batch.rows, batch.hashes).to(d.device)  # (b, Dt) fp32, rows in the order of the chunks
+    whole global batch before any backward). A micro-batch without texts (micro_sizes 0) runs its one-token dummy
+    all the same and keeps none of its output: its forward and backward pair up with the other ranks' FSDP
+    collectives, and its rows get a zero gradient. -> ({D: (b, D)}, teacher (b, Dt), real tokens)."""
+    teacher = targets(batch.rows, batch.hashes).to(d.device)  # (b, Dt) fp32, rows in the order of the micro-batches
     if batch.packed is not None:  # texts packed in rows (data.TrainLoader): one vector per text, in batch.rows order
         outs = [model(packed=p.to(d.device), dims=heads) for p in batch.packed]
     else:
         outs = [model(ids.to(d.device), mask.to(d.device), dims=heads) for ids, mask in batch.chunks]
-    # fp32 for the losses (the forward may run in bf16)
-    return {D: torch.cat([o[D] for o in outs]).float() for D in heads}, teacher, batch.n_tokens
+    # [:n] drops a dummy's row; fp32 for the losses (the forward may run in bf16)
+    return ({D: torch.cat([o[D][:n] for o, n in zip(outs, batch.micro_sizes)]).float() for D in heads}, teacher,
+            batch.n_tokens)
 
 
-def image_vectors(model, batch: dict, heads: list[int], micro_batch: int, d: Dist):
+def image_vectors(model, batch: dict, heads: list[int], d: Dist):
     """Stage 4 (sec. 2.5): each caption through the frozen text side (no grad) is the teacher of its image; the
     image enters as <img_start> <img_token> x K <img_end> with the K tokens replaced by pooled vision features.
+    The surviving pairs are split over batch["n_forwards"] forwards, the same count on every rank whatever images
+    were broken; a forward left without pairs runs a dummy (a blank image, a one-token caption) and keeps nothing.
     -> ({D: (b, D) image vectors}, {D: (b, D) caption vectors}, real caption tokens)."""
     pv, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
     prompt = torch.tensor(model.image_prompt_ids(), device=d.device)  # (K + 2,)
     student, teacher = {D: [] for D in heads}, {D: [] for D in heads}
-    for s in range(0, pv.shape[0], micro_batch):
-        sl = slice(s, s + micro_batch)
+    for group in split_even(range(pv.shape[0]), batch["n_forwards"]):
+        n = len(group)
+        sl = slice(group[0], group[-1] + 1) if n else slice(0, 1)
+        p_sl, i_sl, m_sl = (pv[sl], ids[sl], mask[sl]) if n else dummy_image_pair(pv, ids)
         with torch.no_grad():  # frozen text side: the caption vector is the target (sec. 2.5)
-            cap = model(ids[sl].to(d.device), mask[sl].to(d.device), dims=heads)
-        img_ids = prompt[None].expand(pv[sl].shape[0], -1)  # (m, K + 2)
+            cap = model(i_sl.to(d.device), m_sl.to(d.device), dims=heads)
+        img_ids = prompt[None].expand(p_sl.shape[0], -1)  # (m, K + 2)
         # the gradient reaches only the vision tower
-        img = model(img_ids, torch.ones_like(img_ids), pixel_values=pv[sl].to(d.device), dims=heads)
+        img = model(img_ids, torch.ones_like(img_ids), pixel_values=p_sl.to(d.device), dims=heads)
         for D in heads:
-            student[D].append(img[D].float())
-            teacher[D].append(cap[D].float())
+            student[D].append(img[D][:n].float())  # [:n] drops a dummy's row
+            teacher[D].append(cap[D][:n].float())
     return ({D: torch.cat(v) for D, v in student.items()}, {D: torch.cat(v) for D, v in teacher.items()},
             batch["n_tokens"])
+
+
+def dummy_image_pair(pv: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A blank image and a one-token caption for a forward that has no pair of its own (image_vectors)."""
+    return pv.new_zeros(1, *pv.shape[1:]), ids.new_zeros(1, 1), ids.new_ones(1, 1)
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:

@@ -64,10 +64,11 @@ class TrainConfig:
     max_length: int = _f(512, "max tokens per text (paper: 512)")
     # --- optimisation (None -> the stage's default from STAGE_DEFAULTS)
     batch: int | None = _f(None, "GLOBAL batch (texts per optimizer step, all ranks together; paper 128/128/128/90); "
-                                 "the in-batch losses see all of it")
+                                 "the in-batch losses see all of it; any value >= the rank count (the run does not "
+                                 "depend on the rank count)")
     micro_batch: int = _f(16, "rows per forward pass on one rank (memory knob; does not change the maths)")
-    packing: bool = _f(True, "stages 1-3: pack each rank's texts end to end in rows of --max-length tokens, each "
-                             "text attending only to itself (packing.py): same losses, no compute on padding; "
+    packing: bool = _f(True, "stages 1-3: pack the global batch's texts end to end in rows of --max-length tokens, "
+                             "each text attending only to itself (packing.py): same losses, no compute on padding; "
                              "--no-packing pads one text per row (docs/data.md)")
     lr: float | None = _f(None, "peak learning rate (paper 1e-4/8e-5/7e-5/1e-4)")
     steps: int | None = _f(None, "optimizer steps (paper 4000/7000/2200/3500)")

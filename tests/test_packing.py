@@ -304,12 +304,17 @@ def test_trainloader_packed_batches_hold_the_padded_texts(loader_texts, minilm_t
         return data.TrainLoader(loader_texts, minilm_tok, global_batch=32, max_length=40, seed=5, rank=rank,
                                 world_size=world, micro_batch=micro, packing=packing)
 
+    for step in range(3):  # the same global batch (all ranks together) packed or padded
+        rows = {p: sorted(r for rank in range(world) for r in make(p, rank).batch_at(0, step).rows.tolist())
+                for p in (False, True)}
+        assert rows[False] == rows[True]
     for rank in range(world):
         padded, packed = make(False, rank), make(True, rank)
         for step in range(3):
             a, b = padded.batch_at(0, step), packed.batch_at(0, step)
-            assert sorted(a.rows.tolist()) == sorted(b.rows.tolist()) and b.chunks == [] and a.packed is None
-            assert a.n_tokens == b.n_tokens and b.n_processed <= a.n_processed
+            assert b.chunks == [] and a.packed is None
+            # fewer slots per real token packed (which rank holds which text differs between the two plans)
+            assert b.n_processed / b.n_tokens <= a.n_processed / a.n_tokens
             assert torch.equal(b.input_ids, packed.batch_at(0, step).input_ids)  # a pure function of the step
             # texts in the order the packed micro-batches hold them == the order of rows / hashes
             got = []

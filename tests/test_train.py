@@ -199,8 +199,8 @@ def test_two_processes_match_one_process(assets, tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one_process_stage4_with_a_broken_image(tmp_path):
     """Stage 4 under FSDP (vision blocks sharded, frozen text side as the teacher): one of the 8 images is broken, so
-    the two ranks' shares differ in size (3 and 4 images, or 4 and 3) and gather_global(equal=False) must still give
-    the 1-process loss on the same 7 images, every step; `skips` counts the broken image."""
+    the two ranks' shares differ in size (3 and 4 images, or 4 and 3) and gather_global (padded to the largest
+    share) must still give the 1-process loss on the same 7 images, every step; `skips` counts the broken image."""
     init = make_tiny_jasper(tmp_path / "init", layers=2, vision=True)
     images = make_images(tmp_path / "images", broken=1)
     args = ["--stage", "4", "--init", str(init), "--images", str(images), "--batch", "8", "--micro-batch", "4",
