@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
 import shutil
 import sys
 import time
@@ -48,6 +47,7 @@ from data import default_data_dir  # noqa: E402
 from eval import EmbeddingCache, evaluate, load_encoder  # noqa: E402
 from teacher_cache import build_cache  # noqa: E402
 from teachers import BertTeacher, minilm_path  # noqa: E402
+from ablation import write_subset  # noqa: E402  (bench/ is this script's folder)
 
 DEMO_STEPS = 1500
 ST_BATCH, ST_LR, ST_WARMUP = 64, 5e-4, 0.05   # theirs: the demo's batch, peak lr and warmup share
@@ -86,16 +86,7 @@ def prepare_texts(work: Path, demo_run: Path, scale: float) -> Path:
     if texts.exists():
         return texts
     rows = (demo_run / "data" / "texts.jsonl").read_text(encoding="utf-8").splitlines()
-    if scale < 1:
-        keep = sorted(random.Random(0).sample(range(len(rows)), max(DEMO.DEMO_CONFIG["batch"], round(scale * len(rows)))))
-        rows = [rows[i] for i in keep]
-    out = []
-    for i, line in enumerate(rows):
-        r = json.loads(line)
-        r["id"] = i
-        out.append(json.dumps(r, ensure_ascii=False))
-    texts.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(texts, "\n".join(out) + "\n")
+    write_subset(rows, texts, max(DEMO.DEMO_CONFIG["batch"], round(scale * len(rows))) if scale < 1 else None)
     return texts
 
 
