@@ -714,6 +714,9 @@ class STLayout:
     default_prompt_name: str | None = None
     max_seq_length: int | None = None
     do_lower_case: bool = False
+    # sentence-transformers >= 6 `message` modality: texts go through the chat template (chat_template.py)
+    message_format: str | None = None               # None: plain text; else "flat" | "structured" | "auto"
+    chat_template_kwargs: dict = field(default_factory=dict)  # processing_kwargs' chat_template bucket
     modules: list = field(default_factory=list)     # the module types, for the spec
 
 
@@ -732,6 +735,24 @@ def read_pooling_config(file: Path,
         raise error(f"{file}: pooling mode(s) {bad} not supported ({list(POOLING_MODES)})")
     dim = pc.get("embedding_dimension", pc.get("word_embedding_dimension"))  # either name of the field
     return modes, bool(pc.get("include_prompt", True)), dim
+
+
+def _read_message_modality(lay: STLayout, s: dict, sbc: Path, error: type[Exception]) -> None:
+    """The `message` entry of modality_config (sentence-transformers >= 6) and the processing_kwargs that shape the
+    chat-template path; a processing setting this reader does not apply is refused, naming the key."""
+    msg = (s.get("modality_config") or {}).get("message")
+    if msg is None:
+        return
+    lay.message_format = str(msg.get("format", "auto")) if isinstance(msg, dict) else "auto"
+    pk = s.get("processing_kwargs") or {}
+    lay.chat_template_kwargs = dict(pk.get("chat_template") or {})
+    for bucket in ("text", "common"):  # max_length may ride in any bucket (sentence-transformers: chat wins)
+        if "max_length" in (pk.get(bucket) or {}):
+            lay.chat_template_kwargs.setdefault("max_length", pk[bucket]["max_length"])
+    other = {f"{b}.{k}" for b, kw in pk.items() if b != "chat_template" for k in (kw or {}) if k != "max_length"}
+    if other:
+        raise error(f"{sbc}: processing_kwargs {sorted(other)} not supported for the message modality (supported: "
+                    "the chat_template bucket, max_length)")
 
 
 def read_st_layout(ckpt: Path, error: type[Exception] = CheckpointError) -> STLayout:
@@ -779,10 +800,7 @@ def read_st_layout(ckpt: Path, error: type[Exception] = CheckpointError) -> STLa
     if sbc.is_file():
         s = read_json(sbc, error=error)
         lay.max_seq_length, lay.do_lower_case = s.get("max_seq_length"), bool(s.get("do_lower_case", False))
-        if "message" in (s.get("modality_config") or {}):
-            raise error(f"{sbc}: modality_config lists 'message': sentence-transformers renders every text "
-                        "through the tokenizer's chat template for this folder, which this teacher does not "
-                        "do; remove the 'message' entry to encode plain text")
+        _read_message_modality(lay, s, sbc, error)
     cst = ckpt / "config_sentence_transformers.json"
     if cst.is_file():
         c = read_json(cst, error=error)
@@ -821,7 +839,7 @@ def progress(iterable=None, total: int | None = None, desc: str = "", unit: str 
     """A tqdm bar on stderr with count, rate and ETA: `for x in progress(xs, desc=...)` or `bar = progress(total=n)`
     then `bar.update(k)` and `bar.close()`. On a terminal it redraws in place; in a log file it writes one line
     every LOG_FILE_INTERVAL_S seconds (and a last one when done)."""
-    from tqdm import tqdm  # installed with huggingface-hub; imported on first use, `import checkpoints` stays light
+    from tqdm import tqdm  # requirements.txt; imported on first use, `import checkpoints` stays light
 
     tty = sys.stderr.isatty()
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, unit_scale=False,

@@ -175,7 +175,7 @@ class MTEBEncoder(AbsEncoder):
 
 
 def _rows_to_dataset(rows: list[dict]):
-    from datasets import Dataset  # imported on use: `datasets` is mteb's dependency, needed only on this path
+    from datasets import Dataset  # imported on use (requirements.txt), needed only on this path
     return Dataset.from_list(rows)
 
 

@@ -430,9 +430,10 @@ class TextTokenizer:
         return f"Instruct: {instruction}\nQuery: {text}" if instruction else text
 
     def encode_ids(self, texts: str | Sequence[str], instruction: str | None = None,
-                   max_length: int | None = None) -> list[list[int]]:
-        """Token ids per text (with the tokenizer's own special tokens, e.g. BERT's [CLS]/[SEP]), unpadded,
-        truncated to max_length tokens in total (the special tokens are kept)."""
+                   max_length: int | None = None, add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids per text (with the tokenizer's own special tokens, e.g. BERT's [CLS]/[SEP], unless
+        add_special_tokens is False: a rendered chat template writes its own), unpadded, truncated to max_length
+        tokens in total (the special tokens are kept)."""
         if isinstance(texts, str):
             texts = [texts]
         max_length = max_length or self.max_length
@@ -440,7 +441,8 @@ class TextTokenizer:
             self.tok.enable_truncation(max_length)
             self._trunc = max_length
         texts = [self.format(t, instruction) for t in texts]
-        enc = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)(texts)
+        encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        enc = encode(texts, add_special_tokens=add_special_tokens)
         return [e.ids for e in enc]
 
     def pad(self, ids: Sequence[Sequence[int]], pad_to: int | None = None) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,8 @@ Teacher families, written directly in torch and loaded strictly from real safete
   Qwen2, Qwen3 or Mistral body (all-MiniLM-L6-v2, bge-*-en-v1.5, e5, gte-Qwen2-*-instruct, e5-mistral-7b-instruct,
   Qwen3-Embedding-0.6B/4B/8B): modules.json -> body -> Pooling (mean / CLS / last token / max / weighted mean, as
   `1_Pooling/config.json` says, `include_prompt` honoured) -> Dense (with its activation) -> Normalize, prompts from
-  `config_sentence_transformers.json`. `BertTeacher` is its BERT case (the demo's all-MiniLM-L6-v2 teacher). The
+  `config_sentence_transformers.json`, or the folder's chat template for sentence-transformers >= 6 `message`-modality
+  folders (chat_template.py). `BertTeacher` is its BERT case (the demo's all-MiniLM-L6-v2 teacher). The
   folder's JSON is read by checkpoints.read_st_layout, the BERT body is bert.py's; the pooling modes are here.
 - `StellaTeacher` (stella_en_1.5B_v5): Qwen2 body (model.Qwen2Encoder, bidirectional) -> masked mean ->
   `2_Dense_{D}` Linear(1536, D) (D = 8192 by default, as in the paper) -> L2 normalise.
@@ -40,6 +41,7 @@ from tokenizers import Tokenizer
 from checkpoints import (POOLING_MODES, STLayout, load_state_strict, progress, read_json, read_safetensors,
                          read_st_layout, read_weights, resolve_checkpoint)
 from bert import load_bert_body
+from chat_template import SIZE_KWARGS, ChatTemplate
 from errors import ArgumentParser, TeacherError, check_args, run_cli
 from model import Qwen2Config, Qwen2Encoder, TextTokenizer, mean_pool, pad_ids
 from packing import Packed, length_sorted_batches
@@ -67,16 +69,16 @@ def checkpoint_revision(ckpt: Path) -> str:
     """What the manifest records as a teacher's revision.
 
     A hub snapshot (`.../snapshots/<commit>/`) gives its commit. Otherwise a content fingerprint: blake2b over the
-    config/tokenizer JSON files and, for each weight file, its name and size plus its full bytes when under 512 MB
-    or its safetensors header (names, dtypes, shapes, offsets) when larger (hashing 15 GB of NV-Embed-v2 per run
-    would cost minutes).
+    config/tokenizer JSON files (and a chat_template.jinja) and, for each weight file, its name and size plus its
+    full bytes when under 512 MB or its safetensors header (names, dtypes, shapes, offsets) when larger (hashing
+    15 GB of NV-Embed-v2 per run would cost minutes).
     """
     ckpt = Path(ckpt).resolve()
     if ckpt.parent.name == "snapshots" and len(ckpt.name) == 40:
         return ckpt.name
     h = hashlib.blake2b(digest_size=8)
     files = sorted(p for p in ckpt.rglob("*") if p.is_file() and (
-        p.suffix in (".json", ".safetensors", ".bin", ".txt", ".model") and "README" not in p.name))
+        p.suffix in (".json", ".safetensors", ".bin", ".txt", ".model", ".jinja") and "README" not in p.name))
     for p in files:
         rel = str(p.relative_to(ckpt)).encode()
         size = p.stat().st_size
@@ -296,7 +298,9 @@ class SentenceTransformerTeacher(Teacher):
     modules and Normalize in modules.json order; `dim=N` keeps the first N dims (Matryoshka) and renormalises.
     Prompt: `prompt_name` (a key of config_sentence_transformers.json's prompts) or a literal `prompt`; default
     the folder's default_prompt_name (none for most models: documents / passages). `encode(instruction=...)` uses
-    the instruction as a literal prompt for that call.
+    the instruction as a literal prompt for that call. A folder saved by sentence-transformers >= 6 with the `message`
+    modality encodes each text through its chat template instead (chat_template.py: the prompt as a system message,
+    no special tokens added, the template's tail restored on truncated rows), as that library does.
     """
 
     def __init__(self, src: str | os.PathLike, prompt_name: str | None = None, prompt: str | None = None,
@@ -309,6 +313,7 @@ class SentenceTransformerTeacher(Teacher):
         body, mt, hidden = self._load_body(lay, causal, dtype)
         self._load_tokenizer(lay, max_length, body.config.max_position_embeddings)
         self._choose_prompt(lay, ckpt, prompt_name, prompt)
+        self._load_chat_template(lay, mt, body.config.max_position_embeddings)
         steps, denses, out_dim, has_norm = self._load_head(lay, hidden, dtype)
         if dim is not None and not 0 < int(dim) <= out_dim:
             raise TeacherError(f"{ckpt}: dim={dim} asked but the model gives {out_dim} dims")
@@ -333,6 +338,8 @@ class SentenceTransformerTeacher(Teacher):
             "causal": self.causal, "padding_side": self.padding_side, "max_length": self.max_length,
             "prompt_name": self.prompt_name, "prompt": self.prompt,
         }
+        if self.chat is not None:  # only message-modality folders carry these keys (older cache specs unchanged)
+            self.spec.update(modality="message", chat_template=str(self.chat.file), message_format=self.chat.format)
 
     def _load_body(self, lay: STLayout, causal: bool | None, dtype: torch.dtype) -> tuple[nn.Module, str, int]:
         """The Transformer module: (body, model_type, hidden size); sets self.causal."""
@@ -388,6 +395,24 @@ class SentenceTransformerTeacher(Teacher):
         self.prompt_name = prompt_name
         self.prompt = prompt if prompt is not None else (lay.prompts.get(prompt_name) if prompt_name else None)
 
+    def _load_chat_template(self, lay: STLayout, model_type: str, max_pos: int) -> None:
+        """sentence-transformers >= 6 `message` modality: texts rendered through the folder's chat template
+        (chat_template.py); sets self.chat (None for a plain-text folder) and the truncation it implies."""
+        self.chat, self._chat_suffix = None, {}
+        if lay.message_format is None:
+            return
+        kw = dict(lay.chat_template_kwargs)
+        self._restore_suffix = bool(kw.pop("restore_suffix", True))
+        if "max_length" in kw:  # processing_kwargs' max_length wins over model_max_length, as in the library
+            self.max_length = self.tokenizer.max_length = min(int(kw.pop("max_length")), max_pos)
+        sized = sorted(set(kw) & set(SIZE_KWARGS))
+        if sized:
+            raise TeacherError(f"{lay.body_dir / 'sentence_bert_config.json'}: processing_kwargs.chat_template "
+                               f"{sized} not supported (max_length and restore_suffix are)")
+        self.chat = ChatTemplate.load(lay.body_dir, lay.message_format, model_type, kw, TeacherError)
+        if self.prompt:  # a template that refuses the system message (the prompt's place) is refused now
+            self.chat.render(["probe"], self.prompt)
+
     @staticmethod
     def _load_head(lay: STLayout, hidden: int, dtype: torch.dtype) -> tuple[list, list, int, bool]:
         """The Dense / Normalize steps after Pooling: (steps, Dense modules or None per step, output dims, whether
@@ -416,13 +441,42 @@ class SentenceTransformerTeacher(Teacher):
 
     def _tokenize(self, texts, instruction):
         pre = self._prompt_for(instruction)
+        if self.chat is not None:
+            return self._tokenize_chat(texts, pre)
         return self.tokenizer.encode_ids([pre + t for t in texts] if pre else list(texts))
+
+    def _tokenize_chat(self, texts, prompt: str) -> list[list[int]]:
+        """The message modality: each text rendered as a user message (the prompt as a system message), tokenised
+        without the tokenizer's own special tokens (the template writes them) and truncated to max_length; a row
+        that reached max_length gets the template's tail written back over its last tokens (as the library)."""
+        ids = self.tokenizer.encode_ids(self.chat.render(texts, prompt), add_special_tokens=False)
+        if self._restore_suffix:
+            tail = self._chat_tail(prompt)
+            for row in ids:
+                keep = min(len(tail), len(row))
+                if len(row) >= self.max_length and keep:
+                    row[-keep:] = tail[-keep:]
+        return ids
+
+    def _chat_tail(self, prompt: str) -> list[int]:
+        """The template's fixed tail after the user text (`<|im_end|>\\n` for ChatML): the longest common token
+        suffix of two renders with different dummy texts, as sentence-transformers derives it (none when the
+        renders never differ)."""
+        if prompt not in self._chat_suffix:
+            a, b = self.tokenizer.encode_ids(self.chat.render(["0", "1 2 3 4"], prompt), add_special_tokens=False,
+                                             max_length=1 << 30)
+            n = 0
+            while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+                n += 1
+            self._chat_suffix[prompt] = a[len(a) - n:] if 0 < n < min(len(a), len(b)) else []
+        return self._chat_suffix[prompt]
 
     def _instruction_tokens(self, instruction):
         """The prompt's token count as sentence-transformers measures it (with the leading special tokens, minus a
-        trailing special token such as [SEP] / <|endoftext|>); only used when include_prompt is false."""
+        trailing special token such as [SEP] / <|endoftext|>); only used when include_prompt is false. The message
+        modality tracks none (the library pools the system prompt's tokens whatever include_prompt says)."""
         pre = self._prompt_for(instruction)
-        if self.include_prompt or not pre:
+        if self.include_prompt or not pre or self.chat is not None:
             return 0
         ids = self.tokenizer.encode_ids([pre])[0]
         return len(ids) - (1 if ids and ids[-1] in self._special_ids else 0)

@@ -63,6 +63,7 @@ from model import JasperConfig, JasperModel
 from packing import split_even
 from teacher_cache import TeacherCache, read_cache_input
 from teachers import MultiTeacher, load_teacher
+from tensorboard_log import TensorBoardLog
 from train_config import ConfigError, TrainConfig, parse_config  # 1. the config of a run (sec. 3.1 defaults)
 from train_eval import TrainEval, best_eval, eval_line, plot_eval
 from vision import SiglipVisionEncoder
@@ -570,8 +571,10 @@ def export_final(model, tokenizer, out_dir: Path, d: Dist, prefix_heads: bool = 
 # ======================================================================================================================
 
 class Logger:
-    def __init__(self, out: Path, d: Dist, resume_step: int | None):
+    def __init__(self, out: Path, d: Dist, resume_step: int | None, tensorboard: bool = False):
         self.path, self.main = out / "metrics.jsonl", d.main
+        # --tensorboard: the same records, live, in OUT/tensorboard (rank 0; purges a killed run's extra steps)
+        self.tb = TensorBoardLog(out / "tensorboard", resume_step) if tensorboard and d.main else None
         if self.main and resume_step is not None and self.path.exists():
             # drop the lines a killed run wrote after its last checkpoint (the resumed run writes them again) and
             # any line cut short by a kill or a full disk during its write, saying so
@@ -601,6 +604,8 @@ class Logger:
                 if is_disk_full(e):
                     raise DiskFullError(self.path, "its last line may be cut short (--resume removes it)") from e
                 raise
+            if self.tb is not None:
+                self.tb.write(rec)
 
     def print(self, msg: str):
         if self.main:
@@ -746,7 +751,7 @@ def resume_or_start(run: RunState) -> None:
         load_checkpoint(run)
     elif cfg.resume and d.main:
         print(f"train.py: --resume but no checkpoint in {ckdir}: starting at step 0", flush=True)
-    run.log = Logger(run.out, d, run.step if resuming else None)
+    run.log = Logger(run.out, d, run.step if resuming else None, cfg.tensorboard)
     run.log.print(f"stage {cfg.stage} | {d.world_size} rank(s) on {d.device} | {cfg.dtype} | trainable "
                   f"{run.n_train / 1e6:.2f}M of {run.n_all / 1e6:.2f}M params ({run.n_tensors} tensors) | global "
                   f"batch {cfg.batch} | lr {cfg.lr:g} | steps {cfg.steps}"

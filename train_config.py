@@ -64,8 +64,7 @@ class TrainConfig:
     max_length: int = _f(512, "max tokens per text (paper: 512)")
     # --- optimisation (None -> the stage's default from STAGE_DEFAULTS)
     batch: int | None = _f(None, "GLOBAL batch (texts per optimizer step, all ranks together; paper 128/128/128/90); "
-                                 "the in-batch losses see all of it; any value >= the rank count (the run does not "
-                                 "depend on the rank count)")
+                                 "the in-batch losses see all of it; any value >= the rank count")
     micro_batch: int = _f(16, "rows per forward pass on one rank (memory knob; does not change the maths)")
     packing: bool = _f(True, "stages 1-3: pack the global batch's texts end to end in rows of --max-length tokens, "
                              "each text attending only to itself (packing.py): same losses, no compute on padding; "
@@ -99,6 +98,8 @@ class TrainConfig:
     seed: int = _f(0, "seed for the data order and anything random")
     # --- logging, checkpoints, export
     log_every: int = _f(10, "print a progress line every N steps (metrics.jsonl gets every step)")
+    tensorboard: bool = _f(False, "also log every metrics.jsonl scalar live to OUT/tensorboard/ (rank 0; view with "
+                                  "`tensorboard --logdir OUT/tensorboard`); needs the optional tensorboard package")
     ckpt_every: int = _f(500, "checkpoint every N steps (0 = only at the end)")
     keep_ckpts: int = _f(2, "keep the last N checkpoints")
     stop_at: int | None = _f(None, "end this run after this step (with a checkpoint) without changing the schedule; "
@@ -124,6 +125,8 @@ class TrainConfig:
             raise ConfigError(f"--mrl-teacher must be 'teacher' or 'self', got {self.mrl_teacher!r}")
         if self.out is None:
             self.out = f"runs/stage{self.stage}"
+        if self.tensorboard:
+            require_tensorboard()
         for k, v in STAGE_DEFAULTS[self.stage].items():  # per-stage defaults (sec. 3.1) for fields left unset
             if getattr(self, k) is None:
                 setattr(self, k, v)
@@ -157,6 +160,16 @@ def build_parser(prog: str | None = None, description: str | None = None) -> arg
 class ConfigError(UserError):
     """A setting that cannot work (type, range, a missing input, a resume that would silently differ); the message
     names the flag, --config key or file."""
+
+
+def require_tensorboard() -> None:
+    """--tensorboard needs the optional `tensorboard` package: refused at start-up in one line, not a traceback at
+    the first logged step."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"--tensorboard needs the tensorboard package, which is not installed (pip install "
+                          f"tensorboard): {e}") from None
 
 
 # Valid values beyond each field's annotated type, checked up front by validate_values (type + range, naming the key).

@@ -72,8 +72,8 @@ def _tokenizer_files(dst, kind, padding_side, eos):
                                                                          "tokens": ["<|endoftext|>"]}}}
             (dst / "tokenizer.json").write_text(json.dumps(tj))
     tc = json.loads((dst / "tokenizer_config.json").read_text())
-    # a hub embedder's tokenizer_config carries no chat template for sentence-transformers to apply (see
-    # test_message_modality_refused for a folder that does)
+    # a hub embedder's tokenizer_config carries no chat template for sentence-transformers to apply (folders that
+    # do, the `message` modality: test_st_message.py)
     tc.pop("chat_template", None)
     tc["padding_side"] = padding_side
     (dst / "tokenizer_config.json").write_text(json.dumps(tc))
@@ -228,21 +228,6 @@ def test_unknown_module_and_layout_refused(tmp_path):
     mf.write_text(json.dumps(mods[:2]))
     with pytest.raises(T.TeacherError, match=r"config\.json: model_type 'roberta' is not a supported"):
         T.SentenceTransformerTeacher(folder)
-
-
-def test_message_modality_refused(tmp_path):
-    """sentence-transformers 6 renders texts through the tokenizer's chat template when the saved folder lists the
-    'message' modality; we refuse it with the file named instead of silently encoding something else."""
-    from sentence_transformers import SentenceTransformer, models
-
-    body = tmp_path / "b"
-    _body("qwen3").save_pretrained(body)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
-        shutil.copy(qwen_tokenizer_dir() / f, body / f)  # with the Qwen chat template
-    SentenceTransformer(modules=[models.Transformer(str(body)), models.Pooling(H, pooling_mode="lasttoken")],
-                        device="cpu").save(str(tmp_path / "st"))
-    with pytest.raises(T.TeacherError, match=r"sentence_bert_config\.json: modality_config lists 'message'"):
-        T.load_teacher(str(tmp_path / "st"))
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])

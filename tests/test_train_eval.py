@@ -156,3 +156,58 @@ def test_resume_refuses_a_changed_holdout(assets, tmp_path):
     with pytest.raises(TR.ConfigError, match="held out 24 texts"):
         TR.train(_cfg(assets, out, steps=4, resume=True, eval_every=0))
     assert TR.train(_cfg(assets, out, steps=4, resume=True, eval_every=1))["step"] == 4  # the interval may change
+
+
+def test_tensorboard_events_equal_metrics_once_per_step_after_resume(assets, tmp_path):
+    """--tensorboard: the event files read back with TensorBoard's own reader hold every scalar of every
+    metrics.jsonl line (losses per head, lr, grad norm, tokens, the --eval-every records) at its step, once, even after
+    a resume from an earlier checkpoint than the killed run had logged (purge_step), plus tokens_per_s."""
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    import shutil
+
+    import tensorboard_log as TB
+
+    out = tmp_path / "run"
+    kw = dict(steps=6, eval_every=2, ckpt_every=2, tensorboard=True)
+    TR.train(_cfg(assets, out, stop_at=4, **kw))
+    ck = out / "checkpoints"  # as if killed after logging step 4 but before its checkpoint: resume from step 2
+    shutil.rmtree(ck / "step_00000004")
+    (ck / "latest").write_text("step_00000002\n")
+    TR.train(_cfg(assets, out, resume=True, **kw))
+    recs = read_metrics(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    want: dict[str, list] = {}
+    for r in recs:
+        for tag, v in TB.scalars(r).items():
+            want.setdefault(tag, []).append((r["step"], v))
+    acc = ea.EventAccumulator(str(out / "tensorboard"), size_guidance={ea.SCALARS: 0}).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/fc1.cos", "train/fc4.sim", "train/lr", "train/grad_norm", "train/tokens",
+            "eval/heldout_cos", "eval/stsb_dev/384", "eval/heldout_sim_mse/16"} <= set(want)
+    assert tags == set(want) | {"train/tokens_per_s"}
+    for tag, pts in want.items():
+        got = [(e.step, e.value) for e in acc.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in pts], tag  # each step once, in order
+        assert all(v == pytest.approx(w, rel=1e-6, abs=1e-30) for (_, v), (_, w) in zip(got, pts)), tag  # float32
+    rate = acc.Scalars("train/tokens_per_s")
+    assert [e.step for e in rate] == list(range(1, 7)) and all(e.value > 0 for e in rate)
+    assert sorted(p.name for p in (out / "tensorboard").iterdir())[0].startswith("events.out.tfevents.")
+    # a fresh run in a folder without checkpoints starts a clean board (an older run's curves would mix in)
+    TR.train(_cfg(assets, tmp_path / "run2", steps=2, eval_every=0, tensorboard=True))
+    shutil.rmtree(tmp_path / "run2" / "checkpoints")
+    TR.train(_cfg(assets, tmp_path / "run2", steps=1, eval_every=0, tensorboard=True))
+    acc = ea.EventAccumulator(str(tmp_path / "run2" / "tensorboard")).Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1]
+
+
+def test_tensorboard_missing_is_one_config_line(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    with pytest.raises(TR.ConfigError, match=r"--tensorboard needs the tensorboard package") as e:
+        TR.parse_config(["--stage", "1", "--tensorboard"])
+    assert "\n" not in str(e.value)
+    assert TR.parse_config(["--stage", "1"]).tensorboard is False  # off by default: nothing imported
+    assert TR.cli(["--stage", "1", "--tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --tensorboard needs the tensorboard package")
