@@ -243,7 +243,8 @@ def _demo_train(cfg: TrainConfig, out: Path, texts: Path, init: Path, times: dic
                                    lr=cfg.lr * DEMO_STAGE_LR_MULT[k - 1], seed=cfg.seed + k,
                                    eval_data=str(_demo_data_dir(cfg)) if cfg.eval_every else None,
                                    resume=False, export=True, stop_at=None,
-                                   mrl_teacher=cfg.mrl_teacher if k == 3 else "teacher")  # FC2-4 exist in stage 3
+                                   mrl_teacher=cfg.mrl_teacher if k == 3 else "teacher",  # FC2-4 exist in stage 3
+                                   mrl_prefix=cfg.mrl_prefix and k == 3)
         t0 = time.time()
         saved = json.loads((sd / "config.json").read_text()) if (sd / "config.json").is_file() else None
         same = saved is not None and {**saved, "resume": False} == dataclasses.asdict(scfg)

@@ -33,7 +33,8 @@ that return the loss AND dL/dx in one pass, and autograd's matmul takes dL/dx ba
 
 Differences from the authors' code, all deliberate: ties are skipped by default (flag above); the Gram matrices are
 computed in fp32 even for bf16 inputs; losses are taken per head with separate FC heads (the paper) rather than on
-Matryoshka prefixes of one vector (their MRL code); see `distill_loss` for how heads are combined.
+Matryoshka prefixes of one vector (their MRL code); see `distill_loss` for how heads are combined.  The prefixes are
+available too (`prefix_heads`, `distill_loss(prefix_dims=...)`, train.py --mrl-prefix), to test the paper's claim.
 """
 from __future__ import annotations
 
@@ -487,9 +488,22 @@ def _heads_by_name(student: dict[int, Tensor]) -> list[tuple[str, Tensor]]:
 MRL_TEACHERS = ("teacher", "self")  # stage 3: who teaches FC2-4 (sec. 2.4; "self" = the proposal at its end)
 
 
+def prefix_heads(s1: Tensor, dims) -> list[tuple[str, Tensor]]:
+    """Matryoshka prefixes of FC1 as stand-ins for separate heads: for each d in dims the first d coordinates of the
+    (m, D1) FC1 rows, L2-renormalised -> [("fc1[:d]", (m, d)), ...].  The paper trains a separate FC layer per dim
+    (sec. 2.3-2.4); the authors' MRL code and Matryoshka training (Kusupati et al. 2022) train prefixes of one
+    vector instead.  A prefix IS a head: FC1's first d rows as weight and bias, then the head's normalisation, which is
+    how train.py --mrl-prefix exports FC2-4."""
+    D1 = s1.shape[-1]
+    bad = [d for d in dims if not 0 < int(d) < D1]
+    if bad:
+        raise ValueError(f"losses.prefix_heads: prefix dims must be in (0, {D1}) (FC1's width), got {bad}")
+    return [(f"fc1[:{int(d)}]", F.normalize(s1[:, :int(d)], p=2, dim=-1)) for d in sorted(dims, reverse=True)]
+
+
 def distill_loss(stage: int, student: dict[int, Tensor], teacher: Tensor | dict[int, Tensor],
                  weights: tuple[float, float, float] = (10.0, 200.0, 20.0), margin: float = 0.015,
-                 ties: str = "skip", impl: str = "auto", mrl_teacher: str = "teacher"
+                 ties: str = "skip", impl: str = "auto", mrl_teacher: str = "teacher", prefix_dims=()
                  ) -> tuple[Tensor, dict[str, float]]:
     """The training objective of each stage (eq. 4 with lambda = weights).  Returns (total, parts), where parts holds
     the UNWEIGHTED losses as floats under "fc1.cos", "fc1.sim", "fc1.resim", "fc2.sim", ... plus "total".
@@ -506,6 +520,10 @@ def distill_loss(stage: int, student: dict[int, Tensor], teacher: Tensor | dict[
                 teach a geometry FC1 keeps moving away from), and it costs no second model or forward pass.
                 Detaching stops these losses from pulling FC1 toward the short heads; they still train the shared
                 body through the short heads' own path, as with the teacher as target.
+                prefix_dims=(256, 128, 64) (train.py --mrl-prefix): `student` holds FC1 only and the short "heads"
+                are FC1's first d coordinates, renormalised (prefix_heads), named "fc1[:d]"; the same formula
+                applies with h over FC1 and its prefixes.  Their losses reach FC1 itself (the prefixes are FC1's
+                coordinates), also under mrl_teacher="self", where only the target is detached.
     stage 4:    self-distillation of the image vectors toward the frozen caption vectors (sec. 2.5): `teacher` is a
                 dict {dim: (m, dim)} of caption vectors per head; every head gets all three losses and
                   total = mean_h (l1 cos(h) + l2 sim(h) + l3 resim(h)).
@@ -518,6 +536,11 @@ def distill_loss(stage: int, student: dict[int, Tensor], teacher: Tensor | dict[
         raise ValueError(f"losses.distill_loss: mrl_teacher='self' is a stage-3 setting (FC2-4 learn from FC1), "
                          f"not stage {stage}")
     heads = _heads_by_name(student)
+    if prefix_dims:
+        if stage != 3 or len(heads) != 1:
+            raise ValueError(f"losses.distill_loss: prefix_dims is a stage-3 setting on FC1 alone (its prefixes "
+                             f"replace FC2-4), got stage {stage} with heads {sorted(student, reverse=True)}")
+        heads = heads + prefix_heads(heads[0][1], prefix_dims)
     parts: dict[str, Tensor] = {}
 
     def rs(s: Tensor, t: Tensor) -> Tensor:

@@ -591,10 +591,16 @@ def check_resume_settings(ts: dict, cfg: TrainConfig, d: Dist, path: Path) -> No
               flush=True)
 
 
-def export_final(model, tokenizer, out_dir: Path, d: Dist):
-    """Gather the full (unsharded) state dict and write the HF layout via JasperModel.save_pretrained (rank 0)."""
+def export_final(model, tokenizer, out_dir: Path, d: Dist, prefix_heads: bool = False):
+    """Gather the full (unsharded) state dict and write the HF layout via JasperModel.save_pretrained (rank 0).
+    prefix_heads (--mrl-prefix): each shorter head is written as FC1's first D rows, i.e. FC1's trained prefix."""
     # a collective; cpu_offload keeps the full copy off the GPU
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if prefix_heads:
+        dims = head_dims(model)
+        for D in dims[1:]:
+            for w in ("weight", "bias"):
+                full[f"vector_linear_{D}.{w}"] = full[f"vector_linear_{dims[0]}.{w}"][:D].clone()
     if d.main:
         model.save_pretrained(out_dir, tokenizer=tokenizer, state_dict=full)  # atomic (tmp dir, then rename)
     d.barrier()
@@ -656,6 +662,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.mrl_teacher == "self" and cfg.stage != 3:  # checked here, not at parsing: demo.py passes it to stage 3
         raise ConfigError(f"--mrl-teacher self applies to stage 3 (FC2-4 learn from FC1), not stage "
                          f"{cfg.stage}")
+    if cfg.mrl_prefix and (cfg.stage != 3 or cfg.eval_every):  # its heads FC2-4 are written only at the export
+        raise ConfigError(f"--mrl-prefix applies to stage 3 without --eval-every (FC2-4 become FC1's prefixes at the "
+                          f"export; evaluate the export), not stage {cfg.stage} with --eval-every {cfg.eval_every}")
     if cfg.eval_every and cfg.stage == 4:
         raise ConfigError("--eval-every is for the text stages 1-3 (stage 4 has no held-out texts)")
     check_inputs(cfg)  # paths and the init's config.json, before the process group and any model
@@ -739,6 +748,10 @@ def build_state(cfg: TrainConfig, d: Dist, out: Path, ckdir: Path) -> RunState:
     model = load_student(cfg, targets.dim if targets is not None else None)
     tokenizer = model.tokenizer
     trainable = set_trainable(model, cfg.stage)
+    if cfg.mrl_prefix:  # FC1's prefixes stand in for FC2-4 (losses.prefix_heads): they get no gradient
+        for D in head_dims(model)[1:]:
+            model.head(D).requires_grad_(False)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     dims = head_dims(model)
@@ -751,9 +764,9 @@ def build_state(cfg: TrainConfig, d: Dist, out: Path, ckdir: Path) -> RunState:
         if targets.dim != dims[0]:
             raise ConfigError(f"teacher dim {targets.dim} != FC1 dim {dims[0]} of the student "
                              f"(heads {dims}); the cosine loss of eq. 1 needs them equal")
-        if cfg.mrl_teacher == "self" and len(dims) < 2:
-            raise ConfigError(f"--mrl-teacher self needs heads shorter than FC1 to teach; the student "
-                              f"has only {dims}")
+        if (cfg.mrl_teacher == "self" or cfg.mrl_prefix) and len(dims) < 2:
+            raise ConfigError(f"--{'mrl-prefix' if cfg.mrl_prefix else 'mrl-teacher self'} needs heads shorter "
+                              f"than FC1 (their dims); the student has only {dims}")
         if cfg.eval_every and d.main:  # the held-out slice is part of the run's record: cache rows, 0-based lines
             held = {"rows": loader.holdout_records()[1], "lines": loader.holdout_lines.tolist(),
                     "holdout_seed": loader.holdout_seed}
@@ -764,8 +777,8 @@ def build_state(cfg: TrainConfig, d: Dist, out: Path, ckdir: Path) -> RunState:
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16,
                               enabled=cfg.dtype == "bf16" and d.mesh is None)  # FSDP runs use the MP policy
     return RunState(cfg, d, out, ckdir, model, tokenizer, opt, train_params, loader, targets,
-                    heads=dims[:1] if cfg.stage <= 2 else dims, autocast=autocast, n_train=n_train, n_all=n_all,
-                    n_tensors=len(trainable), end=min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps)
+                    heads=dims[:1] if cfg.stage <= 2 or cfg.mrl_prefix else dims, autocast=autocast,
+                    n_train=n_train, n_all=n_all, n_tensors=len(trainable), end=min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps)
 
 
 def resume_or_start(run: RunState) -> None:
@@ -808,7 +821,8 @@ def step_loss(run: RunState, student_local: dict, teacher_local, sizes: list[int
     else:
         teacher = {D: gather_global(v, d, False, sizes) for D, v in teacher_local.items()}
     loss, parts = losses.distill_loss(cfg.stage, student, teacher, weights=tuple(cfg.loss_weights),
-                                      margin=cfg.margin, mrl_teacher=cfg.mrl_teacher)
+                                      margin=cfg.margin, mrl_teacher=cfg.mrl_teacher,
+                                      prefix_dims=tuple(head_dims(run.model)[1:]) if cfg.mrl_prefix else ())
     loss_val = loss.item()  # identical on every rank (same gathered inputs, same maths)
     if not math.isfinite(loss_val):
         raise DivergedError(f"non-finite loss {loss_val} at step {run.step + 1} (parts {parts}); stopping. "
@@ -931,7 +945,7 @@ def finish(run: RunState) -> dict:
             run.log.print(f"the run had finished: {out / 'final'} is its export")  # a rerun of a finished job
             return summary
         try:
-            export_final(run.model, run.tokenizer, out / "final", d)
+            export_final(run.model, run.tokenizer, out / "final", d, prefix_heads=cfg.mrl_prefix)
         except DiskFullError as e:
             raise DiskFullError(e.path, f"the export was abandoned (no partial folder left); the checkpoint of step "
                                         f"{run.step} is intact: free space and rerun with --resume to export") from e

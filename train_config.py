@@ -89,6 +89,11 @@ class TrainConfig:
                                      "teacher (paper's recipe) or 'self' = FC1's own vectors of the same forward "
                                      "pass, detached (the proposal closing sec. 2.4); FC1 always learns from the "
                                      "teacher", choices=["teacher", "self"])
+    mrl_prefix: bool = _f(False, "stage 3: instead of the separate heads FC2-4, train FC1's first d coordinates "
+                                 "(renormalised) at each shorter head dim d with the similarity and relative-"
+                                 "similarity losses (Matryoshka training, the authors' MRL code); FC2-4 stay frozen "
+                                 "and the export writes them as FC1's first d rows, so head d = FC1 truncated to d "
+                                 "and renormalised (docs/losses.md)")
     # --- systems
     dtype: str = _f("bf16", "bf16: FSDP2 MixedPrecisionPolicy(param bf16, reduce fp32) (autocast bf16 in a plain "
                             "single process); fp32: everything fp32", choices=["bf16", "fp32"])

@@ -62,6 +62,21 @@ def say(msg: str) -> None:
     print(f"[ablation {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def write_subset(rows: list[str], path: Path, n: int | None, seed: int = 0) -> int:
+    """A seeded uniform random n of the texts.jsonl rows (all of them when n is None or too large), in their order,
+    renumbered 0..N-1 (a teacher cache is built over the new file), written to path. Returns the count."""
+    if n and n < len(rows):
+        rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
+    out = []
+    for i, line in enumerate(rows):
+        r = json.loads(line)
+        r["id"] = i
+        out.append(json.dumps(r, ensure_ascii=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, "\n".join(out) + "\n")
+    return len(out)
+
+
 def prepare(work: Path, data_dir: Path, n_texts: int | None) -> Path:
     """The demo's training texts (data.py recipe, DEMO_DATA), optionally a uniform random subset renumbered 0..N-1,
     and one teacher cache over them (all-MiniLM-L6-v2, 32 tokens, bf16: exactly the demo's cache)."""
@@ -69,18 +84,8 @@ def prepare(work: Path, data_dir: Path, n_texts: int | None) -> Path:
     if not texts.exists():
         full = work / "data_full"
         D.build(full, data_dir=data_dir, seed=0, progress=False, **DEMO.DEMO_DATA)
-        rows = (full / "texts.jsonl").read_text(encoding="utf-8").splitlines()
-        if n_texts and n_texts < len(rows):
-            keep = sorted(random.Random(0).sample(range(len(rows)), n_texts))
-            rows = [rows[i] for i in keep]
-        out = []
-        for i, line in enumerate(rows):
-            r = json.loads(line)
-            r["id"] = i
-            out.append(json.dumps(r, ensure_ascii=False))
-        texts.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(texts, "\n".join(out) + "\n")
-        say(f"texts: {len(out):,} -> {texts}")
+        n = write_subset((full / "texts.jsonl").read_text(encoding="utf-8").splitlines(), texts, n_texts)
+        say(f"texts: {n:,} -> {texts}")
     teacher = T.BertTeacher(T.minilm_path(), max_length=32, dtype=DEMO.DEMO_CACHE_DTYPE)
     build_cache([teacher], texts, work / "cache", batch_size=256)  # reuses finished shards
     return texts

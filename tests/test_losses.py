@@ -429,6 +429,72 @@ def test_distill_mrl_self_shared_body_gradient():
     assert not torch.allclose(g_body, g_body_own, rtol=1e-3)  # the body does learn from the short head
 
 
+def _prefix_reference(y, d):
+    """A Matryoshka prefix written out: the first d coordinates of the raw head output y, divided by their norm."""
+    yd = y[:, :d]
+    return yd / yd.pow(2).sum(dim=-1, keepdim=True).sqrt()
+
+
+@pytest.mark.parametrize("mrl_teacher", ["teacher", "self"])
+def test_distill_stage_3_prefix_dims(mrl_teacher):
+    """--mrl-prefix: FC1's renormalised prefixes take the place of FC2-4 in the stage-3 formula. Reference: the
+    independent formulation (_manual) on prefixes cut by hand from the raw FC1 output; the prefix losses reach FC1."""
+    gen = torch.Generator().manual_seed(61)
+    dims = (24, 12, 6)
+    y = torch.randn(10, 48, generator=gen, dtype=torch.float64).float().requires_grad_()  # raw FC1 output (m, D1)
+    teacher = _unit(10, 48, gen)
+    w = (1.0, 2.0, 3.0)
+    total, parts = losses.distill_loss(3, {48: F.normalize(y, dim=-1)}, teacher, weights=w, prefix_dims=dims,
+                                       mrl_teacher=mrl_teacher)
+    s1 = F.normalize(y.detach(), dim=-1)
+    tgt = teacher if mrl_teacher == "teacher" else s1
+    expect = w[0] * F.cosine_embedding_loss(s1, teacher, torch.ones(10))
+    expect = expect + (_manual(s1, teacher, (0.0,) + w[1:], cos=False)
+                       + sum(_manual(_prefix_reference(y.detach(), d), tgt, (0.0,) + w[1:], cos=False)
+                             for d in dims)) / 4
+    assert float(total) == pytest.approx(float(expect), rel=1e-5)
+    assert set(parts) == {"fc1.cos", "fc1.sim", "fc1.resim", "total"} | {
+        f"fc1[:{d}].{k}" for d in dims for k in ("sim", "resim")}
+    # the gradient reaching FC1 is more than that of FC1's own three terms: the prefixes are FC1's coordinates
+    (g,) = torch.autograd.grad(total, [y])
+    own = (w[0] * losses.cosine_loss(F.normalize(y, dim=-1), teacher)
+           + w[1] * losses.similarity_loss(F.normalize(y, dim=-1), teacher) / 4
+           + w[2] * losses.resim_loss(F.normalize(y, dim=-1), teacher) / 4)
+    (g_own,) = torch.autograd.grad(own, [y])
+    assert not torch.allclose(g, g_own, rtol=1e-3)
+
+
+def test_prefix_heads_equal_heads_cut_from_fc1():
+    """A prefix IS a head whose weight and bias are FC1's first d rows (how train.py --mrl-prefix exports FC2-4):
+    the prefix loss equals the separate-heads loss on such heads, in value and in gradient to the shared input."""
+    gen = torch.Generator().manual_seed(67)
+    x = torch.randn(12, 20, generator=gen).requires_grad_()          # pooled body output (m, H)
+    W, b = torch.randn(32, 20, generator=gen) / 20 ** 0.5, torch.randn(32, generator=gen) * 0.1  # FC1 (fixed draw:
+    # the two paths round differently, and an unseeded draw could put a resim hinge term on its kink)
+    teacher = _unit(12, 32, gen)
+    w = (10.0, 12.5, 1.25)
+    pfx, _ = losses.distill_loss(3, {32: F.normalize(F.linear(x, W, b), dim=-1)}, teacher, weights=w,
+                                 prefix_dims=(16, 8))
+    (g_pfx,) = torch.autograd.grad(pfx, [x])
+    heads = {D: F.normalize(F.linear(x, W[:D], b[:D]), dim=-1) for D in (32, 16, 8)}
+    sep, _ = losses.distill_loss(3, heads, teacher, weights=w)
+    (g_sep,) = torch.autograd.grad(sep, [x])
+    assert float(pfx) == pytest.approx(float(sep), rel=1e-6)
+    assert torch.allclose(g_pfx, g_sep, rtol=1e-5, atol=1e-8)
+
+
+def test_distill_prefix_bad_inputs():
+    gen = torch.Generator().manual_seed(71)
+    heads = {16: _unit(6, 16, gen), 8: _unit(6, 8, gen)}
+    teacher = _unit(6, 16, gen)
+    with pytest.raises(ValueError, match="stage-3 setting on FC1 alone"):
+        losses.distill_loss(3, heads, teacher, prefix_dims=(8,))  # separate heads AND prefixes: one or the other
+    with pytest.raises(ValueError, match="stage-3 setting on FC1 alone"):
+        losses.distill_loss(2, {16: heads[16]}, teacher, prefix_dims=(8,))
+    with pytest.raises(ValueError, match=r"must be in \(0, 16\)"):
+        losses.distill_loss(3, {16: heads[16]}, teacher, prefix_dims=(16,))
+
+
 def test_distill_mrl_teacher_bad_inputs():
     gen = torch.Generator().manual_seed(59)
     heads = {16: _unit(6, 16, gen), 8: _unit(6, 8, gen)}

@@ -128,6 +128,34 @@ def test_stage3_mrl_teacher_self(assets, tmp_path):
     assert_trainable_set(assets["init"], tmp_path / "self" / "final", 3)
 
 
+def test_stage3_mrl_prefix(assets, tmp_path):
+    """--mrl-prefix: FC1's prefixes take FC2-4's place in the losses; FC2-4 get no update and the export writes each
+    as FC1's first D rows, so head D encodes exactly FC1's first D coordinates, renormalised."""
+    summary = TR.main(base_args(assets, tmp_path / "p", 3, steps=2, lr=1e-3) + ["--mrl-prefix"])
+    rec = read_metrics(tmp_path / "p")[0]
+    dims = json.loads((Path(summary["export"]) / "config.json").read_text())["jasper"]["head_dims"]
+    assert {f"fc1[:{D}].sim" for D in dims[1:]} <= set(rec) and "fc2.sim" not in rec
+    from eval import load_encoder
+    enc = load_encoder(summary["export"])
+    texts = ["a cat sat on the mat", "stocks fell sharply on monday", "the cat is on the mat"]
+    out = enc.encode(texts, dim=list(dims))
+    for D in dims[1:]:
+        want = torch.nn.functional.normalize(out[dims[0]][:, :D].float(), dim=-1)
+        assert torch.allclose(out[D].float(), want, atol=1e-5), D
+    init = load_file(str(assets["init"] / "model.safetensors"))
+    final = load_file(str(Path(summary["export"]) / "model.safetensors"))
+    fc1 = f"vector_linear_{dims[0]}.weight"
+    assert not torch.equal(init[fc1], final[fc1])  # FC1 trained (and its prefixes with it)
+
+
+def test_mrl_prefix_refused_outside_stage3(tmp_path):
+    with pytest.raises(TR.ConfigError, match="--mrl-prefix applies to stage 3"):
+        TR.main(["--stage", "2", "--mrl-prefix", "--out", str(tmp_path)])
+    with pytest.raises(TR.ConfigError, match="without --eval-every"):
+        TR.main(["--stage", "3", "--mrl-prefix", "--eval-every", "5", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
 def test_mrl_teacher_self_refused_outside_stage3(tmp_path):
     with pytest.raises(TR.ConfigError, match="applies to stage 3"):
         TR.main(["--stage", "2", "--mrl-teacher", "self", "--out", str(tmp_path)])
