@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 import data as D
 import train as TR
 from packing import plan_step
-from train_fixtures import (ROOT, make_cache, make_images, make_tiny_jasper, read_metrics, run_train)
+from train_fixtures import make_cache, make_tiny_jasper, read_metrics, run_train, stage4_args
 
 LOSS_TOL = dict(rel=1e-5, abs=1e-7)
 
@@ -229,11 +229,7 @@ def test_batch_no_rank_count_divides_stage1_same_on_1_2_3_ranks(skew, tmp_path):
 def test_stage4_broken_images_same_on_1_and_3_ranks(tmp_path):
     """Stage 4 on 3 ranks: 8 pairs dealt 2/3/3, broken images dropped on some ranks, 2 forwards each (micro-batch
     2), a forward left empty runs a dummy. Same losses as one process."""
-    init = make_tiny_jasper(tmp_path / "init", layers=2, vision=True)
-    images = make_images(tmp_path / "images", broken=3)
-    args = ["--stage", "4", "--init", str(init), "--images", str(images), "--batch", "8", "--micro-batch", "2",
-            "--steps", "3", "--lr", "1e-3", "--image-size", "28", "--num-workers", "0", "--dtype", "fp32",
-            "--ckpt-every", "0", "--no-export"]
+    args = stage4_args(tmp_path, broken=3, micro_batch=2)
     run_train(args + ["--out", str(tmp_path / "p1")])
     run_train(args + ["--out", str(tmp_path / "p3")], nproc=3)
     assert_same_run(tmp_path / "p1", tmp_path / "p3", weights=False)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import train as TR
 from train_fixtures import (ROOT, make_cache, make_images, make_text_assets, make_texts, make_tiny_jasper,
-                            read_metrics, run_train)
+                            read_metrics, run_train, stage4_args)
 
 LOSS_KEYS = ("loss", "fc1.cos", "fc1.sim", "fc1.resim")
 
@@ -201,11 +201,7 @@ def test_two_processes_match_one_process_stage4_with_a_broken_image(tmp_path):
     """Stage 4 under FSDP (vision blocks sharded, frozen text side as the teacher): one of the 8 images is broken, so
     the two ranks' shares differ in size (3 and 4 images, or 4 and 3) and gather_global (padded to the largest
     share) must still give the 1-process loss on the same 7 images, every step; `skips` counts the broken image."""
-    init = make_tiny_jasper(tmp_path / "init", layers=2, vision=True)
-    images = make_images(tmp_path / "images", broken=1)
-    args = ["--stage", "4", "--init", str(init), "--images", str(images), "--batch", "8", "--micro-batch", "4",
-            "--steps", "3", "--lr", "1e-3", "--image-size", "28", "--num-workers", "0", "--dtype", "fp32",
-            "--ckpt-every", "0", "--no-export"]
+    args = stage4_args(tmp_path, broken=1, micro_batch=4)
     run_train(args + ["--out", str(tmp_path / "p1")])
     run_train(args + ["--out", str(tmp_path / "p2")], nproc=2)
     m1, m2 = read_metrics(tmp_path / "p1"), read_metrics(tmp_path / "p2")

@@ -95,6 +95,16 @@ def make_images(out: Path, broken: int = 0) -> Path:
     return path
 
 
+def stage4_args(d: Path, broken: int, micro_batch: int) -> list[str]:
+    """train.py flags for 3 fp32 steps of stage 4 on a tiny student with a SigLIP tower and the 8 real photographs
+    of make_images, `broken` of them garbage (without --out)."""
+    init = make_tiny_jasper(d / "init", layers=2, vision=True)
+    images = make_images(d / "images", broken=broken)
+    return ["--stage", "4", "--init", str(init), "--images", str(images), "--batch", "8", "--micro-batch",
+            str(micro_batch), "--steps", "3", "--lr", "1e-3", "--image-size", "28", "--num-workers", "0", "--dtype",
+            "fp32", "--ckpt-every", "0", "--no-export"]
+
+
 def run_train(args: list[str], nproc: int = 1, env: dict | None = None, check: bool = True, **kw):
     """train.py through its CLI: plain python (nproc=1) or torchrun --standalone --nproc_per_node N."""
     e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **(env or {}))
