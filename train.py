@@ -670,7 +670,11 @@ def train(cfg: TrainConfig) -> dict:
     check_inputs(cfg)  # paths and the init's config.json, before the process group and any model
     d = setup_distributed(cfg.device)
     try:
-        return _train(cfg, d)
+        summary = _train(cfg, d)
+        # every rank tears its process group down together: rank 0 alone plots and prints the summary, and a rank
+        # that destroyed its gloo group while another still held its own was seen to abort at exit (SIGABRT)
+        d.barrier()
+        return summary
     finally:
         if d.mesh is not None:
             dist.destroy_process_group()
