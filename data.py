@@ -554,7 +554,7 @@ class ImageBatches:
     positions [k*B, (k+1)*B) of a seeded permutation of epoch e (g = e * steps_per_epoch + k), rank r takes
     positions [r*B//W, (r+1)*B//W): a pure function of (seed, g, rank), so `g` is the whole resume state (like
     TrainLoader). Images are decoded by ImageCaptionDataset.collate in DataLoader workers; broken images are dropped
-    and counted (a rank's share may then be smaller, or empty: train.gather_global handles unequal shares). Every
+    and counted (a rank's share may then be smaller, or empty: distributed.gather_global handles unequal shares). Every
     batch carries `n_forwards` = ceil(ceil(B / W) / micro_batch), the same on every rank whatever was dropped: the
     trainer splits the surviving pairs over that many forwards (the FSDP invariant, docs/train.md)."""
 

@@ -13,7 +13,7 @@ and L(s) the loss on the gathered global batch. The chain rule splits the gradie
     dL/dtheta = sum_i (dL/ds_i)^T  ds_i/dtheta                                          (1)
 
   pass 1: forward every micro-batch WITHOUT a graph (torch.no_grad) and keep only the vectors s_i (b x D floats).
-  loss:   s = cat(s_i) becomes a LEAF tensor (requires_grad); it goes through the same gather (train.gather_global,
+  loss:   s = cat(s_i) becomes a LEAF tensor (requires_grad); it goes through the same gather (distributed.gather_global,
           grad=True) and the same losses.distill_loss as the default path; loss.backward() stops at the leaf, so
           s.grad = dL/ds is exactly what the default path's graph delivers to this rank's rows (the all-gather's
           backward included: see train.py's docstring for the W-fold sum that FSDP's average undoes).

@@ -1,4 +1,4 @@
-"""Cost of train.py's per-step agreement check (`train.agree`, issue 24) against the training step it guards.
+"""Cost of train.py's per-step agreement check (`distributed.agree`, issue 24) against the training step it guards.
 
     .venv/bin/python bench/bench_dist_guard.py                 # 2 and 3 ranks (torchrun, gloo, this CPU)
     .venv/bin/python bench/bench_dist_guard.py --ranks 2 --steps 5
@@ -6,7 +6,7 @@
 Each configuration runs under `torchrun --nproc_per_node W` (this script re-launches itself). On every rank, in the
 same process and one after the other: (a) `agree()`, the one all_gather of (step, forwards, rows) per rank that
 every step now starts with, timed over --calls calls after a warm-up; (b) the per-step all_reduce that logging
-already did (train.all_sum), for scale; (c) the demo student's training step under FSDP2 (demo.DEMO_STUDENT: 4
+already did (distributed.all_sum), for scale; (c) the demo student's training step under FSDP2 (demo.DEMO_STUDENT: 4
 Qwen2 layers of width 384, heads 384/256/128/64, fp32), global batch 64 x 32 random tokens split over the ranks,
 forward + gathered distill_loss (stage 3) + backward + AdamW, timed over --steps steps. The table gives the medians
 and the guard's share of a step. Collectives on GPUs (NCCL) take tens of microseconds; the steps they guard, far
@@ -32,15 +32,14 @@ def worker(args) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    import distributed
     import losses
-    import train
     from demo import DEMO_HEAD_DIMS, DEMO_STUDENT
     from model import JasperConfig, JasperModel, Qwen2Config
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    d = train.Dist(rank, world, torch.device("cpu"), init_device_mesh("cpu", (world,)))
-    run = type("Run", (), {"d": d, "step": 0})()
+    d = distributed.Dist(rank, world, torch.device("cpu"), init_device_mesh("cpu", (world,)))
 
     def timed(fn, n):
         out = []
@@ -51,9 +50,9 @@ def worker(args) -> None:
             out.append(time.perf_counter() - t)
         return statistics.median(out)
 
-    timed(lambda: train.agree(run, 1, 32), 20)  # warm-up
-    t_agree = timed(lambda: train.agree(run, 1, 32), args.calls)
-    t_sum = timed(lambda: train.all_sum(1.0, d), args.calls)
+    timed(lambda: distributed.agree(d, 1, 1, 32), 20)  # warm-up
+    t_agree = timed(lambda: distributed.agree(d, 1, 1, 32), args.calls)
+    t_sum = timed(lambda: distributed.all_sum(1.0, d), args.calls)
 
     torch.manual_seed(0)
     model = JasperModel(JasperConfig(text=Qwen2Config(vocab_size=30522, causal=False, **DEMO_STUDENT),
@@ -68,7 +67,7 @@ def worker(args) -> None:
 
     def step():
         out = model(ids, torch.ones_like(ids), dims=list(DEMO_HEAD_DIMS))
-        student = {D: train.gather_global(v.float(), d, True, sizes) for D, v in out.items()}
+        student = {D: distributed.gather_global(v.float(), d, True, sizes) for D, v in out.items()}
         loss, _ = losses.distill_loss(3, student, teacher)
         loss.backward()
         opt.step()

@@ -43,12 +43,13 @@ def rss_mb() -> float:
 
 def child(a) -> None:
     """One configuration in this process: prints one JSON line {base_mb, step_s, loss}."""
+    import distributed as DI
     import train as TR
     args = ["--stage", "3", "--init", a.init, "--texts", a.texts, "--teacher-cache", a.cache, "--out", a.out,
             "--batch", str(a.batch), "--micro-batch", str(a.micro_batch), "--steps", "100", "--max-length", "32",
             "--dtype", a.dtype, "--ckpt-every", "0", "--no-export", "--device", "cpu"]
     cfg = TR.parse_config(args + (["--grad-cache"] if a.mode == "cache" else []))
-    d = TR.Dist()
+    d = DI.Dist()
     run = TR.build_state(cfg, d, *TR.set_up(cfg, d))
     it = iter(run.loader)
     batches = [next(it) for _ in range(a.steps + 1)]  # drawn before the clock starts

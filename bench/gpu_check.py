@@ -14,7 +14,7 @@ Writes bench/gpu_check.json (every figure) and bench/gpu_check.md (a block to pa
 3. bf16 FSDP2 training steps of the full-width student (Qwen2 body 28 layers x 1536 as stella_en_1.5B_v5 / Jasper,
    random weights, the four heads 12288/1024/512/256) at batch 128 x 512 tokens with activation checkpointing,
    stage-3 objective against a random (128, 12288) teacher: tokens/s, peak memory, MFU.  One process, world size 1,
-   through train.py's own setup_distributed / set_trainable / shard_model / build_optimizer.
+   through distributed.setup_distributed and train.py's own set_trainable / shard_model / build_optimizer.
    MFU counts model FLOPs only: 6 N per token for the N body matmul parameters (embeddings and heads excluded) plus
    12 L H T per token for attention (PaLM's formula, bidirectional, no causal halving); the recompute of activation
    checkpointing (another ~2 N) is not counted.  Peak: dense bf16 of the named GPU (table below).
@@ -202,8 +202,8 @@ def init_single_process_group(dev: torch.device):
             sk.bind(("127.0.0.1", 0))
             port = sk.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import train
-    return train.setup_distributed(dev.type)
+    import distributed
+    return distributed.setup_distributed(dev.type)
 
 
 def train_steps(dev: torch.device, batch: int, seq: int, steps: int, warmup: int, dry: bool) -> dict:

@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import distributed as DI  # noqa: E402
 import grad_cache  # noqa: E402
 import train as TR  # noqa: E402
 
 
-def one(args: list[str], d: TR.Dist, mode: str) -> dict:
+def one(args: list[str], d: DI.Dist, mode: str) -> dict:
     cfg = TR.parse_config(args + (["--grad-cache"] if mode != "default" else []))
     cfg.out = f"{cfg.out}_{mode}"
     run = TR.build_state(cfg, d, *TR.set_up(cfg, d))
@@ -33,7 +34,7 @@ def one(args: list[str], d: TR.Dist, mode: str) -> dict:
     sync = grad_cache.set_gradient_sync
     if mode == "cache_no_sync_off":
         grad_cache.set_gradient_sync = lambda model, s: None
-    sizes = TR.agree(run, *TR.batch_counts(batch))  # every rank's rows, as optimizer_step does
+    sizes = DI.agree(d, run.step + 1, *TR.batch_counts(batch))  # every rank's rows, as optimizer_step does
     try:
         loss, _, _ = TR.backward_step(run, batch, sizes)
     finally:
@@ -49,7 +50,7 @@ def one(args: list[str], d: TR.Dist, mode: str) -> dict:
 
 def main():
     out, args = sys.argv[1], sys.argv[2:]
-    d = TR.setup_distributed("cpu")
+    d = DI.setup_distributed("cpu")
     try:
         res = {m: one(args, d, m) for m in ("default", "cache", "cache_no_sync_off")}
         if d.main:

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import data as D
+import distributed as DI
 import train as TR
 from packing import plan_step
 from train_fixtures import make_cache, make_tiny_jasper, read_metrics, run_train, stage4_args
@@ -156,15 +157,14 @@ def test_loader_shares_union_to_the_global_batch_for_any_rank_count(skew, packin
 def _guard_worker(rank: int, world: int, port: int, case: str, out: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    d = TR.Dist(rank, world, torch.device("cpu"), mesh=object())  # agree() needs the group, not the mesh itself
-    run = type("Run", (), {"d": d, "step": 6})()
+    d = DI.Dist(rank, world, torch.device("cpu"), mesh=object())  # agree() needs the group, not the mesh itself
     try:
         if case == "forwards":
-            TR.agree(run, 3 if rank == 0 else 2, 5 + rank)
+            DI.agree(d, 7, 3 if rank == 0 else 2, 5 + rank)
         elif case == "failed":
-            TR.agree(run, 2, 4, failed=D.DataError("texts.jsonl:9: bad line") if rank == 1 else None)
+            DI.agree(d, 7, 2, 4, failed=D.DataError("texts.jsonl:9: bad line") if rank == 1 else None)
         else:
-            sizes = TR.agree(run, 2, 5 + rank)
+            sizes = DI.agree(d, 7, 2, 5 + rank)
             Path(out, f"{rank}.txt").write_text(json.dumps(sizes))
     except Exception as e:  # noqa: BLE001 - the message is what the test reads
         Path(out, f"{rank}.txt").write_text(f"{type(e).__name__}: {e}")

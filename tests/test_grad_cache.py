@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import distributed as DI
 import grad_cache
 import train as TR
 from train_fixtures import ROOT, make_images, make_text_assets, make_tiny_jasper
@@ -110,7 +111,7 @@ def step_once(args: list[str]) -> tuple[dict, dict, float, int]:
     """One optimizer step through train.optimizer_step -> (gradients as AdamW saw them, parameters after, loss,
     micro-batches)."""
     cfg = TR.parse_config(args)
-    d = TR.Dist()
+    d = DI.Dist()
     run = TR.build_state(cfg, d, *TR.set_up(cfg, d))
     batch = next(iter(run.loader))
     names = {p: n for n, p in run.model.named_parameters()}
