@@ -614,7 +614,8 @@ def check_standard_folder(folder: str | os.PathLike, weights: bool = False) -> i
 
     Catches the silent traps: no modules.json (sentence-transformers would mean-pool with no head and no
     normalisation), a Dense config without activation_function (it would apply Tanh), a causal or missing
-    is_causal body config (transformers would run the decoder causally). `weights`: also every head of the
+    is_causal body config (transformers would run the decoder causally), a WordPiece tokenizer in a decoder folder
+    without tokenizer_type "bert" (transformers would tokenize by characters). `weights`: also every head of the
     `jasper` block has its `2_Dense_{D}`, equal to `vector_linear_{D}` of model.safetensors."""
     folder = Path(folder)
     for name in ("config.json", "tokenizer.json", "modules.json", "sentence_bert_config.json",
@@ -630,6 +631,15 @@ def check_standard_folder(folder: str | os.PathLike, weights: bool = False) -> i
     if cfg.get("model_type") != "bert" and cfg.get("is_causal") is not False:
         raise CheckpointError(f"{folder / 'config.json'}: 'is_causal' must be false (transformers would run the "
                               f"body causally)")
+    if cfg.get("model_type") != "bert" and (read_json(folder / "tokenizer.json").get("model") or {}).get(
+            "type") == "WordPiece":  # a BERT vocabulary on a decoder body (the demo's student)
+        sbert = read_json(folder / "sentence_bert_config.json")
+        if (sbert.get("tokenizer_args") or {}).get("tokenizer_type") != "bert":
+            raise CheckpointError(
+                f"{folder / 'sentence_bert_config.json'}: a WordPiece tokenizer.json in a {cfg.get('model_type')} "
+                f"folder needs \"tokenizer_args\": {{\"tokenizer_type\": \"bert\"}} (without it transformers >= 5 "
+                f"builds a {cfg.get('model_type')} tokenizer that splits words into characters; "
+                f"sentence-transformers' own save() drops the setting)")
     mods = read_json(folder / "modules.json")
     kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in mods]  # class name only: old and new module paths both match
     if kinds != ["Transformer", "Pooling", "Dense", "Normalize"] or mods[0].get("path") != "":

@@ -552,9 +552,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.mrl_teacher == "self" and cfg.stage != 3:  # checked here, not at parsing: demo.py passes it to stage 3
         raise ConfigError(f"--mrl-teacher self applies to stage 3 (FC2-4 learn from FC1), not stage "
                          f"{cfg.stage}")
-    if cfg.mrl_prefix and (cfg.stage != 3 or cfg.eval_every):  # its heads FC2-4 are written only at the export
-        raise ConfigError(f"--mrl-prefix applies to stage 3 without --eval-every (FC2-4 become FC1's prefixes at the "
-                          f"export; evaluate the export), not stage {cfg.stage} with --eval-every {cfg.eval_every}")
+    if cfg.mrl_prefix and cfg.stage != 3:
+        raise ConfigError(f"--mrl-prefix applies to stage 3 (FC1's prefixes stand in for FC2-4), not stage "
+                          f"{cfg.stage}")
     if cfg.eval_every and cfg.stage == 4:
         raise ConfigError("--eval-every is for the text stages 1-3 (stage 4 has no held-out texts)")
     check_inputs(cfg)  # paths and the init's config.json, before the process group and any model

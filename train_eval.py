@@ -24,19 +24,27 @@ from readers import read_jsonl as read_jsonl_rows
 
 
 class _HeadsEncoder:
-    """eval.EmbeddingCache's encoder protocol over the model being trained, at the run's max length."""
+    """eval.EmbeddingCache's encoder protocol over the model being trained, at the run's max length. `prefix`
+    (--mrl-prefix): the shorter dims are FC1's first d coordinates, renormalised, as the export will write them
+    (FC2-4 are untrained until then)."""
 
     encodes_many_dims = True
 
-    def __init__(self, model, dims: list[int], max_length: int, autocast):
+    def __init__(self, model, dims: list[int], max_length: int, autocast, prefix: bool = False):
         self.model, self.dims, self.max_length, self.autocast = model, tuple(dims), max_length, autocast
+        self.prefix = prefix
 
     def encode(self, texts, dim=None, instruction=None, batch_size=64, show_progress=None):
         # the run's autocast: the scores are those of the model as it trains (bf16 matmuls in a bf16 run); at the
         # run's max length, so a text is cut where training cuts it
         with self.autocast:
-            return self.model.encode(list(texts), dim=dim, instruction=instruction, batch_size=batch_size,
-                                     show_progress=False, max_length=self.max_length)
+            if not self.prefix:
+                return self.model.encode(list(texts), dim=dim, instruction=instruction, batch_size=batch_size,
+                                         show_progress=False, max_length=self.max_length)
+            fc1 = self.model.encode(list(texts), dim=self.dims[0], instruction=instruction, batch_size=batch_size,
+                                    show_progress=False, max_length=self.max_length)  # (N, D1) normalised
+        cut = {D: torch.nn.functional.normalize(fc1[:, :D], dim=-1) for D in self.dims}  # {D: (N, D)}
+        return cut if isinstance(dim, (list, tuple)) else cut[dim or self.dims[0]]
 
 
 class TrainEval:
@@ -66,7 +74,7 @@ class TrainEval:
 
     def __call__(self, model) -> dict:
         t0 = time.time()
-        enc = _HeadsEncoder(model, self.dims, self.cfg.max_length, self.autocast)
+        enc = _HeadsEncoder(model, self.dims, self.cfg.max_length, self.autocast, prefix=self.cfg.mrl_prefix)
         # model.encode switches to eval mode (no dropout) under inference_mode and restores train mode; the finally
         # below restores it even when an evaluation raises, so the next optimizer step trains as before
         try:

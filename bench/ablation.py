@@ -17,8 +17,8 @@ Variants (lambda1, lambda2, lambda3; stage 3's FC2-4 targets):
 `demo` and `demo+self` differ only in stage 3, so they share stages 1-2 (one run of them per seed).
 
 Budget (the full demo is ~11 min of training on an idle 2-core machine; 5 variants x 2 seeds of it do not fit a
-session): the demo's stages at `--fraction` of its 1,500 steps (default 0.25: 26 / 225 / 124 steps, batch 64, the
-demo's learning rates and schedule shape), on a uniform random `--n-texts` of the demo's training texts (default
+session): the paper schedule's stages (`demo.py --schedule paper`, the demo's default when this ablation was run) at
+`--fraction` of its 1,500 steps (default 0.25: 26 / 225 / 124 steps, batch 64, its learning rates and shape), on a uniform random `--n-texts` of the demo's training texts (default
 32,000; the full demo draws from 69,426), one teacher cache reused by every run.  Seeds change the student's init
 and the data order, not the texts.  Results are written per run to WORK/results.json, so an interrupted run
 resumes where it stopped and a partial table can be printed at any time (`--table-only`).
@@ -47,6 +47,8 @@ import demo as DEMO  # noqa: E402  the demo's pieces: make_demo_student, _demo_e
 import train as TR  # noqa: E402
 from checkpoints import atomic_write  # noqa: E402
 from teacher_cache import build_cache  # noqa: E402
+
+PAPER = DEMO.DEMO_SCHEDULES["paper"]  # the stages 1-3 this ablation measures
 
 VARIANTS = {  # name: (loss weights, stage-3 teacher of FC2-4, label)
     "cos": ((10.0, 0.0, 0.0), "teacher", "cosine only"),
@@ -95,7 +97,7 @@ def stage_cfg(k: int, init: Path, out: Path, texts: Path, cache: Path, steps: in
               weights, mrl: str) -> TR.TrainConfig:
     base = dict(DEMO.DEMO_CONFIG)
     base.update(stage=k, init=str(init), init_format="jasper", out=str(out), texts=str(texts),
-                teacher_cache=str(cache), steps=steps, lr=base["lr"] * DEMO.DEMO_STAGE_LR_MULT[k - 1],
+                teacher_cache=str(cache), steps=steps, lr=base["lr"] * PAPER["lr_mult"][k - 1],
                 seed=seed + k, loss_weights=list(weights), mrl_teacher=mrl if k == 3 else "teacher",
                 log_every=max(1, steps // 4))
     return TR.TrainConfig(**base)
@@ -186,8 +188,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"bench/ablation.py: --fraction must be in (0, 4], got {a.fraction}")
     work = Path(a.work)
     data_dir = Path(a.data_dir) if a.data_dir else D.default_data_dir()
-    total = round(DEMO.DEMO_CONFIG["steps"] * a.fraction)
-    steps = [max(1, round(total * s)) for s in DEMO.DEMO_STAGE_SHARE]
+    total = round(PAPER["steps"] * a.fraction)
+    steps = DEMO.stage_steps(total, PAPER["share"])
     res_path = work / "results.json"
     res = json.loads(res_path.read_text()) if res_path.exists() else {}
     if a.table_only:

@@ -16,20 +16,19 @@ instructions) on STSBenchmark, STS12, STS13 and BIOSSES at 384 / 256 / 128 / 64 
 bf16, batch 256) vs sentence-transformers' encode (fp32, its default batch 32), over the same texts.
 
 --scale s runs the comparison at a fraction of the demo's job: a seeded random s x 69,426 of the demo's texts and
-s x 1,500 optimizer steps (the same ~1.4 passes over the texts); 1.0 is the issue's full comparison. Every piece is
-stored in WORK/results.json when it finishes, so the bench can be split into several jobs (--parts) and a rerun
+s x 1,000 optimizer steps (the demo's default: about 0.9 passes over the texts); 1.0 is the full comparison. Every
+piece is stored in WORK/results.json when it finishes, so the bench can be split into several jobs (--parts) and a rerun
 skips what is done; the table comes from whatever is there. sentence-transformers, accelerate and datasets are
 test-only dependencies (requirements-test.txt): nothing at the root imports them.
 
     python bench/bench_vs_st.py --demo-run runs/demo --scale 0.25 --work runs/vs_st_025          # everything
-    python bench/bench_vs_st.py ... --parts encode ours --ours demo s3 s3-prefix                 # one job
+    python bench/bench_vs_st.py ... --parts encode ours --ours demo heads paper                  # one job
     python bench/bench_vs_st.py ... --parts st-steps st-time                                     # the next job
     python bench/bench_vs_st.py ... --parts table                                                # the table only
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -49,7 +48,7 @@ from teacher_cache import build_cache  # noqa: E402
 from teachers import BertTeacher, minilm_path  # noqa: E402
 from ablation import write_subset  # noqa: E402  (bench/ is this script's folder)
 
-DEMO_STEPS = 1500
+DEMO_STEPS = DEMO.DEMO_SCHEDULES["direct"]["steps"]  # the demo's job at --scale 1 (1,000 steps of stage 3)
 ST_BATCH, ST_LR, ST_WARMUP = 64, 5e-4, 0.05   # theirs: the demo's batch, peak lr and warmup share
 DIMS = list(DEMO.DEMO_HEAD_DIMS)
 TASKS = list(DEMO.DEMO_TASKS)
@@ -57,13 +56,17 @@ TASKS = list(DEMO.DEMO_TASKS)
 # Our recipes: stage shares of the steps (a 0 share skips the stage), lr multipliers per stage (x the demo's 5e-4),
 # loss weights (eq. 4), FC2-4's teacher in stage 3, Matryoshka prefixes of FC1 instead of the heads (--mrl-prefix).
 _DW = tuple(DEMO.DEMO_CONFIG["loss_weights"])
+_DIRECT, _PAPER = DEMO.DEMO_SCHEDULES["direct"], DEMO.DEMO_SCHEDULES["paper"]
+_PREFIX = DEMO.DEMO_STUDENTS["qwen2"].get("mrl_prefix", False)
 RECIPES = {
-    "demo": dict(share=DEMO.DEMO_STAGE_SHARE, lr_mult=DEMO.DEMO_STAGE_LR_MULT, weights=_DW, mrl="teacher",
-                 prefix=False, label="demo.py's recipe: stages 1-3"),
-    "s3": dict(share=(0, 0, 1), lr_mult=(0, 0, 1.0), weights=_DW, mrl="teacher", prefix=False,
-               label="stage 3 only: everything trainable from step 1, heads FC2-4"),
-    "s3-prefix": dict(share=(0, 0, 1), lr_mult=(0, 0, 1.0), weights=_DW, mrl="teacher", prefix=True,
-                      label="stage 3 only, --mrl-prefix (FC1's prefixes instead of FC2-4)"),
+    "demo": dict(share=_DIRECT["share"], lr_mult=_DIRECT["lr_mult"], weights=_DW, mrl="teacher", prefix=_PREFIX,
+                 label="demo.py's default: stage 3 from step 1 (--schedule direct), shorter dims = FC1's trained "
+                       "prefixes (--mrl-prefix)"),
+    "heads": dict(share=_DIRECT["share"], lr_mult=_DIRECT["lr_mult"], weights=_DW, mrl="teacher", prefix=False,
+                  label="as demo, with the paper's separate heads FC2-4 (--no-mrl-prefix)"),
+    "paper": dict(share=_PAPER["share"], lr_mult=_PAPER["lr_mult"], weights=_DW, mrl="teacher", prefix=False,
+                  label="demo.py --schedule paper --no-mrl-prefix: the paper's stages 1-3 at 7 / 60 / 33 % of the "
+                        "steps, heads FC2-4"),
     "s3-self": dict(share=(0, 0, 1), lr_mult=(0, 0, 1.0), weights=_DW, mrl="self", prefix=False,
                     label="stage 3 only, --mrl-teacher self"),
     "s3-cos": dict(share=(0, 0, 1), lr_mult=(0, 0, 1.0), weights=(10.0, 0.0, 0.0), mrl="teacher", prefix=False,
@@ -117,8 +120,7 @@ def encode_both(work: Path, texts: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 def train_ours(work: Path, name: str, texts: Path, init: Path, total: int) -> tuple[float, Path, list[int]]:
     r = RECIPES[name]
-    steps = [round(total * s) for s in r["share"]]
-    steps[-1] = total - sum(steps[:-1])  # the stages add up to the budget
+    steps = DEMO.stage_steps(total, r["share"])  # the stages add up to the budget
     prev, t0 = init, time.time()
     for k, n in zip((1, 2, 3), steps):
         if n <= 0:
@@ -137,9 +139,8 @@ def train_ours(work: Path, name: str, texts: Path, init: Path, total: int) -> tu
 
 def train_st(work: Path, tag: str, texts: Path, init: Path, steps: int):
     """The standard sentence-transformers distillation script (MSELoss on the teacher's vectors) -> (seconds, the
-    trained model in memory). It is scored in memory: on this student, model.save() + reload gave other vectors
-    (mean cosine to the teacher 0.36 in memory vs 0.14 reloaded after 40 steps; cause not found yet), and the
-    in-memory model is what the training produced. The saved folder is kept for that investigation."""
+    trained model as saved and reloaded). Scored reloaded, in fp32, as ours is (an export read back from disk): in
+    memory, accelerate's bf16 autocast stays wrapped around the trained model's forward (vectors ~1e-3 off)."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer import losses
@@ -156,8 +157,28 @@ def train_st(work: Path, tag: str, texts: Path, init: Path, steps: int):
     t0 = time.time()
     trainer.train()
     train_s = time.time() - t0
-    model.save(str(out / "final"))
-    return train_s, model
+    return train_s, save_st(model, out / "final")
+
+
+def save_st(model, folder: Path):
+    """sentence-transformers' save(), one repair, and the folder read back (what is scored). The repair: this
+    student is a Qwen2 body on a WordPiece vocabulary, and sentence-transformers' save() drops the `tokenizer_args:
+    {tokenizer_type: bert}` of sentence_bert_config.json; transformers >= 5 then builds a Qwen2 tokenizer that splits
+    words into characters (STSBenchmark 0.50 instead of 0.73 after 375 steps). It is written back, and the reloaded
+    model must agree with the one in memory (cosine >= 0.999: only bf16 autocast apart)."""
+    from sentence_transformers import SentenceTransformer
+    model.save(str(folder))
+    cfg = json.loads((folder / "sentence_bert_config.json").read_text())
+    cfg["tokenizer_args"] = {**cfg.get("tokenizer_args", {}), "tokenizer_type": "bert"}
+    atomic_write(folder / "sentence_bert_config.json", json.dumps(cfg, indent=2) + "\n")
+    back = SentenceTransformer(str(folder), device="cpu")
+    probe = ["A man is playing a guitar.", "Stocks fell sharply on Monday after the report."]
+    cos = (model.encode(probe, convert_to_tensor=True).float() * back.encode(probe, convert_to_tensor=True).float()
+           ).sum(-1).min().item()
+    if cos < 0.999:
+        raise SystemExit(f"bench/bench_vs_st.py: {folder} reloads with other vectors than the trained model "
+                         f"(cosine {cos:.4f})")
+    return back
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,9 +225,12 @@ def table(res: dict, scale: float) -> str:
     for key, r in res.items():
         if key.startswith("ours/"):
             name = key[5:]
+            steps = "/".join(str(s) for s in r["steps"] if s)
+            if RECIPES[name]["prefix"]:  # its heads ARE FC1's first d coordinates (trained as such): one row
+                rows.append((f"ours: {name}", steps, r["train_s"], "FC1 prefixes (trained)", r["scores"]["heads"]))
+                continue
             for how in ("heads", "truncated"):
-                rows.append((f"ours: {name}", "/".join(str(s) for s in r["steps"] if s), r["train_s"], how,
-                             r["scores"][how]))
+                rows.append((f"ours: {name}", steps, r["train_s"], how, r["scores"][how]))
         elif key == "st/steps" or key.startswith("st/time@"):
             how = "equal steps" if key == "st/steps" else f"time of ours: {key.split('@')[1]}"
             rows.append((f"sentence-transformers MSELoss ({how})",
@@ -284,6 +308,11 @@ def main(argv=None) -> int:
                 continue
             if name == "demo" and a.reuse_demo:
                 info = json.loads((demo_run / "results.json").read_text())
+                got = (info.get("schedule", "paper"), info["config"]["steps"], info["config"].get("mrl_prefix"))
+                if got != ("direct", total, _PREFIX):
+                    raise SystemExit(f"bench/bench_vs_st.py: --reuse-demo: {demo_run}/results.json is a run of "
+                                     f"(schedule, steps, mrl_prefix) = {got}, not the demo's default "
+                                     f"{('direct', total, _PREFIX)}")
                 secs, final, steps, note = (info["times"]["train"], demo_run / "stage3" / "final", info["steps"],
                                             f"the run in {demo_run}, trained in its own job")
             else:

@@ -41,17 +41,34 @@ def test_demo_student_init_is_a_bag_of_teacher_embeddings():
     torch.testing.assert_close(h[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5)
 
 
-def test_demo_student_option():
-    """--student (issue 27): the demo's own flag, split off before train.py's flags; minilm-3 brings its own steps
-    and lr (about the Qwen2 student's wall time; a trained start), which train.py flags still override."""
-    assert DM.split_student(["--steps", "5"]) == ("qwen2", ["--steps", "5"])
-    student, rest = DM.split_student(["--student", "minilm-3", "--lr", "1e-4"])
-    assert student == "minilm-3" and rest == ["--lr", "1e-4"]
-    cfg = DM.parse_args(rest, student)
-    assert (cfg.steps, cfg.lr) == (DM.DEMO_STUDENTS["minilm-3"]["steps"], 1e-4)
-    assert DM.parse_args([], "qwen2").steps == DM.DEMO_CONFIG["steps"]
-    with pytest.raises(SystemExit):
-        DM.split_student(["--student", "bert-base"])
+def test_demo_student_and_schedule_options():
+    """--student (issue 27) and --schedule (issue 25): the demo's own flags, split off before train.py's flags. Each
+    student brings its schedule (qwen2: stage 3 from step 1; minilm-3, a student that starts as an embedder: the
+    paper's stages) and its own defaults; --schedule and train.py flags still override them."""
+    assert DM.split_student(["--steps", "5"]) == ("qwen2", "direct", ["--steps", "5"])
+    student, schedule, rest = DM.split_student(["--student", "minilm-3", "--lr", "1e-4"])
+    assert (student, schedule, rest) == ("minilm-3", "paper", ["--lr", "1e-4"])
+    cfg = DM.parse_args(rest, student, schedule)
+    assert (cfg.steps, cfg.lr) == (1800, 1e-4)  # the paper schedule's 1,500 x 1.2 (a cheaper step)
+    assert DM.parse_args([], "qwen2").steps == DM.DEMO_SCHEDULES["direct"]["steps"]
+    assert DM.split_student(["--schedule", "paper"])[:2] == ("qwen2", "paper")
+    assert DM.parse_args([], "qwen2", "paper").steps == 1500
+    assert DM.parse_args(["--steps", "7"], "qwen2", "paper").steps == 7
+    for argv in (["--student", "bert-base"], ["--schedule", "stella"]):
+        with pytest.raises(SystemExit):
+            DM.split_student(argv)
+
+
+def test_stage_steps_add_up_and_skip_empty_stages():
+    """--steps split over the stages: skipped stages get 0, the others at least 1, and the sum is --steps."""
+    for total in (1, 2, 3, 8, 100, 1500, 1001):
+        for share in ((0.07, 0.60, 0.33), (0.0, 0.0, 1.0), (0.0, 0.5, 0.5), (0.02, 0.05, 0.93)):
+            steps = DM.stage_steps(total, share)
+            assert [n == 0 for n in steps] == [s == 0 for s in share], (total, share, steps)
+            if total >= sum(1 for s in share if s):
+                assert sum(steps) == total and all(n >= 1 for n, s in zip(steps, share) if s), (total, share, steps)
+    assert DM.stage_steps(1500, (0.07, 0.60, 0.33)) == [105, 900, 495]  # the paper schedule as measured before
+    assert DM.stage_steps(1000, (0.0, 0.0, 1.0)) == [0, 0, 1000]
 
 
 @pytest.mark.slow
@@ -62,19 +79,23 @@ def test_demo_shortened_end_to_end(tmp_path, data_dir, capsys):
     rep = DM.run_demo(cfg, n_texts=2000, tasks=("STSBenchmark",), split="dev")
     printed = capsys.readouterr().out
 
-    # the real pipeline ran: texts, a verified cache over exactly those rows, three stages, exports
+    # the real pipeline ran: texts, a verified cache over exactly those rows, the default schedule, the export
     assert rep["n_texts"] == 2000
     cache = TeacherCache(out / "cache")
     cache.check(n_rows=2000, dim=384)
     cache.verify_texts(out / "data" / "texts.jsonl")
-    assert rep["steps"] == [max(1, round(100 * f)) for f in DM.DEMO_STAGE_SHARE] and sum(rep["steps"]) == 100
+    assert rep["schedule"] == "direct" and rep["steps"] == [0, 0, 100]  # the default: stage 3 from step 1
+    assert not (out / "stage1").exists() and not (out / "stage2").exists()
     for k, n in zip((1, 2, 3), rep["steps"]):
+        if not n:
+            continue
         recs = [json.loads(ln) for ln in (out / f"stage{k}" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in recs] == list(range(1, n + 1))
-        assert ("fc4.resim" in recs[-1]) == (k == 3)  # Matryoshka heads join the losses in stage 3 only
+        # stage 3 trains FC1's prefixes (--mrl-prefix, the Qwen2 student's default), not separate heads FC2-4
+        assert "fc1[:64].resim" in recs[-1] and "fc4.resim" not in recs[-1]
         assert (out / f"stage{k}" / "final" / "model.safetensors").is_file()
     assert (out / "loss_curves.png").stat().st_size > 10_000 and (out / "score_vs_dim.png").stat().st_size > 10_000
-    assert "| STSBenchmark | 64 |" in printed and "training" in printed
+    assert "| STSBenchmark | 64 |" in printed and "stage 3 only: 100 steps" in printed
 
     # the student learnt: clearly above the untrained student of the same shape at every head, close-ish to teacher
     r = rep["results"]

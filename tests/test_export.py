@@ -171,6 +171,26 @@ def test_wordpiece_tokenizer_needs_tokenizer_type_in_plain_transformers(wordpiec
     assert plain("Hello World")["input_ids"] != right("Hello World")["input_ids"]
 
 
+def test_wordpiece_folder_without_tokenizer_type_is_caught(wordpiece_student, tmp_path):
+    """The demo's kind of student (WordPiece vocabulary, Qwen2 body): without tokenizer_args in
+    sentence_bert_config.json (sentence-transformers' own save() drops it) sentence-transformers loads a Qwen2
+    tokenizer that splits words into characters, and check_standard_folder refuses the folder naming the key."""
+    out = wordpiece_student.save_pretrained(tmp_path / "export")
+    D = C.check_standard_folder(out)
+    good = _st(out)
+    bad = tmp_path / "no_tokenizer_type"
+    shutil.copytree(out, bad)
+    sbert = json.loads((bad / "sentence_bert_config.json").read_text())
+    del sbert["tokenizer_args"]
+    (bad / "sentence_bert_config.json").write_text(json.dumps(sbert))
+    wrong = _st(bad)
+    assert wrong.tokenizer("Hello World")["input_ids"] != good.tokenizer("Hello World")["input_ids"]
+    assert (wrong.encode(TEXTS, convert_to_tensor=True) - wordpiece_student.encode(TEXTS, dim=D)).abs().max() > 1e-3
+    with pytest.raises(M.CheckpointError, match=r"sentence_bert_config.json: a WordPiece tokenizer.json in a qwen2 "
+                                                r"folder needs \"tokenizer_args\""):
+        C.check_standard_folder(bad)
+
+
 def test_silent_traps_are_caught(qwen_student, tmp_path):
     out = qwen_student.save_pretrained(tmp_path / "export")
     D = C.check_standard_folder(out)

@@ -765,7 +765,8 @@ def test_demo_resume_keeps_finished_stages(data_dir, tmp_path, capsys, monkeypat
                                                                         for t in tasks})
     args = ["--out", tmp_path / "d", "--eval-data", data_dir, "--steps", "8", "--batch", "32", "--micro-batch", "32"]
     run = (lambda extra: dm.run_demo(dm.parse_args([str(a) for a in args + extra]), n_texts=96,
-                                     tasks=("STSBenchmark",), split="dev", untrained=False, plots=False))
+                                     tasks=("STSBenchmark",), split="dev", untrained=False, plots=False,
+                                     schedule="paper"))  # three stages: the first two must be kept
     run([])
     d = tmp_path / "d"
     stamp = {k: (d / f"stage{k}" / "final" / "model.safetensors").stat().st_mtime_ns for k in (1, 2, 3)}

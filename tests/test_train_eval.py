@@ -211,3 +211,21 @@ def test_tensorboard_missing_is_one_config_line(monkeypatch, capsys):
     assert TR.cli(["--stage", "1", "--tensorboard"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: --tensorboard needs the tensorboard package")
+
+
+def test_eval_every_with_mrl_prefix_scores_what_the_export_writes(assets, tmp_path):
+    """--mrl-prefix with --eval-every: the shorter dims are scored as FC1's renormalised prefixes (FC2-4 stay
+    untrained until the export writes FC1's rows into them), so the evaluation at the last step equals the export's
+    own STSBenchmark dev scores at every head."""
+    from eval import builtin_sts, load_encoder
+    from eval_inputs import EmbeddingCache, Instructions, task_instruction
+    out = tmp_path / "run"
+    summary = TR.train(_cfg(assets, out, steps=3, mrl_prefix=True, export=True))
+    ev = read_metrics(out)[-1]["eval"]
+    assert list(ev["stsb_dev"]) == ["384", "64", "32", "16"]
+    rows = [json.loads(ln) for ln in (assets["eval_data"] / "sts" / "STSBenchmark" / "dev.jsonl").read_text()
+            .splitlines()]
+    instr = task_instruction("STSBenchmark", "STS", None, Instructions("original", data_dir=assets["eval_data"]))
+    cache = EmbeddingCache(load_encoder(summary["export"], max_length=32), batch_size=64, show_progress=False)
+    for D, v in ev["stsb_dev"].items():
+        assert builtin_sts(cache, rows, int(D), instr)["cosine_spearman"] == pytest.approx(v, abs=1e-6), D
