@@ -352,8 +352,8 @@ def run_demo(cfg: TrainConfig, *, n_texts: int | None = None, tasks=DEMO_TASKS, 
         init_student(tdir, MINILM3_LAYERS, init, heads=DEMO_HEAD_DIMS, seed=cfg.seed)
     else:
         make_demo_student(tdir, max_length=cfg.max_length, seed=cfg.seed).save_pretrained(init)
-    plan = stage_steps(cfg.steps, DEMO_SCHEDULES[schedule]["share"])
-    say(f"schedule {schedule}: " + ", ".join(f"stage {k} {n} steps" for k, n in enumerate(plan, 1) if n))
+    per_stage = stage_steps(cfg.steps, DEMO_SCHEDULES[schedule]["share"])
+    say(f"schedule {schedule}: " + ", ".join(f"stage {k} {n} steps" for k, n in enumerate(per_stage, 1) if n))
     steps, stage_dirs = _demo_train(cfg, out, texts, init, times, say, schedule)
     prev = stage_dirs[-1] / "final"
 

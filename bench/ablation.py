@@ -18,8 +18,9 @@ Variants (lambda1, lambda2, lambda3; stage 3's FC2-4 targets):
 
 Budget (the full demo is ~11 min of training on an idle 2-core machine; 5 variants x 2 seeds of it do not fit a
 session): the paper schedule's stages (`demo.py --schedule paper`, the demo's default when this ablation was run) at
-`--fraction` of its 1,500 steps (default 0.25: 26 / 225 / 124 steps, batch 64, its learning rates and shape), on a uniform random `--n-texts` of the demo's training texts (default
-32,000; the full demo draws from 69,426), one teacher cache reused by every run.  Seeds change the student's init
+`--fraction` of its 1,500 steps (default 0.25: 26 / 225 / 124 steps, batch 64, its learning rates and shape), on
+a uniform random `--n-texts` of the demo's training texts (default 32,000; the full demo draws from 69,426), one
+teacher cache reused by every run.  Seeds change the student's init
 and the data order, not the texts.  Results are written per run to WORK/results.json, so an interrupted run
 resumes where it stopped and a partial table can be printed at any time (`--table-only`).
 
