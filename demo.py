@@ -27,9 +27,10 @@ from errors import run_cli
 from data import build, default_data_dir
 from readers import read_jsonl
 from eval import EmbeddingCache, evaluate, load_encoder
-from model import JasperConfig, JasperModel, Qwen2Config, TextTokenizer
+from model import JasperConfig, JasperModel, Qwen2Config
 from teacher_cache import build_cache
 from teachers import BertTeacher, minilm_path
+from tokenizer import TextTokenizer
 from train import ConfigError, TrainConfig, parse_config, train
 
 #   data.py build over <data>/text (the real shared text) -> all-MiniLM-L6-v2 teacher cache (teachers.py) -> a small
@@ -267,6 +268,7 @@ def _demo_train(cfg: TrainConfig, out: Path, texts: Path, init: Path, times: dic
     again."""
     plan = DEMO_SCHEDULES[schedule]
     steps = stage_steps(cfg.steps, plan["share"])
+    say(f"schedule {schedule}: " + ", ".join(f"stage {k} {n} steps" for k, n in enumerate(steps, 1) if n))
     prev, stage_dirs, t_train, redo = init, [], time.time(), not cfg.resume
     for k in (1, 2, 3):
         sd = out / f"stage{k}"
@@ -352,8 +354,6 @@ def run_demo(cfg: TrainConfig, *, n_texts: int | None = None, tasks=DEMO_TASKS, 
         init_student(tdir, MINILM3_LAYERS, init, heads=DEMO_HEAD_DIMS, seed=cfg.seed)
     else:
         make_demo_student(tdir, max_length=cfg.max_length, seed=cfg.seed).save_pretrained(init)
-    per_stage = stage_steps(cfg.steps, DEMO_SCHEDULES[schedule]["share"])
-    say(f"schedule {schedule}: " + ", ".join(f"stage {k} {n} steps" for k, n in enumerate(per_stage, 1) if n))
     steps, stage_dirs = _demo_train(cfg, out, texts, init, times, say, schedule)
     prev = stage_dirs[-1] / "final"
 

@@ -133,7 +133,7 @@ class MTEBEncoder(AbsEncoder):
     """mteb EncoderProtocol over an EmbeddingCache; `dim` / `instructions` select the head and prompt set.
 
     Texts reach the encoder with the raw instruction; the encoder writes "Instruct: {instruction}\\nQuery: {text}"
-    (model.TextTokenizer.format), the string mteb's Jasper wrapper builds with its instruction_template.
+    (tokenizer.TextTokenizer.format), the string mteb's Jasper wrapper builds with its instruction_template.
     """
 
     def __init__(self, cache: EmbeddingCache, name: str = "local/encoder", dim: int | None = None,

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from checkpoints import (CheckpointError, check_standard_folder, dense_dir, make_readable, read_dense_folder,
                          resolve_checkpoint, standard_heads)
-from model import JasperConfig, JasperModel, Qwen2Encoder, TextTokenizer, mean_pool
+from model import JasperConfig, JasperModel, Qwen2Encoder, mean_pool
+from tokenizer import TextTokenizer
 from packing import length_sorted_encode
 
 ONNX_DIR = "onnx"

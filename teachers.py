@@ -43,7 +43,8 @@ from checkpoints import (POOLING_MODES, STLayout, load_state_strict, progress, r
 from bert import load_bert_body
 from chat_template import SIZE_KWARGS, ChatTemplate
 from errors import ArgumentParser, TeacherError, check_args, run_cli
-from model import Qwen2Config, Qwen2Encoder, TextTokenizer, mean_pool, pad_ids
+from model import Qwen2Config, Qwen2Encoder, mean_pool
+from tokenizer import TextTokenizer, pad_ids
 from packing import Packed, length_sorted_batches
 from teacher_cache import CacheError, TeacherCache, build_cache, verify_cache
 

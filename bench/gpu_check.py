@@ -301,6 +301,7 @@ def packed_vs_padded(dev: torch.device, batch: int, max_len: int, micro: int, re
     import math
     import model as M
     from packing import Packed, plan_rows
+    from tokenizer import pad_ids
     cfg = qwen2_config(dry)
     body = bf16_body(cfg, dev)
     g = torch.Generator().manual_seed(3)
@@ -308,7 +309,7 @@ def packed_vs_padded(dev: torch.device, batch: int, max_len: int, micro: int, re
     lens = torch.exp(math.log(63 * max_len / 512) + 0.96 * z).round().clamp(1, max_len).long().tolist()
     ids = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
     order = sorted(range(batch), key=lambda i: -lens[i])
-    padded = [tuple(t.to(dev) for t in M.pad_ids([ids[i] for i in order[a:a + micro]], 0))
+    padded = [tuple(t.to(dev) for t in pad_ids([ids[i] for i in order[a:a + micro]], 0))
               for a in range(0, batch, micro)]
     rows = plan_rows(lens, max_len)
     packs = []

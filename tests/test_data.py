@@ -17,13 +17,13 @@ import torch
 import data
 import recipe
 from data import DataError, TrainLoader, text_hash
-from model import TextTokenizer
+from tokenizer import TextTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tokenizer():
-    """The real all-MiniLM-L6-v2 WordPiece tokenizer (the demo student's vocabulary) through model.TextTokenizer."""
+    """The real all-MiniLM-L6-v2 WordPiece tokenizer (the demo student's vocabulary) through tokenizer.TextTokenizer."""
     import teachers
     return TextTokenizer.from_pretrained(teachers.minilm_path() / "tokenizer.json", max_length=512)
 

@@ -132,7 +132,7 @@ def test_plan_step_equal_forwards_and_every_text_once():
 @pytest.mark.parametrize("packing", [True, False])
 def test_loader_shares_union_to_the_global_batch_for_any_rank_count(skew, packing, monkeypatch, tmp_path):
     monkeypatch.setenv("JASPER_CACHE_DIR", str(tmp_path))
-    from model import TextTokenizer
+    from tokenizer import TextTokenizer
     tok = TextTokenizer.from_pretrained(skew["init"], max_length=32)
     one = D.TrainLoader(skew["texts"], tok, 13, 32, seed=11, micro_batch=3, packing=packing)
     for W in (2, 3, 4):

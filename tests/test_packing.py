@@ -15,6 +15,7 @@ import bert as B
 import model as M
 import teachers as T
 from packing import Packed, plan_rows
+from tokenizer import pad_ids
 from test_teachers_qwen import nvembed_dir, stella_dir  # noqa: F401  (tiny NV-Embed / stella checkpoints)
 
 RTOL = 1e-5
@@ -33,7 +34,7 @@ def _ids(lengths, vocab, seed=0):
 
 
 def _pad(ids, pad_id=0):
-    return M.pad_ids(ids, pad_id)
+    return pad_ids(ids, pad_id)
 
 
 def _perturb(module, seed):
@@ -167,7 +168,7 @@ def test_unpacked_states_pool_like_padded_in_every_sentence_transformers_mode(mo
     p = Packed.from_ids(ids, BUDGET)
     h, m = p.unpack(enc(packed=p))
     for left in (False, True):
-        input_ids, mask = M.pad_ids(ids, 0, left=left)
+        input_ids, mask = pad_ids(ids, 0, left=left)
         hp = enc(input_ids, mask)
         for prompt_length in (0, 2):
             ref = T.pool_tokens(hp, mask, modes, prompt_length)

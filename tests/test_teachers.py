@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import teacher_cache as TC
 import teachers as T
-from model import pad_ids
+from tokenizer import pad_ids
 from data import text_hash
 
 ROOT = Path(__file__).resolve().parents[1]
